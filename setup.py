@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="vpt",
+    version="0.1.0",
+    description="V-Pretraining: downstream-guided task design for continued pretraining, in JAX/Flax.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vpt", "vpt.*"]),
+    install_requires=[
+        "jax>=0.7,<0.11",
+        "flax>=0.11,<0.13",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "grain>=0.2.12,<0.3",
+        "tensorflow-datasets>=4.9.8,<5",
+        "array_record>=0.8",
+        "sentencepiece>=0.2,<0.3",
+        "ml-collections>=1.0,<2",
+        "absl-py>=2.1",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    },
+)
