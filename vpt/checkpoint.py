@@ -1,0 +1,66 @@
+"""Orbax checkpointing of the whole training state and the data iterator.
+
+A checkpoint holds two items: `state` (learner params, optimizer state, step, RNG and, for
+V-Pretraining, the designer) and `data` (the grain iterator's position, one file per process).
+Saves are asynchronous; orbax writes into a temporary directory and renames it when complete,
+so a checkpoint directory without the commit marker is never picked up. If the newest finalised
+checkpoint still fails to restore (e.g. a corrupt file), it is reported and the previous one used.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class Checkpointer:
+
+  def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(directory) if "://" not in directory else directory
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                           create=True, cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+
+  def save(self, step: int, state: Any, data_iter: Any, *, force: bool = False) -> bool:
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=grain.checkpoint.CheckpointSave(data_iter))
+    return self.manager.save(step, args=args, force=force)
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def restore_latest(self, abstract_state: Any, data_iter: Any) -> tuple[Any, int] | tuple[None, None]:
+    """Restores the newest checkpoint that loads; returns (state, step) or (None, None).
+
+    `abstract_state` is a pytree of jax.ShapeDtypeStruct with shardings, so arrays are read
+    straight into their target shardings. `data_iter` is restored in place.
+    """
+    for step in reversed(self.all_steps()):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain.checkpoint.CheckpointRestore(data_iter)))
+      except Exception as e:  # noqa: BLE001 — any failure means this checkpoint is unusable.
+        logging.error("Checkpoint at step %d in %s failed to restore (%s: %s); trying an older one.",
+                      step, self.directory, type(e).__name__, e)
+        print(f"WARNING: checkpoint step {step} in {self.directory} is unreadable "
+              f"({type(e).__name__}: {str(e)[:200]}); falling back to an older one.", flush=True)
+        continue
+      return restored["state"], step
+    return None, None
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -1,0 +1,145 @@
+"""The full configuration schema, its defaults and its validation.
+
+Every experiment in `experiments/` starts from `base_config()` and overrides fields,
+so the set of valid fields (and their types) is defined once, here. The config is
+locked before use: a misspelt `--config.x=y` fails at start-up naming the field.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
+  """Learner LM hyperparameters in the Qwen2/Llama layout. `size` picks a preset."""
+  presets = {
+      # ~0.1M non-embedding params: unit tests and the CI end-to-end run.
+      "nano": dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64),
+      # ~1M params: the embedded-default main job.
+      "tiny": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384),
+      # ~25M params: the larger benchmark size.
+      "small": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, d_ff=1536),
+  }
+  if size not in presets:
+    raise ValueError(f"model size {size!r} unknown; expected one of {sorted(presets)}")
+  c = ml_collections.ConfigDict()
+  c.vocab_size = 0  # 0: take it from the tokenizer.
+  c.head_dim = 0  # 0: d_model // n_heads.
+  c.rope_theta = 10_000.0
+  c.rms_norm_eps = 1e-6
+  c.qkv_bias = True  # Qwen2 has q/k/v biases; Llama does not.
+  c.tie_embeddings = True
+  c.dtype = "float32"  # compute dtype; params are always float32.
+  c.remat = False
+  c.init_std = 0.02
+  c.update(presets[size])
+  return c
+
+
+def data_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # 'synthetic_math' (embedded, no download) | 'jsonl' | 'text' | 'tfds'.
+  c.source = "synthetic_math"
+  c.train_path = ""  # file or glob, for 'jsonl' / 'text'.
+  c.eval_path = ""
+  c.text_field = "text"  # jsonl: the field holding plain text...
+  c.prompt_field = ""  # ...or a prompt / answer pair: the loss is then on the answer only.
+  c.answer_field = ""
+  c.tfds_name = ""
+  c.tfds_data_dir = ""
+  c.train_split = "train"
+  c.eval_split = "validation"
+  c.tokenizer_path = ""  # sentencepiece model; trained on the corpus and cached in workdir if empty.
+  c.vocab_size = 1024  # for a trained tokenizer.
+  c.tokenizer_train_examples = 20_000
+  c.seq_len = 128
+  c.shuffle_seed = 0
+  c.worker_count = 0  # grain worker processes (0: in the main process).
+  c.synthetic = ml_collections.ConfigDict()
+  c.synthetic.seed = 0
+  c.synthetic.irrelevant_fraction = 0.0  # share of non-math filler text in the stream.
+  c.synthetic.num_eval = 512
+  return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = model_config("tiny")
+  c.data = data_config()
+
+  c.batch_size = 16  # global, in sequences.
+  c.num_steps = 1000
+  c.grad_accum_steps = 1
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 3e-3
+  c.optimizer.warmup_steps = 100
+  c.optimizer.end_lr_fraction = 0.1  # cosine decays to this fraction of the peak.
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.1
+  c.optimizer.grad_clip_norm = 1.0  # <= 0 disables clipping.
+
+  c.mesh = ml_collections.ConfigDict()
+  # Sizes of the mesh axes; one may be -1 (fills the remaining devices).
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.multihost = False  # call jax.distributed.initialize() (also: env VPT_MULTIHOST=1).
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 200
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+
+  c.log_every_steps = 10
+  c.eval_every_steps = 200
+  c.eval_batches = 8
+  c.progress_bar = True
+  return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks values that types alone cannot; raises ValueError naming the field."""
+
+  def need(cond, field, expected):
+    if not cond:
+      raise ValueError(f"config.{field}={_get(config, field)!r}: expected {expected}")
+
+  m = config.model
+  need(m.d_model > 0, "model.d_model", "> 0")
+  need(m.n_layers > 0, "model.n_layers", "> 0")
+  need(m.n_heads > 0 and (m.head_dim or m.d_model % m.n_heads == 0), "model.n_heads",
+       "a positive divisor of model.d_model (or set model.head_dim)")
+  need(m.n_kv_heads > 0 and m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
+       "a positive divisor of model.n_heads")
+  need(m.dtype in ("float32", "bfloat16", "float64"), "model.dtype",
+       "'float32', 'bfloat16' (or 'float64' for numerics checks)")
+  d = config.data
+  need(d.source in ("synthetic_math", "jsonl", "text", "tfds"), "data.source",
+       "one of 'synthetic_math', 'jsonl', 'text', 'tfds'")
+  need(d.source not in ("jsonl", "text") or d.train_path, "data.train_path",
+       f"a file or glob for data.source={d.source!r}")
+  need(d.source != "tfds" or d.tfds_name, "data.tfds_name", "a TFDS dataset name for data.source='tfds'")
+  need(bool(d.prompt_field) == bool(d.answer_field), "data.answer_field",
+       "set together with data.prompt_field (both or neither)")
+  need(d.seq_len >= 8, "data.seq_len", ">= 8")
+  need(config.batch_size > 0, "batch_size", "> 0")
+  need(config.num_steps > 0, "num_steps", "> 0")
+  need(config.grad_accum_steps >= 1, "grad_accum_steps", ">= 1")
+  need(config.batch_size % config.grad_accum_steps == 0, "grad_accum_steps",
+       f"a divisor of batch_size={config.batch_size}")
+  axes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
+  need(sum(a == -1 for a in axes) <= 1 and all(a == -1 or a >= 1 for a in axes), "mesh",
+       "positive axis sizes with at most one -1")
+  need(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "> 0")
+  need(config.checkpoint.keep >= 1, "checkpoint.keep", ">= 1")
+
+
+def _get(config, dotted):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node

@@ -1,0 +1,105 @@
+"""Pure, jittable training and evaluation steps: `(state, batch) -> (state, metrics)`.
+
+The step's randomness is `fold_in(state.rng, state.step)`: the root key lives in the state (and
+so in checkpoints), and a resumed run draws exactly the keys an uninterrupted run would.
+`TrainState.designer` is the slot for the V-Pretraining task designer (its params and optimizer
+state); it is None for plain next-token prediction.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from vpt.tasks.losses import next_token_nll_sum
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  designer: Any = None
+
+
+def init_train_state(model: nn.Module, optimizer: optax.GradientTransformation, seq_len: int,
+                     seed: int) -> TrainState:
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  params = model.init(init_rng, tokens)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                    rng=state_rng)
+
+
+def lm_loss_fn(model: nn.Module) -> Callable:
+  """params, batch -> (summed NLL, number of loss tokens)."""
+
+  def loss_fn(params, batch):
+    logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+    return next_token_nll_sum(logits, batch["targets"], batch["loss_mask"])
+
+  return loss_fn
+
+
+def accumulate_gradients(loss_fn: Callable, params, batch, accum_steps: int):
+  """Summed loss, token count and gradient of the summed loss over `accum_steps` microbatches.
+
+  Microbatches are scanned so peak activation memory is that of one microbatch; because sums
+  (not means) are accumulated, the result equals the full-batch gradient.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    (loss_sum, count), grads = grad_fn(params, batch)
+    return loss_sum, count, grads
+  micro = jax.tree.map(lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
+
+  def body(carry, mb):
+    (loss_sum, count), grads = grad_fn(params, mb)
+    acc_loss, acc_count, acc_grads = carry
+    return (acc_loss + loss_sum, acc_count + count, jax.tree.map(jnp.add, acc_grads, grads)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (loss_sum, count, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), micro)
+  return loss_sum, count, grads
+
+
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                    accum_steps: int = 1) -> Callable:
+  loss_fn = lm_loss_fn(model)
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    loss_sum, count, grads = accumulate_gradients(loss_fn, state.params, batch, accum_steps)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    loss = loss_sum / denom
+    metrics = {
+        "loss": loss,
+        "perplexity": jnp.exp(jnp.minimum(loss, 30.0)),
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(params),
+        "learning_rate": schedule(state.step),
+        "loss_tokens": count,
+    }
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module) -> Callable:
+  """params, batch -> {'loss_sum', 'loss_tokens'} (summed, so several batches combine exactly)."""
+  loss_fn = lm_loss_fn(model)
+
+  def eval_step(params, batch):
+    loss_sum, count = loss_fn(params, batch)
+    return {"loss_sum": loss_sum, "loss_tokens": count}
+
+  return eval_step

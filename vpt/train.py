@@ -1,0 +1,228 @@
+"""The training loop: init or restore, jitted steps, periodic evals, checkpoints and metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from vpt import checkpoint as ckpt_lib
+from vpt import config_lib, metrics as metrics_lib, sharding
+from vpt.data.pipeline import make_lm_iterator
+from vpt.data.tokenizer import load_or_train_tokenizer
+from vpt.models.lm import LMConfig, Transformer, count_nonembedding_params, count_params
+from vpt.optim import make_optimizer
+from vpt.steps import TrainState, init_train_state, make_eval_step, make_train_step
+
+
+class _Preemption:
+  """Turns SIGTERM (TPU/GCE preemption notice, `kill`) into a flag the loop polls between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not in the main thread (e.g. a notebook worker): no handler.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      # All hosts must agree on the step at which they stop and save.
+      from jax.experimental import multihost_utils
+      return bool(multihost_utils.reached_preemption_sync_point(step)) or self.requested
+    return self.requested
+
+
+def state_shardings(abstract_state: TrainState, mesh, optimizer: optax.GradientTransformation) -> TrainState:
+  params = sharding.param_shardings(abstract_state.params, mesh)
+  repl = sharding.replicated(mesh)
+  opt_state = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state, params,
+                                    transform_non_params=lambda _: repl)
+  return abstract_state.replace(step=repl, params=params, opt_state=opt_state, rng=repl,
+                                designer=jax.tree.map(lambda _: repl, abstract_state.designer))
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _evaluate(config, tokenizer, eval_step, params, mesh) -> dict[str, float]:
+  it = make_lm_iterator(config.data, tokenizer, split="eval", global_batch_size=config.batch_size,
+                        seq_len=config.data.seq_len, seed=config.seed,
+                        process_index=jax.process_index(), process_count=jax.process_count())
+  loss_sum, count = 0.0, 0.0
+  for _ in range(config.eval_batches):
+    try:
+      batch = next(it)
+    except StopIteration:
+      break
+    out = jax.device_get(eval_step(params, sharding.global_batch(batch, mesh)))
+    loss_sum += float(out["loss_sum"])
+    count += float(out["loss_tokens"])
+  loss = loss_sum / max(count, 1.0)
+  return {"loss": loss, "perplexity": float(np.exp(min(loss, 30.0))), "loss_tokens": count}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains to `config.num_steps` (resuming from `workdir` if it holds checkpoints).
+
+  Returns a summary dict (final train/eval metrics, throughput, whether the run was preempted).
+  """
+  config_lib.validate(config)
+  sharding.maybe_initialize_distributed(config.multihost)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    write_config(config, workdir)
+
+  # Everything that can fail on bad input (data files, tokenizer, model config, mesh) runs
+  # before a checkpoint directory is created, so a bad start leaves no partial checkpoint.
+  tokenizer = load_or_train_tokenizer(config.data, workdir)
+  model_cfg = LMConfig.from_config(config.model, tokenizer.vocab_size)
+  model = Transformer(model_cfg)
+  mesh = sharding.make_mesh(config.mesh)
+  if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the data-parallel size "
+                     f"{mesh.shape['data'] * mesh.shape['fsdp']} (mesh.data × mesh.fsdp)")
+  train_iter = make_lm_iterator(config.data, tokenizer, split="train", global_batch_size=config.batch_size,
+                                seq_len=config.data.seq_len, seed=config.seed,
+                                process_index=jax.process_index(), process_count=jax.process_count())
+  first_batch = next(train_iter)  # surfaces data errors (e.g. an example longer than seq_len) now.
+
+  optimizer, schedule = make_optimizer(config.optimizer, config.num_steps)
+  init_fn = lambda: init_train_state(model, optimizer, config.data.seq_len, config.seed)
+  abstract_state = jax.eval_shape(init_fn)
+  shardings = state_shardings(abstract_state, mesh, optimizer)
+
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                                       async_save=config.checkpoint.async_save)
+  state, restored_step = checkpointer.restore_latest(ckpt_lib.abstract_like(abstract_state, shardings), train_iter)
+  if state is None:
+    state = jax.jit(init_fn, out_shardings=shardings)()
+    pending_batch = first_batch
+  else:
+    logging.info("Resumed from step %d", restored_step)
+    print(f"Resuming from checkpoint at step {restored_step}", flush=True)
+    pending_batch = None  # the restored iterator continues where the checkpoint left it.
+
+  n_params = count_params(abstract_state.params)
+  n_nonembed = count_nonembedding_params(abstract_state.params)
+  flops_per_token = metrics_lib.lm_flops_per_token(
+      n_params_nonembed=n_nonembed, n_layers=model_cfg.n_layers, d_model=model_cfg.d_model,
+      seq_len=config.data.seq_len, vocab_size=model_cfg.vocab_size, n_heads=model_cfg.n_heads,
+      head_dim=model_cfg.resolved_head_dim)
+  peak_flops, peak_source = metrics_lib.device_peak_flops(dtype=model_cfg.dtype)
+
+  batch_sh = sharding.batch_sharding(mesh)
+  train_step = jax.jit(make_train_step(model, optimizer, schedule, config.grad_accum_steps),
+                       in_shardings=(shardings, batch_sh), out_shardings=(shardings, sharding.replicated(mesh)),
+                       donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings.params, batch_sh),
+                      out_shardings=sharding.replicated(mesh))
+
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  start_step = int(jax.device_get(state.step))
+  if is_main and start_step == 0:
+    print(f"Learner: {n_params:,} params ({n_nonembed:,} non-embedding); mesh {dict(mesh.shape)}; "
+          f"{config.num_steps} steps of {config.batch_size}×{config.data.seq_len} tokens", flush=True)
+  progress = metrics_lib.ProgressBar(config.num_steps, start_step, enabled=is_main and config.progress_bar)
+  tokens_per_step = config.batch_size * config.data.seq_len
+
+  summary: dict[str, Any] = {"preempted": False, "start_step": start_step}
+  window_start, window_steps, timed_steps, timed_seconds = None, 0, 0, 0.0
+  last_train: dict[str, float] = {}
+  step = start_step
+  with _Preemption() as preemption:
+    while step < config.num_steps:
+      batch = pending_batch if pending_batch is not None else next(train_iter)
+      pending_batch = None
+      state, metrics = train_step(state, sharding.global_batch(batch, mesh))
+      step += 1
+      window_steps += 1
+
+      if step == start_step + 1:  # the first step includes compilation: start the clock after it.
+        jax.block_until_ready(metrics)
+        window_start, window_steps = time.perf_counter(), 0
+      elif step % config.log_every_steps == 0 or step == config.num_steps:
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        if window_steps:
+          seconds = now - window_start
+          timed_steps += window_steps
+          timed_seconds += seconds
+          host.update(metrics_lib.throughput(
+              steps=window_steps, seconds=seconds, tokens_per_step=tokens_per_step,
+              flops_per_token=flops_per_token, peak_flops_per_device=peak_flops, num_devices=jax.device_count()))
+        window_start, window_steps = now, 0
+        writer.write_scalars(step, host, prefix="train")
+        last_train = host
+        progress.update(step, {"loss": host["loss"], "tok/s": host.get("tokens_per_sec", 0.0)})
+
+      if step % config.eval_every_steps == 0 or step == config.num_steps:
+        eval_metrics = _evaluate(config, tokenizer, eval_step, state.params, mesh)
+        writer.write_scalars(step, eval_metrics, prefix="eval")
+        summary["eval"] = eval_metrics
+        window_start = time.perf_counter()  # keep eval time out of the throughput window.
+
+      if step % config.checkpoint.every_steps == 0 or step == config.num_steps:
+        checkpointer.save(step, state, train_iter, force=True)
+
+      if preemption.should_stop(step) and step < config.num_steps:
+        print(f"Preemption signal received: saving at step {step} and exiting.", flush=True)
+        checkpointer.save(step, state, train_iter, force=True)
+        summary["preempted"] = True
+        break
+
+  progress.close()
+  checkpointer.close()
+  writer.close()
+  summary.update(step=step, train=last_train, num_params=n_params, peak_flops=peak_flops, peak_source=peak_source)
+  if timed_steps:
+    summary["throughput"] = metrics_lib.throughput(
+        steps=timed_steps, seconds=timed_seconds, tokens_per_step=tokens_per_step, flops_per_token=flops_per_token,
+        peak_flops_per_device=peak_flops, num_devices=jax.device_count())
+  if is_main:
+    _print_summary(summary)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2, default=float)
+  summary["state"] = state
+  return summary
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+  rows = [("steps", f"{summary['step']}")]
+  if summary.get("train"):
+    rows.append(("train loss", f"{summary['train']['loss']:.4f}"))
+  if summary.get("eval"):
+    rows.append(("eval loss", f"{summary['eval']['loss']:.4f}"))
+    rows.append(("eval perplexity", f"{summary['eval']['perplexity']:.3f}"))
+  if summary.get("throughput"):
+    tp = summary["throughput"]
+    rows.append(("tokens/s", f"{tp['tokens_per_sec']:,.0f}"))
+    rows.append(("MFU", f"{100 * tp['mfu']:.1f}% of {summary['peak_source']}"))
+  if summary["preempted"]:
+    rows.append(("status", "preempted; resume by re-running the same command"))
+  width = max(len(k) for k, _ in rows)
+  print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows), flush=True)
