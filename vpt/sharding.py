@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -100,3 +101,13 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   """Assembles per-host batches (each host holds its own rows) into global, sharded arrays."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, optimizer: optax.GradientTransformation) -> Any:
+  """Shardings for a TrainState: optimizer moments follow their parameters, the rest is replicated."""
+  params = param_shardings(abstract_state.params, mesh)
+  repl = replicated(mesh)
+  opt_state = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state, params,
+                                    transform_non_params=lambda _: repl)
+  return abstract_state.replace(step=repl, params=params, opt_state=opt_state, rng=repl,
+                                designer=jax.tree.map(lambda _: repl, abstract_state.designer))

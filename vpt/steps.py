@@ -83,8 +83,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
     metrics = {
         "loss": loss,
         "perplexity": jnp.exp(jnp.minimum(loss, 30.0)),
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
         "learning_rate": schedule(state.step),
         "loss_tokens": count,
     }

@@ -21,7 +21,7 @@ from vpt.data.pipeline import make_lm_iterator
 from vpt.data.tokenizer import load_or_train_tokenizer
 from vpt.models.lm import LMConfig, Transformer, count_nonembedding_params, count_params
 from vpt.optim import make_optimizer
-from vpt.steps import TrainState, init_train_state, make_eval_step, make_train_step
+from vpt.steps import init_train_state, make_eval_step, make_train_step
 
 
 class _Preemption:
@@ -52,15 +52,6 @@ class _Preemption:
       from jax.experimental import multihost_utils
       return bool(multihost_utils.reached_preemption_sync_point(step)) or self.requested
     return self.requested
-
-
-def state_shardings(abstract_state: TrainState, mesh, optimizer: optax.GradientTransformation) -> TrainState:
-  params = sharding.param_shardings(abstract_state.params, mesh)
-  repl = sharding.replicated(mesh)
-  opt_state = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state, params,
-                                    transform_non_params=lambda _: repl)
-  return abstract_state.replace(step=repl, params=params, opt_state=opt_state, rng=repl,
-                                designer=jax.tree.map(lambda _: repl, abstract_state.designer))
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -114,7 +105,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   optimizer, schedule = make_optimizer(config.optimizer, config.num_steps)
   init_fn = lambda: init_train_state(model, optimizer, config.data.seq_len, config.seed)
   abstract_state = jax.eval_shape(init_fn)
-  shardings = state_shardings(abstract_state, mesh, optimizer)
+  shardings = sharding.state_shardings(abstract_state, mesh, optimizer)
 
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
