@@ -54,6 +54,26 @@ class _Preemption:
     return self.requested
 
 
+class _StepTimer:
+  """Wall time spent in training steps only: evals and checkpoint saves are paused out.
+
+  JAX dispatches asynchronously, so pausing blocks on a result of the steps timed so far.
+  """
+
+  def __init__(self):
+    self.steps, self.seconds, self._since = 0, 0.0, None
+
+  def resume(self):
+    self._since = time.perf_counter()
+
+  def pause(self, block_on=None):
+    if self._since is not None:
+      if block_on is not None:
+        jax.block_until_ready(block_on)
+      self.seconds += time.perf_counter() - self._since
+      self._since = None
+
+
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -142,7 +162,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   tokens_per_step = config.batch_size * config.data.seq_len
 
   summary: dict[str, Any] = {"preempted": False, "start_step": start_step}
-  window_start, window_steps, timed_steps, timed_seconds = None, 0, 0, 0.0
+  rates = lambda steps, seconds: metrics_lib.throughput_stats(
+      steps=steps, seconds=seconds, tokens=steps * tokens_per_step, flops_per_token=flops_per_token,
+      peak_flops_per_device=peak_flops, num_devices=jax.device_count())
+  timer = _StepTimer()
+  logged_steps, logged_seconds = 0, 0.0
   last_train: dict[str, float] = {}
   step = start_step
   with _Preemption() as preemption:
@@ -151,34 +175,33 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       pending_batch = None
       state, metrics = train_step(state, sharding.global_batch(batch, mesh))
       step += 1
-      window_steps += 1
-
       if step == start_step + 1:  # the first step includes compilation: start the clock after it.
         jax.block_until_ready(metrics)
-        window_start, window_steps = time.perf_counter(), 0
-      elif step % config.log_every_steps == 0 or step == config.num_steps:
+        timer.resume()
+      else:
+        timer.steps += 1
+
+      if step % config.log_every_steps == 0 or step == config.num_steps:
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        now = time.perf_counter()
-        if window_steps:
-          seconds = now - window_start
-          timed_steps += window_steps
-          timed_seconds += seconds
-          host.update(metrics_lib.throughput(
-              steps=window_steps, seconds=seconds, tokens_per_step=tokens_per_step,
-              flops_per_token=flops_per_token, peak_flops_per_device=peak_flops, num_devices=jax.device_count()))
-        window_start, window_steps = now, 0
+        timer.pause()
+        if timer.steps > logged_steps:
+          host.update(rates(timer.steps - logged_steps, timer.seconds - logged_seconds))
+          logged_steps, logged_seconds = timer.steps, timer.seconds
         writer.write_scalars(step, host, prefix="train")
         last_train = host
         progress.update(step, {"loss": host["loss"], "tok/s": host.get("tokens_per_sec", 0.0)})
+        timer.resume()
 
       if step % config.eval_every_steps == 0 or step == config.num_steps:
-        eval_metrics = _evaluate(config, tokenizer, eval_step, state.params, mesh)
-        writer.write_scalars(step, eval_metrics, prefix="eval")
-        summary["eval"] = eval_metrics
-        window_start = time.perf_counter()  # keep eval time out of the throughput window.
+        timer.pause(state.params)
+        summary["eval"] = _evaluate(config, tokenizer, eval_step, state.params, mesh)
+        writer.write_scalars(step, summary["eval"], prefix="eval")
+        timer.resume()
 
       if step % config.checkpoint.every_steps == 0 or step == config.num_steps:
+        timer.pause(state)
         checkpointer.save(step, state, train_iter, force=True)
+        timer.resume()
 
       if preemption.should_stop(step) and step < config.num_steps:
         print(f"Preemption signal received: saving at step {step} and exiting.", flush=True)
@@ -190,10 +213,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   checkpointer.close()
   writer.close()
   summary.update(step=step, train=last_train, num_params=n_params, peak_flops=peak_flops, peak_source=peak_source)
-  if timed_steps:
-    summary["throughput"] = metrics_lib.throughput(
-        steps=timed_steps, seconds=timed_seconds, tokens_per_step=tokens_per_step, flops_per_token=flops_per_token,
-        peak_flops_per_device=peak_flops, num_devices=jax.device_count())
+  if timer.steps:
+    summary["throughput"] = rates(timer.steps, timer.seconds)
   if is_main:
     _print_summary(summary)
     with open(os.path.join(workdir, "summary.json"), "w") as f:
