@@ -14,6 +14,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: saved a checkpoint after a preemption notice.
+
 
 def main(argv):
   if len(argv) > 1:
@@ -26,6 +28,8 @@ def main(argv):
   from vpt import train  # imported late so `--help` and config errors do not pay for JAX start-up.
   summary = train.run(config, _WORKDIR.value)
   logging.info("done at step %d", summary["step"])
+  if summary["preempted"]:
+    sys.exit(PREEMPTED_EXIT_CODE)  # non-zero, so launchers (launch/tpu.sh) know to re-run.
 
 
 if __name__ == "__main__":

@@ -43,7 +43,14 @@ def maybe_initialize_distributed(enabled: bool) -> None:
   """Multi-host init, gated by `config.multihost` or env VPT_MULTIHOST=1 (TPU pods, multi-node GPU)."""
   if enabled or os.environ.get("VPT_MULTIHOST", "") in ("1", "true", "True"):
     if not jax.distributed.is_initialized():
-      jax.distributed.initialize()
+      # jax reads JAX_COORDINATOR_ADDRESS itself (and auto-detects TPU pods, SLURM, Open MPI);
+      # the process count and id it does not read, so hand-launched multi-node GPU runs pass them.
+      kwargs = {}
+      if os.environ.get("JAX_NUM_PROCESSES"):
+        kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+      if os.environ.get("JAX_PROCESS_ID"):
+        kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+      jax.distributed.initialize(**kwargs)
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
