@@ -12,8 +12,6 @@ def get_config(arg: str = "tiny"):
   config = config_lib.base_config()
   config.model = config_lib.model_config(arg or "tiny")
   if arg == "nano":
-    config.data.vocab_size = 256
-    config.data.seq_len = 64
     config.batch_size = 8
     config.num_steps = 40
     config.optimizer.warmup_steps = 5

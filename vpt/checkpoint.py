@@ -4,7 +4,8 @@ A checkpoint holds two items: `state` (learner params, optimizer state, step, RN
 V-Pretraining, the designer) and `data` (the grain iterator's position, one file per process).
 Saves are asynchronous; orbax writes into a temporary directory and renames it when complete,
 so a checkpoint directory without the commit marker is never picked up. If the newest finalised
-checkpoint still fails to restore (e.g. a corrupt file), it is reported and the previous one used.
+checkpoint still fails to restore (e.g. a corrupt file), it is reported, renamed to
+`<step>.unreadable`, and the previous one used.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from absl import logging
 
 
@@ -50,9 +52,18 @@ class Checkpointer:
                       step, self.directory, type(e).__name__, e)
         print(f"WARNING: checkpoint step {step} in {self.directory} is unreadable "
               f"({type(e).__name__}: {str(e)[:200]}); falling back to an older one.", flush=True)
+        self._set_aside(step)
         continue
       return restored["state"], step
     return None, None
+
+  def _set_aside(self, step: int) -> None:
+    """Renames an unreadable step to `<step>.unreadable` (kept for inspection) so the step can be re-saved."""
+    if jax.process_index() == 0:
+      path = epath.Path(self.directory) / str(step)
+      if path.exists():
+        path.rename(path.parent / f"{step}.unreadable")
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

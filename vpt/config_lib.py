@@ -53,10 +53,15 @@ def data_config() -> ml_collections.ConfigDict:
   c.vocab_size = 1024  # for a trained tokenizer.
   c.tokenizer_train_examples = 20_000
   c.seq_len = 128
+  # An example longer than seq_len + 1 tokens is an error unless this truncates it.
+  c.truncate_long_examples = False
+  c.packing_bins = 0  # first-fit packing bins; 0: max(32, local batch size).
   c.shuffle_seed = 0
   c.worker_count = 0  # grain worker processes (0: in the main process).
+  c.read_threads = 0  # grain reader threads per process (0: read when a batch is asked for).
   c.synthetic = ml_collections.ConfigDict()
   c.synthetic.seed = 0
+  c.synthetic.num_train = 0  # 0: a virtual 10**9 records (generated on demand).
   c.synthetic.irrelevant_fraction = 0.0  # share of non-math filler text in the stream.
   c.synthetic.num_eval = 512
   return c
@@ -87,6 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  c.mesh.num_devices = 0  # 0: all devices; N: the first N (debugging, tests).
   c.multihost = False  # call jax.distributed.initialize() (also: env VPT_MULTIHOST=1).
 
   c.checkpoint = ml_collections.ConfigDict()
@@ -126,6 +132,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(bool(d.prompt_field) == bool(d.answer_field), "data.answer_field",
        "set together with data.prompt_field (both or neither)")
   need(d.seq_len >= 8, "data.seq_len", ">= 8")
+  need(d.packing_bins >= 0, "data.packing_bins", ">= 0")
+  need(d.read_threads >= 0, "data.read_threads", ">= 0")
+  need(d.worker_count >= 0, "data.worker_count", ">= 0")
+  need(0.0 <= d.synthetic.irrelevant_fraction <= 1.0, "data.synthetic.irrelevant_fraction",
+       "in [0, 1]")
+  need(d.synthetic.num_eval > 0, "data.synthetic.num_eval", "> 0")
+  need(d.synthetic.num_train >= 0, "data.synthetic.num_train", ">= 0")
   need(config.batch_size > 0, "batch_size", "> 0")
   need(config.num_steps > 0, "num_steps", "> 0")
   need(config.grad_accum_steps >= 1, "grad_accum_steps", ">= 1")
@@ -134,6 +147,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   axes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
   need(sum(a == -1 for a in axes) <= 1 and all(a == -1 or a >= 1 for a in axes), "mesh",
        "positive axis sizes with at most one -1")
+  need(config.mesh.num_devices >= 0, "mesh.num_devices", ">= 0 (0 = all devices)")
   need(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "> 0")
   need(config.checkpoint.keep >= 1, "checkpoint.keep", ">= 1")
 

@@ -17,6 +17,41 @@ flags.mark_flags_as_required(["config", "workdir"])
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: saved a checkpoint after a preemption notice.
 
 
+def _unknown_override(argv: list[str]) -> str | None:
+  """The first `--config.a.b=…` override that names no field of the config file's config."""
+  import importlib.util
+  spec_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec_arg is None and "--config" in argv:
+    spec_arg = argv[argv.index("--config") + 1]
+  if not spec_arg:
+    return None
+  path, _, arg = spec_arg.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_vpt_experiment", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  for a in argv:
+    if a.startswith("--config."):
+      field = a[len("--config."):].split("=", 1)[0]
+      node = config
+      for part in field.split("."):
+        if not hasattr(node, "keys") or part not in node:
+          return field
+        node = node[part]
+  return None
+
+
+def _parse_flags(argv: list[str]):
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    field = _unknown_override(argv)
+    if field is None:
+      raise
+    sys.exit(f"Unknown config field: --config.{field} (no such field in the config; see "
+             f"vpt/config_lib.py for the schema)")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -33,4 +68,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  flags.FLAGS.set_default("verbosity", -1)  # WARNING: orbax/absl INFO lines drown the progress bar.
+  app.run(main, flags_parser=_parse_flags)

@@ -69,6 +69,10 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
   devices = list(devices if devices is not None else jax.devices())
+  if getattr(mesh_cfg, "num_devices", 0):
+    if mesh_cfg.num_devices > len(devices):
+      raise ValueError(f"config.mesh.num_devices={mesh_cfg.num_devices}, but only {len(devices)} devices exist")
+    devices = devices[:mesh_cfg.num_devices]
   shape = mesh_shape(mesh_cfg, len(devices))
   try:
     grid = mesh_utils.create_device_mesh(shape, devices=devices)

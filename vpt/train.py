@@ -162,6 +162,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   tokens_per_step = config.batch_size * config.data.seq_len
 
   summary: dict[str, Any] = {"preempted": False, "start_step": start_step}
+  # jsonl / text corpora have a held-out split only when data.eval_path names one.
+  has_eval = config.data.source not in ("jsonl", "text") or bool(config.data.eval_path)
   rates = lambda steps, seconds: metrics_lib.throughput_stats(
       steps=steps, seconds=seconds, tokens=steps * tokens_per_step, flops_per_token=flops_per_token,
       peak_flops_per_device=peak_flops, num_devices=jax.device_count())
@@ -192,7 +194,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         progress.update(step, {"loss": host["loss"], "tok/s": host.get("tokens_per_sec", 0.0)})
         timer.resume()
 
-      if step % config.eval_every_steps == 0 or step == config.num_steps:
+      if has_eval and (step % config.eval_every_steps == 0 or step == config.num_steps):
         timer.pause(state.params)
         summary["eval"] = _evaluate(config, tokenizer, eval_step, state.params, mesh)
         writer.write_scalars(step, summary["eval"], prefix="eval")
