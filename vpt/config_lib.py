@@ -67,11 +67,57 @@ def data_config() -> ml_collections.ConfigDict:
   return c
 
 
+def feedback_config() -> ml_collections.ConfigDict:
+  """The small labeled feedback set D_fb (GSM8K format) behind g_down."""
+  c = ml_collections.ConfigDict()
+  c.source = "synthetic"  # 'synthetic' (embedded generator) | 'gsm8k_jsonl'
+  c.path = ""  # gsm8k_jsonl: a {"question", "answer"} jsonl file (e.g. GSM8K train.jsonl).
+  c.num_examples = 1024  # sampled with `seed` from the file (all if fewer).
+  c.seed = 0
+  c.strip_calculator = True  # drop GSM8K's <<expr=value>> annotations.
+  c.batch_size = 16
+  # bos + prompt + solution + eos; longer solutions are truncated (bos + prompt must fit).
+  # Real GSM8K with the tokenizer trained on synthetic math is ~2 characters a token:
+  # 256 truncates ~40% of the solutions and some prompts do not fit; 512 fits all prompts.
+  c.seq_len = 256
+  return c
+
+
+def vpt_config() -> ml_collections.ConfigDict:
+  """V-Pretraining: the task designer, the value and the meta step. mode='ntp' is the baseline."""
+  c = ml_collections.ConfigDict()
+  # 'ntp' (baseline: one-hot targets, no designer) | 'value' (V-Pretraining) | 'random_feedback'
+  # | 'uniform_topk' (r uniform, fixed α) | 'self_distill' (r = learner's renormalised top-K).
+  c.mode = "ntp"
+  c.top_k = 64  # candidates per position: the true token ∪ the learner's top-(K−1).
+  c.alpha_max = 0.5
+  c.fixed_alpha = 0.25  # α for the uniform_topk / self_distill controls.
+  c.align = "dot"  # 'dot' | 'cosine' (exact norm of g_pre) | 'cosine_cheap' (norm held constant)
+  c.geometry = "raw"  # 'raw' (paper) | 'adam' (precondition g_down with the learner's Adam v̂)
+  c.align_last_n_layers = 2  # S = last n blocks + final norm + head; 0 = all parameters.
+  c.meta_every = 8  # r: one designer step every r learner steps...
+  c.burn_in_steps = 0  # ...after this many learner steps.
+  c.reg_alpha = 0.0  # λ · mean α
+  c.reg_entropy = 0.0  # −λ · mean entropy of r (positive λ favours spread-out r)
+  c.reg_trust_region = 0.0  # λ · expected increase of the learner's pretraining loss under q
+  c.designer = ml_collections.ConfigDict()
+  c.designer.d_model = 256
+  c.designer.n_layers = 6
+  c.designer.n_heads = 4
+  c.designer.d_ff = 1024
+  c.designer.learning_rate = 1e-4
+  c.designer.weight_decay = 0.0
+  c.designer.grad_clip_norm = 1.0
+  return c
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = model_config("tiny")
   c.data = data_config()
+  c.feedback = feedback_config()
+  c.vpt = vpt_config()
 
   c.batch_size = 16  # global, in sequences.
   c.num_steps = 1000
@@ -139,6 +185,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
        "in [0, 1]")
   need(d.synthetic.num_eval > 0, "data.synthetic.num_eval", "> 0")
   need(d.synthetic.num_train >= 0, "data.synthetic.num_train", ">= 0")
+  f = config.feedback
+  need(f.source in ("synthetic", "gsm8k_jsonl"), "feedback.source",
+       "one of 'synthetic', 'gsm8k_jsonl'")
+  need(f.source != "gsm8k_jsonl" or f.path, "feedback.path",
+       "a GSM8K-format jsonl file for feedback.source='gsm8k_jsonl'")
+  need(f.num_examples > 0, "feedback.num_examples", "> 0")
+  need(f.seed >= 0, "feedback.seed", ">= 0")
+  need(f.batch_size > 0, "feedback.batch_size", "> 0")
+  need(f.seq_len >= 8, "feedback.seq_len", ">= 8")
   need(config.batch_size > 0, "batch_size", "> 0")
   need(config.num_steps > 0, "num_steps", "> 0")
   need(config.grad_accum_steps >= 1, "grad_accum_steps", ">= 1")

@@ -157,33 +157,64 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
 
 
 class Transformer(nn.Module):
-  """Returns float32 logits [B, T, V] (and the final hidden states if asked)."""
+  """Returns float32 logits [B, T, V] (and the final hidden states if asked).
+
+  `hidden_before(…, layer)` and `logits_from(h, …, layer)` split the network at a block boundary:
+  V-Pretraining differentiates only the last blocks (the alignment subset S), so it runs the
+  prefix once, as a constant, and takes JVPs/VJPs of the suffix alone.
+  """
 
   cfg: LMConfig
 
-  @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None, return_hidden: bool = False):
+  def setup(self):
     cfg = self.cfg
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    if segment_ids is None:
-      segment_ids = jnp.ones_like(tokens)
-    embed = nn.Embed(cfg.vocab_size, cfg.d_model, param_dtype=jnp.float32,
-                     embedding_init=nn.initializers.normal(cfg.init_std), name="embed_tokens")
-    x = embed(tokens).astype(cfg.compute_dtype)
-    mask = attention_mask(segment_ids)
+    self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.d_model, param_dtype=jnp.float32,
+                                 embedding_init=nn.initializers.normal(cfg.init_std))
     block_cls = nn.remat(Block) if cfg.remat else Block
-    for i in range(cfg.n_layers):
-      x = block_cls(cfg, name=f"layers_{i}")(x, positions, mask)
-    x = RMSNorm(cfg.rms_norm_eps, name="norm")(x)
+    self.layers = [block_cls(cfg) for _ in range(cfg.n_layers)]
+    self.norm = RMSNorm(cfg.rms_norm_eps)
+    if not cfg.tie_embeddings:
+      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                              kernel_init=nn.initializers.normal(cfg.init_std))
+
+  def __call__(self, tokens, positions=None, segment_ids=None, return_hidden: bool = False):
+    h = self.hidden_before(tokens, positions, segment_ids, self.cfg.n_layers)
+    x = self.norm(h)
+    logits = self._head(x)
+    return (logits, x) if return_hidden else logits
+
+  def hidden_before(self, tokens, positions=None, segment_ids=None, layer: int = 0):
+    """The residual stream entering block `layer` (embeddings when layer == 0)."""
+    positions, segment_ids = _defaults(tokens, positions, segment_ids)
+    x = self.embed_tokens(tokens).astype(self.cfg.compute_dtype)
+    mask = attention_mask(segment_ids)
+    for block in self.layers[:layer]:
+      x = block(x, positions, mask)
+    return x
+
+  def logits_from(self, h, positions, segment_ids, layer: int):
+    """Runs blocks `layer…` on the residual stream h, then the final norm and the head."""
+    mask = attention_mask(segment_ids)
+    for block in self.layers[layer:]:
+      h = block(h, positions, mask)
+    return self._head(self.norm(h))
+
+  def _head(self, x):
+    cfg = self.cfg
     if cfg.tie_embeddings:
-      logits = jnp.einsum("btd,vd->btv", x, embed.embedding.astype(cfg.compute_dtype),
+      logits = jnp.einsum("btd,vd->btv", x, self.embed_tokens.embedding.astype(cfg.compute_dtype),
                           preferred_element_type=cfg.logits_dtype)
     else:
-      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-                        kernel_init=nn.initializers.normal(cfg.init_std), name="lm_head")(x)
-    logits = logits.astype(cfg.logits_dtype)
-    return (logits, x) if return_hidden else logits
+      logits = self.lm_head(x)
+    return logits.astype(cfg.logits_dtype)
+
+
+def _defaults(tokens, positions, segment_ids):
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+  if segment_ids is None:
+    segment_ids = jnp.ones_like(tokens)
+  return positions, segment_ids
 
 
 def count_params(params: Any) -> int:

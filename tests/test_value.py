@@ -1,0 +1,186 @@
+"""The value and the designer gradient in float64 against explicit references.
+
+JVP value == ⟨g_down, ∇_S L_pre⟩; designer gradient == double backward == finite differences;
+exact cosine gradient == finite differences of the explicit cosine; Adam geometry == ⟨P·g_down, g_pre⟩;
+first order: L_down(θ) − L_down(θ − η g_pre) ≈ η·V as η → 0.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from vpt import config_lib
+from vpt import value as value_lib
+from vpt.data.feedback import downstream_nll
+from vpt.models.designer import DesignerConfig, TaskDesigner
+from vpt.models.lm import LMConfig, Transformer
+from vpt.optim import make_optimizer
+from vpt.tasks.lm_soft_targets import soft_targets
+from vpt.vpt_step import init_designer_state, make_designer_optimizer, meta_objective
+
+VOCAB, SEQ, LAYERS, K = 48, 10, 3, 6
+
+
+@pytest.fixture(autouse=True)
+def x64():
+  jax.config.update("jax_enable_x64", True)
+  yield
+  jax.config.update("jax_enable_x64", False)
+
+
+def _batch(seed, b=3):
+  rng = np.random.default_rng(seed)
+  toks = rng.integers(1, VOCAB, (b, SEQ + 1))
+  mask = np.ones((b, SEQ))
+  mask[:, :3] = 0  # a "prompt"
+  return {"inputs": jnp.asarray(toks[:, :-1]), "targets": jnp.asarray(toks[:, 1:]),
+          "loss_mask": jnp.asarray(mask), "segment_ids": jnp.ones((b, SEQ), jnp.int32),
+          "positions": jnp.broadcast_to(jnp.arange(SEQ), (b, SEQ))}
+
+
+def _vpt_cfg(**kw):
+  c = config_lib.vpt_config()
+  c.mode, c.top_k = "value", K
+  c.designer.d_model, c.designer.n_layers, c.designer.n_heads, c.designer.d_ff = 16, 1, 2, 32
+  c.update(kw)
+  return c
+
+
+def _setup(vpt_cfg, tie=False):
+  cfg = LMConfig(vocab_size=VOCAB, d_model=16, n_layers=LAYERS, n_heads=2, n_kv_heads=1, d_ff=32,
+                 tie_embeddings=tie, dtype="float64")
+  model = Transformer(cfg)
+  params = model.init(jax.random.PRNGKey(0), _batch(0)["inputs"])["params"]
+  noise = lambda p, i: p + 0.1 * jax.random.normal(jax.random.PRNGKey(i), p.shape, jnp.float64)
+  params = jax.tree.map(noise, jax.tree.map(lambda p: p.astype(jnp.float64), params),
+                        jax.tree.unflatten(jax.tree.structure(params), list(range(len(jax.tree.leaves(params))))))
+  designer = TaskDesigner(DesignerConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, dtype="float64"))
+  dstate = init_designer_state(designer, make_designer_optimizer(vpt_cfg), params, SEQ, K, seed=0)
+  dparams = jax.tree.map(lambda p: p.astype(jnp.float64) + 0.3 * jnp.ones_like(p, jnp.float64), dstate.params)
+  opt_cfg = config_lib.base_config().optimizer
+  optimizer, _ = make_optimizer(opt_cfg, 10)
+  return model, params, designer, dparams, optimizer.init(params), opt_cfg
+
+
+def _objective(vpt_cfg, tie=False):
+  model, params, designer, dparams, opt_state, opt_cfg = _setup(vpt_cfg, tie)
+  objective, info = meta_objective(params, opt_state, dparams, _batch(1), _batch(2), jax.random.PRNGKey(3),
+                                   model=model, designer=designer, vpt_cfg=vpt_cfg, learner_opt_cfg=opt_cfg)
+  return objective, info, dparams, (model, params, opt_state, opt_cfg)
+
+
+def _explicit_gpre(info, q):
+  mask = _batch(1)["loss_mask"]
+  return value_lib.subset_grad(info["aligned"], info["subset"],
+                               value_lib.soft_loss_of_logits(info["cand_ids"], q, mask))
+
+
+@pytest.mark.parametrize("n_last,tie", [(2, False), (0, False), (1, True)])
+def test_jvp_value_equals_explicit_dot_product(n_last, tie):
+  objective, info, dparams, _ = _objective(_vpt_cfg(align_last_n_layers=n_last), tie)
+  _, aux = objective(dparams)
+  q = info["targets_of"](dparams)[2]
+  explicit = value_lib.tree_vdot(info["g_down"], _explicit_gpre(info, q))
+  assert abs(float(explicit)) > 1e-6
+  np.testing.assert_allclose(float(aux["value"]), float(explicit), rtol=1e-8)
+  if n_last == 0:  # S = all parameters really is all of them.
+    assert len(info["subset"]) == len(jax.tree.leaves(_setup(_vpt_cfg())[1]))
+  else:
+    assert all(k.startswith(("norm", "lm_head")) or int(k.split("/")[0].split("_")[1]) >= LAYERS - n_last
+               for k in info["subset"])
+
+
+def test_designer_gradient_matches_double_backward_and_finite_differences():
+  vpt_cfg = _vpt_cfg()
+  objective, info, dparams, _ = _objective(vpt_cfg)
+  grad = jax.grad(lambda d: objective(d)[0])(dparams)
+  mask = _batch(1)["loss_mask"]
+
+  def reference_loss(d):
+    q = info["targets_of"](d)[2]
+    return -value_lib.reference_value(info["aligned"], info["subset"], info["tangent"], info["cand_ids"], q, mask)
+
+  ref = jax.grad(reference_loss)(dparams)
+  for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-14)
+  _check_finite_differences(lambda d: objective(d)[0], dparams, grad)
+
+
+def _check_finite_differences(fn, dparams, grad, eps=1e-5, n_dirs=3):
+  """Central differences along random directions == ⟨grad, direction⟩."""
+  leaves, treedef = jax.tree.flatten(dparams)
+  for i in range(n_dirs):
+    keys = jax.random.split(jax.random.PRNGKey(100 + i), len(leaves))
+    direction = jax.tree.unflatten(treedef, [jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)])
+    plus = jax.tree.map(lambda p, d: p + eps * d, dparams, direction)
+    minus = jax.tree.map(lambda p, d: p - eps * d, dparams, direction)
+    fd = (float(fn(plus)) - float(fn(minus))) / (2 * eps)
+    analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
+    np.testing.assert_allclose(fd, analytic, rtol=1e-5, atol=1e-10)
+
+
+def test_exact_cosine_gradient_matches_finite_differences_of_explicit_cosine():
+  vpt_cfg = _vpt_cfg(align="cosine")
+  objective, info, dparams, _ = _objective(vpt_cfg)
+  mask = _batch(1)["loss_mask"]
+
+  def explicit_cosine_loss(d):
+    q = info["targets_of"](d)[2]
+    g_pre = value_lib.subset_grad(info["aligned"], info["subset"],
+                                  lambda logits: -jnp.sum(mask[..., None] * q * jax.nn.log_softmax(logits)[
+                                      jnp.arange(3)[:, None, None], jnp.arange(SEQ)[None, :, None],
+                                      info["cand_ids"]]) / jnp.sum(mask))
+    return -value_lib.tree_vdot(info["tangent"], g_pre) / (info["tangent_norm"] * value_lib.tree_norm(g_pre))
+
+  np.testing.assert_allclose(float(objective(dparams)[0]), float(explicit_cosine_loss(dparams)), rtol=1e-9)
+  grad = jax.grad(lambda d: objective(d)[0])(dparams)
+  ref = jax.grad(explicit_cosine_loss)(dparams)  # double backward through the explicit g_pre
+  for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-13)
+  _check_finite_differences(lambda d: objective(d)[0], dparams, grad)
+
+
+def test_adam_geometry_value_is_preconditioned_dot_product():
+  vpt_cfg = _vpt_cfg(geometry="adam")
+  model, params, designer, dparams, opt_state, opt_cfg = _setup(vpt_cfg)
+  # Give the learner's Adam a history so v̂ is not trivial.
+  optimizer, _ = make_optimizer(opt_cfg, 10)
+  grads = jax.tree.map(lambda p: 0.3 * jnp.sin(3.0 * p), params)
+  _, opt_state = optimizer.update(grads, opt_state, params)
+  objective, info = meta_objective(params, opt_state, dparams, _batch(1), _batch(2), jax.random.PRNGKey(3),
+                                   model=model, designer=designer, vpt_cfg=vpt_cfg, learner_opt_cfg=opt_cfg)
+  v = objective(dparams)[1]["value"]
+  adam = value_lib._find_adam_state(opt_state)
+  nu_s, _ = value_lib.split_params(adam.nu, LAYERS, 2)
+  vhat = {k: x / (1 - opt_cfg.b2) for k, x in nu_s.items()}
+  q = info["targets_of"](dparams)[2]
+  g_pre = _explicit_gpre(info, q)
+  explicit = sum(jnp.vdot(info["g_down"][k] / (jnp.sqrt(vhat[k]) + opt_cfg.eps), g_pre[k]) for k in g_pre)
+  np.testing.assert_allclose(float(v), float(explicit), rtol=1e-8)
+  raw = value_lib.tree_vdot(info["g_down"], g_pre)
+  assert abs(float(explicit) - float(raw)) > 1e-3 * abs(float(raw))  # the geometry really changes V
+
+
+def test_first_order_value_predicts_one_step_downstream_drop():
+  vpt_cfg = _vpt_cfg()
+  objective, info, dparams, (model, params, _, _) = _objective(vpt_cfg)
+  v = float(objective(dparams)[1]["value"])
+  q = info["targets_of"](dparams)[2]
+  g_pre = _explicit_gpre(info, q)
+  fb = _batch(2)
+  subset, rest = value_lib.split_params(params, LAYERS, vpt_cfg.align_last_n_layers)
+
+  def l_down(sub):
+    p = value_lib.merge_params(sub, rest)
+    logits = model.apply({"params": p}, fb["inputs"], fb["positions"], fb["segment_ids"])
+    return float(downstream_nll(logits, fb["targets"], fb["loss_mask"]))
+
+  base = l_down(subset)
+  errors = []
+  for eta in (1e-1, 1e-2, 1e-3, 1e-4):
+    stepped = {k: subset[k] - eta * g_pre[k] for k in subset}
+    errors.append(abs((base - l_down(stepped)) / (eta * v) - 1.0))
+  assert errors[-1] < 1e-3, errors
+  assert errors[-1] < errors[0], errors  # the ratio converges to 1 as η → 0

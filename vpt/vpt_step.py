@@ -1,0 +1,227 @@
+"""The V-Pretraining step for language: designer-built soft targets for the learner every step, and
+every `meta_every` steps (after a burn-in) one designer step that maximises the value.
+
+One jitted program: `lax.cond` on the step counter runs the meta update (downstream gradient on
+S, one JVP, designer step) and then the learner step uses the updated designer. The predicate is a
+function of `state.step` only, so a resumed run takes meta steps exactly where an uninterrupted
+one would.
+
+Isolation: the feedback batch only ever reaches `g_down`, which only enters the designer's
+objective. The learner's loss reads the designer's targets through `stop_gradient`, so no
+∇θ L_down exists anywhere in the learner's update.
+
+Modes (config.vpt.mode): 'value' (V-Pretraining), 'random_feedback' (g_down replaced by a random
+direction of equal norm), 'uniform_topk' (r uniform over C_t, α fixed), 'self_distill' (r = the
+learner's renormalised top-K, α fixed). 'ntp' is `steps.make_train_step`, untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from vpt import value as value_lib
+from vpt.data.feedback import downstream_nll
+from vpt.models.designer import DesignerConfig, TaskDesigner
+from vpt.steps import TrainState, learner_update
+from vpt.tasks.lm_soft_targets import (candidate_logprobs, candidates, soft_ce_sum, soft_targets,
+                                       target_stat_sums, target_stats)
+
+DESIGNER_MODES = ("value", "random_feedback")
+FIXED_TARGET_MODES = ("uniform_topk", "self_distill")
+META_METRICS = ("value", "cosine", "g_down_norm", "g_pre_norm", "designer_loss", "designer_grad_norm",
+                "trust_region")
+
+
+@flax.struct.dataclass
+class DesignerState:
+  params: Any
+  opt_state: Any
+  last_meta: dict  # the latest meta step's metrics, reported on every step
+
+
+def uses_designer(vpt_cfg) -> bool:
+  return vpt_cfg.mode in DESIGNER_MODES
+
+
+def make_designer_optimizer(vpt_cfg) -> optax.GradientTransformation:
+  d = vpt_cfg.designer
+  parts = [optax.clip_by_global_norm(d.grad_clip_norm)] if d.grad_clip_norm > 0 else []
+  parts.append(optax.adamw(d.learning_rate, weight_decay=d.weight_decay))
+  return optax.chain(*parts)
+
+
+def init_designer_state(designer: TaskDesigner, optimizer: optax.GradientTransformation, learner_params,
+                        seq_len: int, top_k: int, seed: int) -> DesignerState:
+  embedding = learner_params["embed_tokens"]["embedding"]
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  cands = jnp.zeros((1, seq_len, top_k), jnp.int32)
+  params = designer.init(jax.random.PRNGKey(seed + 7919), embedding, tokens, tokens, tokens, tokens + 1, cands,
+                         jnp.zeros(cands.shape, jnp.float32))["params"]
+  return DesignerState(params=params, opt_state=optimizer.init(params),
+                       last_meta={k: jnp.zeros((), jnp.float32) for k in META_METRICS})
+
+
+def designer_targets(vpt_cfg, designer: TaskDesigner | None, designer_params, embedding, batch, cand_ids,
+                     cand_logp):
+  """(α [B, T], r [B, T, K]) for the configured mode."""
+  cand_logp = jax.lax.stop_gradient(cand_logp)
+  if vpt_cfg.mode in DESIGNER_MODES:
+    scores, alpha = designer.apply({"params": designer_params}, embedding, batch["inputs"], batch["targets"],
+                                   batch["positions"], batch["segment_ids"], cand_ids, cand_logp)
+    return alpha, jax.nn.softmax(scores, axis=-1)
+  alpha = jnp.full(cand_ids.shape[:-1], vpt_cfg.fixed_alpha, cand_logp.dtype)
+  if vpt_cfg.mode == "uniform_topk":
+    return alpha, jnp.full(cand_ids.shape, 1.0 / cand_ids.shape[-1], cand_logp.dtype)
+  if vpt_cfg.mode == "self_distill":
+    return alpha, jax.nn.softmax(cand_logp, axis=-1)
+  raise ValueError(f"config.vpt.mode={vpt_cfg.mode!r} has no soft targets")
+
+
+def soft_target_loss_fn(model: nn.Module, vpt_cfg, designer, designer_params) -> Callable:
+  """Learner loss against stop_gradient(q_φ): params, batch -> (loss_sum, aux with target statistics)."""
+
+  def loss_fn(params, batch):
+    logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+    cand_ids = candidates(logits, batch["targets"], vpt_cfg.top_k)
+    cand_logp = candidate_logprobs(logits, cand_ids)
+    embedding = jax.lax.stop_gradient(params["embed_tokens"]["embedding"])
+    alpha, r = designer_targets(vpt_cfg, designer, designer_params, embedding, batch, cand_ids, cand_logp)
+    q = jax.lax.stop_gradient(soft_targets(alpha, r))
+    loss_sum, count = soft_ce_sum(cand_logp, q, batch["loss_mask"])
+    sums, maxes = target_stat_sums(alpha, r, q, batch["loss_mask"])
+    return loss_sum, {"count": count, "sums": sums, "maxes": maxes}
+
+  return loss_fn
+
+
+def meta_objective(params, learner_opt_state, designer_params, batch: dict, fb_batch: dict, rng: jax.Array, *,
+                   model, designer, vpt_cfg, learner_opt_cfg):
+  """The designer's loss φ ↦ −Align(g_down, g_pre(q_φ)) + λ·R(φ), everything learner-side precomputed.
+
+  Returns (objective, info): objective(φ) -> (loss, aux) is what the designer step differentiates
+  (a backward through q_φ only); info holds the gradients and norms computed on the way.
+  """
+  n_last = vpt_cfg.align_last_n_layers
+  mask = batch["loss_mask"]
+  n_tokens = jnp.maximum(jnp.sum(mask), 1.0)
+
+  # g_down = ∇_S L_down(θ; B_fb), stop-gradient: the only place the feedback labels are read.
+  fb_aligned, fb_subset = value_lib.Aligned.build(model, params, fb_batch, n_last)
+  g_down = value_lib.subset_grad(
+      fb_aligned, fb_subset, lambda logits: downstream_nll(logits, fb_batch["targets"], fb_batch["loss_mask"]))
+  g_down = jax.lax.stop_gradient(g_down)
+  if vpt_cfg.mode == "random_feedback":
+    g_down = value_lib.random_like(rng, g_down, value_lib.tree_norm(g_down))
+  tangent = g_down
+  if vpt_cfg.geometry == "adam":
+    precond = value_lib.adam_preconditioner(learner_opt_state, params, n_last, model.cfg.n_layers,
+                                            learner_opt_cfg.eps, learner_opt_cfg.b2)
+    tangent = {k: precond[k] * v for k, v in g_down.items()}
+
+  # One JVP on the unlabeled batch gives every candidate's s_t(v).
+  aligned, subset = value_lib.Aligned.build(model, params, batch, n_last)
+  logits, dlogits = value_lib.logits_jvp(aligned, subset, tangent)
+  cand_ids = candidates(logits, batch["targets"], vpt_cfg.top_k)
+  cand_logp = candidate_logprobs(logits, cand_ids)
+  s = value_lib.logprob_tangents(logits, dlogits, cand_ids)
+  embedding = params["embed_tokens"]["embedding"]
+
+  def targets_of(dparams):
+    alpha, r = designer_targets(vpt_cfg, designer, dparams, embedding, batch, cand_ids, cand_logp)
+    return alpha, r, soft_targets(alpha, r)
+
+  # g_pre at the current φ (a backward through S only): its norm for the cosine and the metrics.
+  q_now = jax.lax.stop_gradient(targets_of(designer_params)[2])
+  g_pre = value_lib.subset_grad(aligned, subset, value_lib.soft_loss_of_logits(cand_ids, q_now, mask))
+  g_pre_norm = value_lib.tree_norm(g_pre)
+  tangent_norm = value_lib.tree_norm(tangent)
+  if vpt_cfg.align == "cosine":
+    # J g_pre: one more JVP, along g_pre (see the exact cosine below).
+    _, u = value_lib.logits_jvp(aligned, subset, g_pre)
+    u_cand = jnp.take_along_axis(u, cand_ids, axis=-1)
+  if vpt_cfg.reg_trust_region > 0:
+    # First-order NTP-loss change of a step along g_pre(q), relative to the one-hot step.
+    onehot = (jnp.arange(vpt_cfg.top_k) == 0).astype(q_now.dtype) * jnp.ones_like(q_now)
+    g_ntp = value_lib.subset_grad(aligned, subset, value_lib.soft_loss_of_logits(cand_ids, onehot, mask))
+    _, d_ntp = value_lib.logits_jvp(aligned, subset, g_ntp)
+    s_ntp = value_lib.logprob_tangents(logits, d_ntp, cand_ids)
+    ntp_sq = jnp.maximum(value_lib.tree_vdot(g_ntp, g_ntp), 1e-30)
+
+  def objective(dparams):
+    alpha, r, q = targets_of(dparams)
+    v = value_lib.value_from_tangents(q, s, mask)
+    if vpt_cfg.align == "dot":
+      align = v
+    elif vpt_cfg.align == "cosine_cheap":
+      align = v / jnp.maximum(tangent_norm * g_pre_norm, 1e-30)
+    else:
+      # Exact cosine. ‖g_pre(q)‖² is quadratic in q; its first-order expansion around q_now has the
+      # exact value and φ-gradient at the current φ: ∇_q ‖g_pre‖² = −(2/N)·m·(J g_pre) on C_t.
+      norm_sq = g_pre_norm ** 2 - 2.0 / n_tokens * jnp.sum(mask[..., None] * (q - q_now) * u_cand)
+      align = v / jnp.maximum(tangent_norm * jnp.sqrt(jnp.maximum(norm_sq, 1e-30)), 1e-30)
+    stats = target_stats(alpha, r, q, mask)
+    loss = -align + vpt_cfg.reg_alpha * stats["alpha_mean"] - vpt_cfg.reg_entropy * stats["r_entropy"]
+    trust = jnp.zeros((), v.dtype)
+    if vpt_cfg.reg_trust_region > 0:
+      trust = (ntp_sq - value_lib.value_from_tangents(q, s_ntp, mask)) / ntp_sq
+      loss = loss + vpt_cfg.reg_trust_region * jax.nn.relu(trust)
+    return loss, {"value": v, "trust_region": trust}
+
+  info = {"g_down": g_down, "tangent": tangent, "g_pre_norm": g_pre_norm, "tangent_norm": tangent_norm,
+          "cand_ids": cand_ids, "aligned": aligned, "subset": subset, "targets_of": targets_of}
+  return objective, info
+
+
+def meta_update(state: TrainState, batch: dict, fb_batch: dict, rng: jax.Array, *, model, designer, vpt_cfg,
+                designer_opt, learner_opt_cfg) -> DesignerState:
+  """One designer step on the meta objective; returns the new DesignerState."""
+  dstate = state.designer
+  objective, info = meta_objective(state.params, state.opt_state, dstate.params, batch, fb_batch, rng, model=model,
+                                   designer=designer, vpt_cfg=vpt_cfg, learner_opt_cfg=learner_opt_cfg)
+  (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(dstate.params)
+  updates, opt_state = designer_opt.update(grads, dstate.opt_state, dstate.params)
+  metrics = {
+      "value": aux["value"],
+      "cosine": aux["value"] / jnp.maximum(info["tangent_norm"] * info["g_pre_norm"], 1e-30),
+      "g_down_norm": value_lib.tree_norm(info["g_down"]),
+      "g_pre_norm": info["g_pre_norm"],
+      "designer_loss": loss,
+      "designer_grad_norm": optax.tree.norm(grads),
+      "trust_region": aux["trust_region"],
+  }
+  return DesignerState(params=optax.apply_updates(dstate.params, updates), opt_state=opt_state,
+                       last_meta={k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()})
+
+
+def is_meta_step(step, vpt_cfg):
+  """Works on Python ints (host) and traced scalars (device) alike."""
+  return (step >= vpt_cfg.burn_in_steps) & (step % vpt_cfg.meta_every == 0)
+
+
+def make_vpt_train_step(model: nn.Module, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                        vpt_cfg, learner_opt_cfg, accum_steps: int = 1) -> Callable:
+  """(state, batch, fb_batch) -> (state, metrics); fb_batch is read only on meta steps."""
+  designer = TaskDesigner(DesignerConfig.from_config(vpt_cfg)) if uses_designer(vpt_cfg) else None
+  designer_opt = make_designer_optimizer(vpt_cfg) if designer is not None else None
+
+  def train_step(state: TrainState, batch: dict, fb_batch: dict | None = None):
+    if designer is not None:
+      rng = jax.random.fold_in(state.rng, state.step)
+      update = lambda st: meta_update(st, batch, fb_batch, rng, model=model, designer=designer, vpt_cfg=vpt_cfg,
+                                      designer_opt=designer_opt, learner_opt_cfg=learner_opt_cfg)
+      new_designer = jax.lax.cond(is_meta_step(state.step, vpt_cfg), update, lambda st: st.designer, state)
+      state = state.replace(designer=new_designer)
+    dparams = state.designer.params if designer is not None else None
+    loss_fn = soft_target_loss_fn(model, vpt_cfg, designer, dparams)
+    new_state, metrics = learner_update(state, batch, loss_fn, optimizer, schedule, accum_steps)
+    if designer is not None:
+      metrics.update({f"meta/{k}": v for k, v in state.designer.last_meta.items()})
+    return new_state, metrics
+
+  return train_step
