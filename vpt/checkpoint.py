@@ -1,7 +1,8 @@
 """Orbax checkpointing of the whole training state and the data iterator.
 
-A checkpoint holds two items: `state` (learner params, optimizer state, step, RNG and, for
-V-Pretraining, the designer) and `data` (the grain iterator's position, one file per process).
+A checkpoint holds `state` (learner params, optimizer state, step, RNG and, for V-Pretraining,
+the designer) and one item per data iterator (`data`, and `feedback` for V-Pretraining: the
+grain iterators' positions, one file per process).
 Saves are asynchronous; orbax writes into a temporary directory and renames it when complete,
 so a checkpoint directory without the commit marker is never picked up. If the newest finalised
 checkpoint still fails to restore (e.g. a corrupt file), it is reported, renamed to
@@ -22,31 +23,34 @@ from absl import logging
 
 class Checkpointer:
 
-  def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int, async_save: bool = True,
+               iterator_names: tuple[str, ...] = ("data",)):
     self.directory = os.path.abspath(directory) if "://" not in directory else directory
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True, cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+    self.iterator_names = tuple(iterator_names)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state",) + self.iterator_names)
 
-  def save(self, step: int, state: Any, data_iter: Any, *, force: bool = False) -> bool:
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=grain.checkpoint.CheckpointSave(data_iter))
+  def save(self, step: int, state: Any, iterators: dict[str, Any], *, force: bool = False) -> bool:
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), **{
+        name: grain.checkpoint.CheckpointSave(iterators[name]) for name in self.iterator_names})
     return self.manager.save(step, args=args, force=force)
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def restore_latest(self, abstract_state: Any, data_iter: Any) -> tuple[Any, int] | tuple[None, None]:
+  def restore_latest(self, abstract_state: Any, iterators: dict[str, Any]) -> tuple[Any, int] | tuple[None, None]:
     """Restores the newest checkpoint that loads; returns (state, step) or (None, None).
 
     `abstract_state` is a pytree of jax.ShapeDtypeStruct with shardings, so arrays are read
-    straight into their target shardings. `data_iter` is restored in place.
+    straight into their target shardings. The iterators are restored in place.
     """
     for step in reversed(self.all_steps()):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iter)))
+            state=ocp.args.StandardRestore(abstract_state), **{
+                name: grain.checkpoint.CheckpointRestore(iterators[name]) for name in self.iterator_names}))
       except Exception as e:  # noqa: BLE001 — any failure means this checkpoint is unusable.
         logging.error("Checkpoint at step %d in %s failed to restore (%s: %s); trying an older one.",
                       step, self.directory, type(e).__name__, e)

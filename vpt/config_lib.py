@@ -76,6 +76,8 @@ def feedback_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.strip_calculator = True  # drop GSM8K's <<expr=value>> annotations.
   c.batch_size = 16
+  c.eval_path = ""  # held-out GSM8K-format problems for the downstream eval (synthetic: built in).
+  c.num_eval = 256
   # bos + prompt + solution + eos; longer solutions are truncated (bos + prompt must fit).
   # Real GSM8K with the tokenizer trained on synthetic math is ~2 characters a token:
   # 256 truncates ~40% of the solutions and some prompts do not fit; 512 fits all prompts.
@@ -150,6 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 200
   c.eval_batches = 8
   c.progress_bar = True
+  c.compare_with_baseline = False  # after a V-Pretraining run, also train the NTP baseline and compare.
   return c
 
 

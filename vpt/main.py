@@ -61,12 +61,14 @@ def main(argv):
   except ValueError as e:
     sys.exit(f"Invalid config: {e}")
   from vpt import train  # imported late so `--help` and config errors do not pay for JAX start-up.
-  summary = train.run(config, _WORKDIR.value)
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax's INFO lines would drown the progress output.
+  runner = train.run_with_baseline if config.compare_with_baseline else train.run
+  summary = runner(config, _WORKDIR.value)
   logging.info("done at step %d", summary["step"])
   if summary["preempted"]:
     sys.exit(PREEMPTED_EXIT_CODE)  # non-zero, so launchers (launch/tpu.sh) know to re-run.
 
 
 if __name__ == "__main__":
-  flags.FLAGS.set_default("verbosity", -1)  # WARNING: orbax/absl INFO lines drown the progress bar.
   app.run(main, flags_parser=_parse_flags)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -16,9 +17,12 @@ import optax
 from absl import logging
 
 from vpt import checkpoint as ckpt_lib
-from vpt import config_lib, metrics as metrics_lib, sharding
+from vpt import config_lib, metrics as metrics_lib, sharding, vpt_step
+from vpt.data.feedback import make_feedback_iterator
 from vpt.data.pipeline import make_lm_iterator
 from vpt.data.tokenizer import load_or_train_tokenizer
+from vpt.evals.downstream import make_downstream_eval
+from vpt.models.designer import DesignerConfig, TaskDesigner
 from vpt.models.lm import LMConfig, Transformer, count_nonembedding_params, count_params
 from vpt.optim import make_optimizer
 from vpt.steps import init_train_state, make_eval_step, make_train_step
@@ -54,6 +58,32 @@ class _Preemption:
     return self.requested
 
 
+class _FeedbackFeed:
+  """Feedback batches for the step: a fresh one on meta steps, a resident placeholder otherwise.
+
+  The jitted step reads the feedback batch only under its meta-step branch, so other steps pass
+  the last batch again (no transfer) and the feedback iterator advances once per meta step —
+  which keeps its checkpointed position exact.
+  """
+
+  def __init__(self, iterator, vpt_cfg, fb_cfg, mesh):
+    self.iterator, self.vpt_cfg, self.mesh, self.fb_cfg = iterator, vpt_cfg, mesh, fb_cfg
+    self.current = None
+
+  def batch_for(self, step: int):
+    if self.iterator is None:
+      return None
+    if vpt_step.is_meta_step(step, self.vpt_cfg):
+      self.current = sharding.global_batch(next(self.iterator), self.mesh)
+    elif self.current is None:
+      local = self.fb_cfg.batch_size // jax.process_count()
+      shape = (local, self.fb_cfg.seq_len)
+      zeros = {k: np.zeros(shape, np.float32 if k == "loss_mask" else np.int32)
+               for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
+      self.current = sharding.global_batch(zeros, self.mesh)
+    return self.current
+
+
 class _StepTimer:
   """Wall time spent in training steps only: evals and checkpoint saves are paused out.
 
@@ -80,6 +110,8 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def _evaluate(config, tokenizer, eval_step, params, mesh) -> dict[str, float]:
+  if config.data.source in ("jsonl", "text") and not config.data.eval_path:
+    return {}  # such corpora have a held-out split only when data.eval_path names one.
   it = make_lm_iterator(config.data, tokenizer, split="eval", global_batch_size=config.batch_size,
                         seq_len=config.data.seq_len, seed=config.seed,
                         process_index=jax.process_index(), process_count=jax.process_count())
@@ -122,14 +154,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                 process_index=jax.process_index(), process_count=jax.process_count())
   first_batch = next(train_iter)  # surfaces data errors (e.g. an example longer than seq_len) now.
 
+  vpt_cfg = config.vpt
+  uses_designer = vpt_step.uses_designer(vpt_cfg)
+  iterators = {"data": train_iter}
+  if uses_designer:
+    iterators["feedback"] = make_feedback_iterator(config.feedback, tokenizer, seed=config.seed,
+                                                   process_index=jax.process_index(),
+                                                   process_count=jax.process_count())
+
   optimizer, schedule = make_optimizer(config.optimizer, config.num_steps)
-  init_fn = lambda: init_train_state(model, optimizer, config.data.seq_len, config.seed)
+
+  def init_fn():
+    state = init_train_state(model, optimizer, config.data.seq_len, config.seed)
+    if uses_designer:
+      designer = TaskDesigner(DesignerConfig.from_config(vpt_cfg))
+      state = state.replace(designer=vpt_step.init_designer_state(
+          designer, vpt_step.make_designer_optimizer(vpt_cfg), state.params, config.data.seq_len,
+          vpt_cfg.top_k, config.seed))
+    return state
+
   abstract_state = jax.eval_shape(init_fn)
   shardings = sharding.state_shardings(abstract_state, mesh, optimizer)
 
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
-                                       async_save=config.checkpoint.async_save)
-  state, restored_step = checkpointer.restore_latest(ckpt_lib.abstract_like(abstract_state, shardings), train_iter)
+                                       async_save=config.checkpoint.async_save, iterator_names=tuple(iterators))
+  state, restored_step = checkpointer.restore_latest(ckpt_lib.abstract_like(abstract_state, shardings), iterators)
   if state is None:
     state = jax.jit(init_fn, out_shardings=shardings)()
     pending_batch = first_batch
@@ -147,9 +196,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   peak_flops, peak_source = metrics_lib.device_peak_flops(dtype=model_cfg.dtype)
 
   batch_sh = sharding.batch_sharding(mesh)
-  train_step = jax.jit(make_train_step(model, optimizer, schedule, config.grad_accum_steps),
-                       in_shardings=(shardings, batch_sh), out_shardings=(shardings, sharding.replicated(mesh)),
-                       donate_argnums=(0,))
+  out_sh = (shardings, sharding.replicated(mesh))
+  if vpt_cfg.mode == "ntp":
+    step_fn = make_train_step(model, optimizer, schedule, config.grad_accum_steps)
+    train_step = jax.jit(lambda st, b, fb: step_fn(st, b), in_shardings=(shardings, batch_sh, None),
+                         out_shardings=out_sh, donate_argnums=(0,))
+  else:
+    step_fn = vpt_step.make_vpt_train_step(model, optimizer, schedule, vpt_cfg, config.optimizer,
+                                           config.grad_accum_steps)
+    train_step = jax.jit(step_fn, in_shardings=(shardings, batch_sh, batch_sh if uses_designer else None),
+                         out_shardings=out_sh, donate_argnums=(0,))
+  feedback = _FeedbackFeed(iterators.get("feedback"), vpt_cfg, config.feedback, mesh)
+  downstream_eval = make_downstream_eval(model, config.feedback, tokenizer, mesh, seed=config.seed,
+                                         num_batches=config.eval_batches)
   eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings.params, batch_sh),
                       out_shardings=sharding.replicated(mesh))
 
@@ -162,8 +221,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   tokens_per_step = config.batch_size * config.data.seq_len
 
   summary: dict[str, Any] = {"preempted": False, "start_step": start_step}
-  # jsonl / text corpora have a held-out split only when data.eval_path names one.
-  has_eval = config.data.source not in ("jsonl", "text") or bool(config.data.eval_path)
   rates = lambda steps, seconds: metrics_lib.throughput_stats(
       steps=steps, seconds=seconds, tokens=steps * tokens_per_step, flops_per_token=flops_per_token,
       peak_flops_per_device=peak_flops, num_devices=jax.device_count())
@@ -175,7 +232,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     while step < config.num_steps:
       batch = pending_batch if pending_batch is not None else next(train_iter)
       pending_batch = None
-      state, metrics = train_step(state, sharding.global_batch(batch, mesh))
+      state, metrics = train_step(state, sharding.global_batch(batch, mesh), feedback.batch_for(step))
       step += 1
       if step == start_step + 1:  # the first step includes compilation: start the clock after it.
         jax.block_until_ready(metrics)
@@ -194,20 +251,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         progress.update(step, {"loss": host["loss"], "tok/s": host.get("tokens_per_sec", 0.0)})
         timer.resume()
 
-      if has_eval and (step % config.eval_every_steps == 0 or step == config.num_steps):
+      if step % config.eval_every_steps == 0 or step == config.num_steps:
         timer.pause(state.params)
         summary["eval"] = _evaluate(config, tokenizer, eval_step, state.params, mesh)
+        summary["eval"].update(downstream_eval(state.params))
         writer.write_scalars(step, summary["eval"], prefix="eval")
         timer.resume()
 
       if step % config.checkpoint.every_steps == 0 or step == config.num_steps:
         timer.pause(state)
-        checkpointer.save(step, state, train_iter, force=True)
+        checkpointer.save(step, state, iterators, force=True)
         timer.resume()
 
       if preemption.should_stop(step) and step < config.num_steps:
         print(f"Preemption signal received: saving at step {step} and exiting.", flush=True)
-        checkpointer.save(step, state, train_iter, force=True)
+        checkpointer.save(step, state, iterators, force=True)
         summary["preempted"] = True
         break
 
@@ -225,18 +283,57 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return summary
 
 
+SUMMARY_ROWS = (  # (label, section, key, format)
+    ("train loss", "train", "loss", "{:.4f}"),
+    ("eval loss (pretraining stream)", "eval", "loss", "{:.4f}"),
+    ("eval perplexity", "eval", "perplexity", "{:.3f}"),
+    ("feedback-set loss L_down", "eval", "feedback_loss", "{:.4f}"),
+    ("held-out downstream loss", "eval", "heldout_loss", "{:.4f}"),
+    ("mean α", "train", "alpha_mean", "{:.4f}"),
+    ("max α", "train", "alpha_max", "{:.4f}"),
+    ("q mass on true token", "train", "q_true_mass", "{:.4f}"),
+    ("entropy of r", "train", "r_entropy", "{:.3f}"),
+    ("value V (last meta step)", "train", "meta/value", "{:.3e}"),
+    ("cos(g_down, g_pre)", "train", "meta/cosine", "{:.4f}"),
+    ("tokens/s", "throughput", "tokens_per_sec", "{:,.0f}"),
+)
+
+
+def summary_table(summaries: dict[str, dict[str, Any]]) -> str:
+  """A text table with one column per run (e.g. V-Pretraining beside the NTP baseline)."""
+  names = list(summaries)
+  rows = [("steps", *[str(s["step"]) for s in summaries.values()])]
+  for label, section, key, fmt in SUMMARY_ROWS:
+    cells = [fmt.format(s[section][key]) if key in (s.get(section) or {}) else "—" for s in summaries.values()]
+    if any(c != "—" for c in cells):
+      rows.append((label, *cells))
+  widths = [max(len(r[i]) for r in rows + [("", *names)]) for i in range(len(names) + 1)]
+  lines = ["  ".join(c.ljust(w) for c, w in zip(("", *names), widths))]
+  lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+  return "\n".join("  " + line.rstrip() for line in lines)
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
-  rows = [("steps", f"{summary['step']}")]
-  if summary.get("train"):
-    rows.append(("train loss", f"{summary['train']['loss']:.4f}"))
-  if summary.get("eval"):
-    rows.append(("eval loss", f"{summary['eval']['loss']:.4f}"))
-    rows.append(("eval perplexity", f"{summary['eval']['perplexity']:.3f}"))
+  print(summary_table({summary.get("name", "run"): summary}), flush=True)
   if summary.get("throughput"):
-    tp = summary["throughput"]
-    rows.append(("tokens/s", f"{tp['tokens_per_sec']:,.0f}"))
-    rows.append(("MFU", f"{100 * tp['mfu']:.1f}% of {summary['peak_source']}"))
+    print(f"  MFU {100 * summary['throughput']['mfu']:.1f}% of {summary['peak_source']}", flush=True)
   if summary["preempted"]:
-    rows.append(("status", "preempted; resume by re-running the same command"))
-  width = max(len(k) for k, _ in rows)
-  print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows), flush=True)
+    print("  preempted: resume by re-running the same command", flush=True)
+
+
+def run_with_baseline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs `config` and then the NTP baseline (same data, steps, optimizer) in workdir/baseline_ntp,
+  and prints both side by side. The baseline is skipped if `config` is itself NTP."""
+  summary = run(config, workdir)
+  if config.vpt.mode == "ntp" or summary["preempted"]:
+    return summary
+  baseline = copy.deepcopy(config)
+  with baseline.unlocked():
+    baseline.vpt.mode = "ntp"
+  print("\nNTP baseline (same data, steps and optimizer):", flush=True)
+  base_summary = run(baseline, os.path.join(workdir, "baseline_ntp"))
+  if jax.process_index() == 0:
+    print(f"\nV-Pretraining ({config.vpt.mode}, align={config.vpt.align}) vs the NTP baseline:")
+    print(summary_table({"V-Pretraining": summary, "NTP baseline": base_summary}), flush=True)
+  summary["baseline"] = base_summary
+  return summary

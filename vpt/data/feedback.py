@@ -184,8 +184,24 @@ class _Rows(grain.transforms.Map):
     return {k: v[int(index)] for k, v in self.arrays.items()}
 
 
+def heldout_records(fb_cfg) -> list[dict] | None:
+  """Held-out downstream problems in the feedback format (never in the feedback set), or None.
+
+  Synthetic: `feedback.num_eval` problems of the generator's 'eval' partition. GSM8K-format files:
+  the first `feedback.num_eval` records of `feedback.eval_path`, when one is given.
+  """
+  n = int(fb_cfg.num_eval)
+  if fb_cfg.source == "synthetic":
+    data = synthetic_math.SyntheticMath(_SYNTHETIC_SEED_OFFSET + int(fb_cfg.seed), n, partition="eval")
+    return [{"question": r["question"], "answer": r["answer"], "final": _final_of(r["answer"])}
+            for r in (data[i] for i in range(n))]
+  if fb_cfg.eval_path:
+    return load_gsm8k_jsonl(fb_cfg.eval_path, strip_calculator=bool(fb_cfg.strip_calculator))[:n]
+  return None
+
+
 def make_feedback_iterator(fb_cfg, tokenizer: Tokenizer, *, seed: int, process_index: int = 0,
-                           process_count: int = 1) -> grain.DatasetIterator:
+                           process_count: int = 1, records: list[dict] | None = None) -> grain.DatasetIterator:
   """An infinite, checkpointable iterator of feedback batches for this process.
 
   Every epoch is a new seeded permutation of the feedback set (seeded by `seed` and
@@ -196,6 +212,7 @@ def make_feedback_iterator(fb_cfg, tokenizer: Tokenizer, *, seed: int, process_i
   [local_batch, feedback.seq_len] (inputs, targets int32; loss_mask float32;
   segment_ids 1 on real tokens, 0 on padding; positions 0.. on real tokens, 0 on
   padding). get_state()/set_state() and grain.checkpoint work as for the LM iterator.
+  `records` replaces the feedback set (e.g. `heldout_records` for evaluation).
   """
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index}, process_count={process_count}: expected "
@@ -206,7 +223,7 @@ def make_feedback_iterator(fb_cfg, tokenizer: Tokenizer, *, seed: int, process_i
                      f"the process count {process_count}")
   if seq_len < 2:
     raise ValueError(f"feedback.seq_len={seq_len}: expected >= 2")
-  records = make_feedback_records(fb_cfg)
+  records = make_feedback_records(fb_cfg) if records is None else records
   # Tokenize the whole (small) set once: a too-long prompt fails here, before training,
   # and each batch is then a cheap lookup.
   tokens = np.empty((len(records), seq_len + 1), np.int32)

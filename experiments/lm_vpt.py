@@ -1,0 +1,57 @@
+"""V-Pretraining for language models, and the paper's ablations, on the embedded default.
+
+    python -m vpt.main --config experiments/lm_vpt.py:tiny,value --workdir /tmp/vpt
+
+The argument is `size[,variant]`: size as in lm_ntp.py (nano, tiny, small); variant one of
+
+    ntp              baseline: one-hot targets, no designer, no meta step (== lm_ntp.py)
+    value            V-Pretraining, dot-product value (default)
+    value_cosine     V-Pretraining, exact cosine alignment
+    random_feedback  g_down replaced by a random direction of the same norm
+    uniform_topk     r uniform over the K candidates, fixed α
+    self_distill     r = the learner's renormalised top-K probabilities, fixed α
+"""
+
+import importlib.util
+import os
+
+VARIANTS = {
+    "ntp": dict(mode="ntp"),
+    "value": dict(mode="value", align="dot"),
+    "value_cosine": dict(mode="value", align="cosine"),
+    "random_feedback": dict(mode="random_feedback", align="dot"),
+    "uniform_topk": dict(mode="uniform_topk"),
+    "self_distill": dict(mode="self_distill"),
+}
+
+
+def _ntp_config(size):
+  spec = importlib.util.spec_from_file_location("lm_ntp", os.path.join(os.path.dirname(__file__), "lm_ntp.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(size)
+
+
+def get_config(arg: str = "tiny,value"):
+  size, _, variant = (arg or "tiny,value").partition(",")
+  variant = variant or "value"
+  if variant not in VARIANTS:
+    raise ValueError(f"variant {variant!r} unknown; expected one of {sorted(VARIANTS)}")
+  config = _ntp_config(size or "tiny")
+  config.vpt.update(VARIANTS[variant])
+  # A designer much smaller than the learner (the paper's is 6×256 next to 0.5B–7B learners).
+  d = config.vpt.designer
+  if size == "nano":
+    d.d_model, d.n_layers, d.n_heads, d.d_ff = 16, 1, 2, 32
+    config.vpt.top_k = 8
+    config.vpt.meta_every = 4
+    config.feedback.batch_size = 8
+    config.feedback.seq_len = 128
+  elif size in ("tiny", ""):
+    d.d_model, d.n_layers, d.n_heads, d.d_ff = 64, 2, 4, 128
+    config.vpt.top_k = 16
+    config.feedback.seq_len = 128
+  else:
+    d.d_model, d.n_layers, d.n_heads, d.d_ff = 128, 2, 4, 384
+  config.vpt.designer.learning_rate = 1e-3
+  return config
