@@ -1,0 +1,192 @@
+"""V-Pretraining steps and runs: isolation of the learner from the feedback labels, α ≡ 0 == NTP,
+sharded == single device, resume between meta steps == uninterrupted, every ablation runs."""
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vpt import config_lib, metrics, sharding, train
+from vpt.models.designer import DesignerConfig, TaskDesigner
+from vpt.models.lm import LMConfig, Transformer
+from vpt.optim import make_optimizer
+from vpt.steps import init_train_state
+from vpt.vpt_step import init_designer_state, make_designer_optimizer, make_vpt_train_step
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEQ, VOCAB, K = 16, 64, 6
+
+
+def vpt_config(arg="nano,value", **overrides):
+  spec = importlib.util.spec_from_file_location("lm_vpt", os.path.join(REPO, "experiments", "lm_vpt.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  config.progress_bar = False
+  config.mesh.num_devices = 1
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _batch(seed, b=8):
+  rng = np.random.default_rng(seed)
+  toks = rng.integers(1, VOCAB, (b, SEQ + 1)).astype(np.int32)
+  mask = np.ones((b, SEQ), np.float32)
+  mask[:, :4] = 0
+  return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "loss_mask": mask,
+          "segment_ids": np.ones((b, SEQ), np.int32),
+          "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (b, SEQ)).copy()}
+
+
+def _step_setup(designer_lr=1e-2, mode="value", mesh_sizes=(1, 1, 1)):
+  vcfg = config_lib.vpt_config()
+  vcfg.mode, vcfg.top_k, vcfg.meta_every = mode, K, 2
+  vcfg.designer.d_model, vcfg.designer.n_layers, vcfg.designer.n_heads, vcfg.designer.d_ff = 16, 1, 2, 32
+  vcfg.designer.learning_rate = designer_lr
+  model = Transformer(LMConfig(vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64))
+  opt_cfg = config_lib.base_config().optimizer
+  optimizer, schedule = make_optimizer(opt_cfg, 20)
+  mesh_cfg = config_lib.base_config().mesh
+  mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor = mesh_sizes
+  mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:int(np.prod(mesh_sizes))])
+
+  def init_fn():
+    state = init_train_state(model, optimizer, SEQ, seed=0)
+    designer = TaskDesigner(DesignerConfig.from_config(vcfg))
+    return state.replace(designer=init_designer_state(designer, make_designer_optimizer(vcfg), state.params, SEQ,
+                                                      K, seed=0))
+
+  shards = sharding.state_shardings(jax.eval_shape(init_fn), mesh, optimizer)
+  state = jax.jit(init_fn, out_shardings=shards)()
+  bsh = sharding.batch_sharding(mesh)
+  step = jax.jit(make_vpt_train_step(model, optimizer, schedule, vcfg, opt_cfg), in_shardings=(shards, bsh, bsh),
+                 out_shardings=(shards, sharding.replicated(mesh)))
+  put = lambda b: sharding.global_batch(b, mesh)
+  return state, step, put
+
+
+def _at_meta_step(state, step, put):
+  """Two steps in (so the learning rate is past 0): state.step == 2, a meta step (meta_every=2)."""
+  for i in range(2):
+    state, _ = step(state, put(_batch(50 + i)), put(_batch(150 + i)))
+  assert int(state.step) == 2
+  return state
+
+
+def test_learner_update_does_not_depend_on_feedback_answers_with_designer_fixed():
+  state, step, put = _step_setup(designer_lr=0.0)  # the meta step runs but φ cannot move.
+  state = _at_meta_step(state, step, put)
+  fb = _batch(100)
+  fb_other = {k: v.copy() for k, v in fb.items()}
+  fb_other["targets"] = (fb_other["targets"] * 7 + 3) % VOCAB  # different answers
+  s1, m1 = step(state, put(_batch(0)), put(fb))
+  s2, m2 = step(state, put(_batch(0)), put(fb_other))
+  assert float(m1["meta/value"]) != float(m2["meta/value"])  # the feedback really was read...
+  assert float(m1["learning_rate"]) > 0 and float(m1["alpha_mean"]) > 0
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+    np.testing.assert_array_equal(a, b)  # ...yet the learner's update is bit-identical.
+
+
+def test_feedback_reaches_the_learner_only_through_the_designer():
+  state, step, put = _step_setup(designer_lr=1e-2)
+  state = _at_meta_step(state, step, put)
+  fb = _batch(100)
+  fb_other = {k: v.copy() for k, v in fb.items()}
+  fb_other["targets"] = (fb_other["targets"] * 7 + 3) % VOCAB
+  s1, _ = step(state, put(_batch(0)), put(fb))
+  s2, _ = step(state, put(_batch(0)), put(fb_other))
+  differs = lambda x, y: any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+  assert differs(s1.designer.params, s2.designer.params)
+  assert differs(s1.params, s2.params)  # different feedback => different φ => different learner step
+  # Same designer => same learner update, whatever the feedback: at a non-meta step (3) the
+  # feedback batch is not even read.
+  s3, _ = step(s1, put(_batch(1)), put(fb_other))
+  s4, _ = step(s1, put(_batch(1)), put(fb))
+  for a, b in zip(jax.tree.leaves(s3.params), jax.tree.leaves(s4.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_learner_gradient_is_not_a_function_of_the_downstream_loss():
+  """d(learner params after the step)/d(feedback loss mask) is exactly zero when φ is held fixed."""
+  state, step, put = _step_setup(designer_lr=0.0)
+  state = _at_meta_step(state, step, put)
+  fb = put(_batch(100))
+  fn = lambda mask: step(state, put(_batch(0)), {**fb, "loss_mask": mask})[0].params
+  _, vjp = jax.vjp(fn, fb["loss_mask"])
+  (cotangent_mask,) = vjp(jax.tree.map(jnp.ones_like, state.params))
+  np.testing.assert_array_equal(np.asarray(cotangent_mask), 0.0)
+
+
+@pytest.mark.parametrize("mesh_sizes", [(2, 2, 2), (4, 2, 1)])
+def test_sharded_vpt_step_matches_single_device(mesh_sizes):
+  results = []
+  for sizes in [(1, 1, 1), mesh_sizes]:
+    state, step, put = _step_setup(mesh_sizes=sizes)
+    for i in range(3):  # steps 0 and 2 are meta steps
+      state, m = step(state, put(_batch(i)), put(_batch(100 + i)))
+    results.append((jax.device_get(state), float(m["loss"]), float(m["meta/value"])))
+  (ref, loss_ref, v_ref), (got, loss, v) = results
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+  np.testing.assert_allclose(v, v_ref, rtol=1e-4)
+  for a, b in zip(jax.tree.leaves((got.params, got.designer.params)), jax.tree.leaves((ref.params, ref.designer.params))):
+    np.testing.assert_allclose(a, b, atol=3e-5)
+
+
+@pytest.mark.slow
+def test_alpha_zero_reproduces_the_ntp_baseline_exactly(tmp_path):
+  ntp = train.run(vpt_config("nano,ntp", num_steps=12), str(tmp_path / "ntp"))
+  zero = train.run(vpt_config("nano,value", num_steps=12, **{"vpt.alpha_max": 0.0}), str(tmp_path / "zero"))
+  assert float(zero["train"]["alpha_max"]) == 0.0
+  for a, b in zip(jax.tree.leaves(jax.device_get(ntp["state"].params)),
+                  jax.tree.leaves(jax.device_get(zero["state"].params))):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+  assert abs(ntp["eval"]["loss"] - zero["eval"]["loss"]) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["value_cosine", "random_feedback", "uniform_topk", "self_distill"])
+def test_every_ablation_runs_end_to_end(tmp_path, variant):
+  summary = train.run(vpt_config(f"nano,{variant}", num_steps=8, eval_batches=1), str(tmp_path))
+  assert np.isfinite(summary["train"]["loss"]) and np.isfinite(summary["eval"]["feedback_loss"])
+  if variant in ("uniform_topk", "self_distill"):
+    np.testing.assert_allclose(summary["train"]["alpha_mean"], 0.25, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_between_meta_steps_equals_uninterrupted(tmp_path):
+  steps = 40
+  args = [f"--config={REPO}/experiments/lm_vpt.py:nano,value", "--config.num_steps=40", "--config.log_every_steps=1",
+          "--config.checkpoint.every_steps=1000", "--config.progress_bar=False", "--config.mesh.num_devices=1",
+          "--config.vpt.meta_every=4"]
+  workdir = tmp_path / "interrupted"
+  proc = subprocess.Popen([sys.executable, "-m", "vpt.main", f"--workdir={workdir}", *args], cwd=REPO,
+                          env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  jsonl = workdir / "metrics.jsonl"
+  deadline = time.time() + 180
+  while time.time() < deadline:  # preempt after step 9 (meta steps are 0, 4, 8, 12, ...)
+    if jsonl.exists() and any(r.get("step", 0) >= 9 for r in metrics.read_jsonl(str(jsonl))):
+      break
+    assert proc.poll() is None, proc.stdout.read()
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 143, out
+  overrides = {"num_steps": steps, "log_every_steps": 1, "checkpoint.every_steps": 1000, "vpt.meta_every": 4}
+  resumed = train.run(vpt_config("nano,value", **overrides), str(workdir))
+  assert 9 <= resumed["start_step"] < steps
+  straight = train.run(vpt_config("nano,value", **overrides), str(tmp_path / "straight"))
+  for a, b in zip(jax.tree.leaves(jax.device_get((resumed["state"].params, resumed["state"].designer))),
+                  jax.tree.leaves(jax.device_get((straight["state"].params, straight["state"].designer)))):
+    np.testing.assert_array_equal(a, b)
