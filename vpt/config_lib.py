@@ -98,6 +98,10 @@ def vpt_config() -> ml_collections.ConfigDict:
   c.geometry = "raw"  # 'raw' (paper) | 'adam' (precondition g_down with the learner's Adam v̂)
   c.align_last_n_layers = 2  # S = last n blocks + final norm + head; 0 = all parameters.
   c.meta_every = 8  # r: one designer step every r learner steps...
+  # The meta step's share of the unlabeled batch (the paper's meta step sees one micro-batch at
+  # meta sequence length 256 while the learner steps on 32 accumulated micro-batches of 1024).
+  c.meta_batch_size = 0  # first rows of the batch (0: all)
+  c.meta_seq_len = 0  # first positions of each row (0: all)
   c.burn_in_steps = 0  # ...after this many learner steps.
   c.reg_alpha = 0.0  # λ · mean α
   c.reg_entropy = 0.0  # −λ · mean entropy of r (positive λ favours spread-out r)
@@ -206,6 +210,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(sum(a == -1 for a in axes) <= 1 and all(a == -1 or a >= 1 for a in axes), "mesh",
        "positive axis sizes with at most one -1")
   need(config.mesh.num_devices >= 0, "mesh.num_devices", ">= 0 (0 = all devices)")
+  v = config.vpt
+  need(v.mode in ("ntp", "value", "random_feedback", "uniform_topk", "self_distill"), "vpt.mode",
+       "one of 'ntp', 'value', 'random_feedback', 'uniform_topk', 'self_distill'")
+  need(v.align in ("dot", "cosine", "cosine_cheap"), "vpt.align", "one of 'dot', 'cosine', 'cosine_cheap'")
+  need(v.geometry in ("raw", "adam"), "vpt.geometry", "'raw' or 'adam'")
+  need(v.top_k >= 2, "vpt.top_k", ">= 2")
+  need(0.0 <= v.alpha_max <= 1.0, "vpt.alpha_max", "in [0, 1]")
+  need(0.0 <= v.fixed_alpha <= 1.0, "vpt.fixed_alpha", "in [0, 1]")
+  need(0 <= v.align_last_n_layers <= m.n_layers, "vpt.align_last_n_layers", f"in [0, model.n_layers={m.n_layers}]")
+  need(v.meta_every >= 1, "vpt.meta_every", ">= 1")
+  need(v.burn_in_steps >= 0, "vpt.burn_in_steps", ">= 0")
+  need(0 <= v.meta_batch_size <= config.batch_size, "vpt.meta_batch_size", f"in [0, batch_size={config.batch_size}]")
+  need(0 <= v.meta_seq_len <= d.seq_len, "vpt.meta_seq_len", f"in [0, data.seq_len={d.seq_len}]")
+  need(v.designer.d_model % v.designer.n_heads == 0, "vpt.designer.n_heads", "a divisor of vpt.designer.d_model")
   need(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "> 0")
   need(config.checkpoint.keep >= 1, "checkpoint.keep", ">= 1")
 

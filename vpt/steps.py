@@ -79,7 +79,10 @@ def accumulate_gradients(loss_fn: Callable, params, batch, accum_steps: int):
 
 def learner_update(state: TrainState, batch: dict, loss_fn: Callable, optimizer: optax.GradientTransformation,
                    schedule: optax.Schedule, accum_steps: int):
-  """One optimizer step of the learner on `loss_fn(params, batch) -> (loss_sum, aux)` (see above)."""
+  """One optimizer step of the learner on `loss_fn(params, batch) -> (loss_sum, aux)` (see above).
+
+  Returns (new state, metrics, the mean-loss gradient before clipping).
+  """
   loss_sum, aux, grads = accumulate_gradients(loss_fn, state.params, batch, accum_steps)
   count = aux["count"]
   denom = jnp.maximum(count, 1.0)
@@ -97,7 +100,7 @@ def learner_update(state: TrainState, batch: dict, loss_fn: Callable, optimizer:
       **{k: v / denom for k, v in aux["sums"].items()},
       **aux["maxes"],
   }
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics, grads
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
@@ -106,7 +109,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
   loss_fn = lm_loss_fn(model)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
-    return learner_update(state, batch, loss_fn, optimizer, schedule, accum_steps)
+    new_state, metrics, _ = learner_update(state, batch, loss_fn, optimizer, schedule, accum_steps)
+    return new_state, metrics
 
   return train_step
 

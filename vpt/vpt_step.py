@@ -136,11 +136,13 @@ def meta_objective(params, learner_opt_state, designer_params, batch: dict, fb_b
     alpha, r = designer_targets(vpt_cfg, designer, dparams, embedding, batch, cand_ids, cand_logp)
     return alpha, r, soft_targets(alpha, r)
 
-  # g_pre at the current φ (a backward through S only): its norm for the cosine and the metrics.
   q_now = jax.lax.stop_gradient(targets_of(designer_params)[2])
-  g_pre = value_lib.subset_grad(aligned, subset, value_lib.soft_loss_of_logits(cand_ids, q_now, mask))
-  g_pre_norm = value_lib.tree_norm(g_pre)
   tangent_norm = value_lib.tree_norm(tangent)
+  g_pre_norm = None
+  if vpt_cfg.align in ("cosine", "cosine_cheap"):
+    # g_pre at the current φ (a backward through S only), for the cosine's normaliser.
+    g_pre = value_lib.subset_grad(aligned, subset, value_lib.soft_loss_of_logits(cand_ids, q_now, mask))
+    g_pre_norm = value_lib.tree_norm(g_pre)
   if vpt_cfg.align == "cosine":
     # J g_pre: one more JVP, along g_pre (see the exact cosine below).
     _, u = value_lib.logits_jvp(aligned, subset, g_pre)
@@ -173,30 +175,28 @@ def meta_objective(params, learner_opt_state, designer_params, batch: dict, fb_b
       loss = loss + vpt_cfg.reg_trust_region * jax.nn.relu(trust)
     return loss, {"value": v, "trust_region": trust}
 
-  info = {"g_down": g_down, "tangent": tangent, "g_pre_norm": g_pre_norm, "tangent_norm": tangent_norm,
+  info = {"g_down": g_down, "tangent": tangent, "tangent_norm": tangent_norm,
           "cand_ids": cand_ids, "aligned": aligned, "subset": subset, "targets_of": targets_of}
   return objective, info
 
 
 def meta_update(state: TrainState, batch: dict, fb_batch: dict, rng: jax.Array, *, model, designer, vpt_cfg,
-                designer_opt, learner_opt_cfg) -> DesignerState:
-  """One designer step on the meta objective; returns the new DesignerState."""
+                designer_opt, learner_opt_cfg) -> tuple[DesignerState, dict]:
+  """One designer step on the meta objective; returns (new DesignerState, g_down on S)."""
   dstate = state.designer
+  rows = vpt_cfg.meta_batch_size or batch["inputs"].shape[0]
+  cols = vpt_cfg.meta_seq_len or batch["inputs"].shape[1]
+  batch = jax.tree.map(lambda x: x[:rows, :cols], batch)  # the meta step's slice of the unlabeled batch
   objective, info = meta_objective(state.params, state.opt_state, dstate.params, batch, fb_batch, rng, model=model,
                                    designer=designer, vpt_cfg=vpt_cfg, learner_opt_cfg=learner_opt_cfg)
   (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(dstate.params)
   updates, opt_state = designer_opt.update(grads, dstate.opt_state, dstate.params)
-  metrics = {
-      "value": aux["value"],
-      "cosine": aux["value"] / jnp.maximum(info["tangent_norm"] * info["g_pre_norm"], 1e-30),
-      "g_down_norm": value_lib.tree_norm(info["g_down"]),
-      "g_pre_norm": info["g_pre_norm"],
-      "designer_loss": loss,
-      "designer_grad_norm": optax.tree.norm(grads),
-      "trust_region": aux["trust_region"],
-  }
-  return DesignerState(params=optax.apply_updates(dstate.params, updates), opt_state=opt_state,
-                       last_meta={k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()})
+  metrics = dict(dstate.last_meta)
+  metrics.update(value=aux["value"], g_down_norm=value_lib.tree_norm(info["g_down"]), designer_loss=loss,
+                 designer_grad_norm=optax.tree.norm(grads), trust_region=aux["trust_region"])
+  new = DesignerState(params=optax.apply_updates(dstate.params, updates), opt_state=opt_state,
+                      last_meta={k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()})
+  return new, info["g_down"]
 
 
 def is_meta_step(step, vpt_cfg):
@@ -211,17 +211,30 @@ def make_vpt_train_step(model: nn.Module, optimizer: optax.GradientTransformatio
   designer_opt = make_designer_optimizer(vpt_cfg) if designer is not None else None
 
   def train_step(state: TrainState, batch: dict, fb_batch: dict | None = None):
-    if designer is not None:
-      rng = jax.random.fold_in(state.rng, state.step)
-      update = lambda st: meta_update(st, batch, fb_batch, rng, model=model, designer=designer, vpt_cfg=vpt_cfg,
-                                      designer_opt=designer_opt, learner_opt_cfg=learner_opt_cfg)
-      new_designer = jax.lax.cond(is_meta_step(state.step, vpt_cfg), update, lambda st: st.designer, state)
-      state = state.replace(designer=new_designer)
-    dparams = state.designer.params if designer is not None else None
-    loss_fn = soft_target_loss_fn(model, vpt_cfg, designer, dparams)
-    new_state, metrics = learner_update(state, batch, loss_fn, optimizer, schedule, accum_steps)
-    if designer is not None:
-      metrics.update({f"meta/{k}": v for k, v in state.designer.last_meta.items()})
+    if designer is None:  # fixed-target controls: no designer, no feedback.
+      new_state, metrics, _ = learner_update(state, batch, soft_target_loss_fn(model, vpt_cfg, None, None),
+                                             optimizer, schedule, accum_steps)
+      return new_state, metrics
+    rng = jax.random.fold_in(state.rng, state.step)
+    meta = is_meta_step(state.step, vpt_cfg)
+    update = lambda st: meta_update(st, batch, fb_batch, rng, model=model, designer=designer, vpt_cfg=vpt_cfg,
+                                    designer_opt=designer_opt, learner_opt_cfg=learner_opt_cfg)
+    subset_zeros = lambda st: jax.tree.map(jnp.zeros_like, value_lib.split_params(
+        st.params, model.cfg.n_layers, vpt_cfg.align_last_n_layers)[0])
+    new_designer, g_down = jax.lax.cond(meta, update, lambda st: (st.designer, subset_zeros(st)), state)
+    state = state.replace(designer=new_designer)
+    loss_fn = soft_target_loss_fn(model, vpt_cfg, designer, new_designer.params)
+    new_state, metrics, grads = learner_update(state, batch, loss_fn, optimizer, schedule, accum_steps)
+    # cos(g_down, g_pre) with g_pre = the gradient the learner actually stepped along (on S, with the
+    # updated designer): free here, where a separate g_pre would cost a backward pass.
+    g_pre, _ = value_lib.split_params(grads, model.cfg.n_layers, vpt_cfg.align_last_n_layers)
+    g_pre_norm = value_lib.tree_norm(g_pre)
+    cosine = value_lib.tree_vdot(g_down, g_pre) / jnp.maximum(value_lib.tree_norm(g_down) * g_pre_norm, 1e-30)
+    last = dict(new_designer.last_meta)
+    last["cosine"] = jnp.where(meta, cosine, last["cosine"]).astype(jnp.float32)
+    last["g_pre_norm"] = jnp.where(meta, g_pre_norm, last["g_pre_norm"]).astype(jnp.float32)
+    new_state = new_state.replace(designer=new_designer.replace(last_meta=last))
+    metrics.update({f"meta/{k}": v for k, v in last.items()})
     return new_state, metrics
 
   return train_step

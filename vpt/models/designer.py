@@ -60,7 +60,13 @@ class TaskDesigner(nn.Module):
     h = RMSNorm(1e-6, name="norm")(x)
 
     query = dense(cfg.d_model, "query")(h)  # [B, T, d]
-    keys = dense(cfg.d_model, "candidate_in")(embedding[cand_ids])  # [B, T, K, d]
+    # Keys of the candidates: project-then-gather or gather-then-project, whichever multiplies fewer
+    # rows (the whole vocabulary, or the B·T·K candidates); both give the same numbers.
+    project = dense(cfg.d_model, "candidate_in")
+    if embedding.shape[0] <= cand_ids.size:
+      keys = project(embedding)[cand_ids]  # [B, T, K, d]
+    else:
+      keys = project(embedding[cand_ids])
     scores = jnp.einsum("btd,btkd->btk", query, keys) / jnp.sqrt(cfg.d_model).astype(query.dtype)
     logp_weight = self.param("logp_weight", nn.initializers.zeros, (), jnp.float32)
     true_bias = self.param("true_token_bias", nn.initializers.zeros, (), jnp.float32)
