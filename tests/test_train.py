@@ -152,3 +152,15 @@ def test_unknown_or_ill_typed_config_field_fails_at_start(tmp_path):
     assert out.returncode != 0
     assert needle in out.stdout + out.stderr
   assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_same_config_on_one_and_eight_devices(tmp_path):
+  """The real loop (data, checkpoints, evals) on a 2×2×2 mesh of 8 simulated devices == 1 device."""
+  one = train.run(nano_config(num_steps=10), str(tmp_path / "one"))
+  eight = train.run(nano_config(num_steps=10, **{"mesh.num_devices": 8, "mesh.data": 2, "mesh.fsdp": 2,
+                                                 "mesh.tensor": 2}), str(tmp_path / "eight"))
+  assert len(eight["state"].params["layers_0"]["mlp"]["gate_proj"]["kernel"].sharding.device_set) == 8
+  for a, b in zip(jax.tree.leaves(_params(one)), jax.tree.leaves(_params(eight))):
+    np.testing.assert_allclose(a, b, atol=2e-5)
+  np.testing.assert_allclose(one["eval"]["loss"], eight["eval"]["loss"], rtol=1e-5)

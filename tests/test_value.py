@@ -184,3 +184,30 @@ def test_first_order_value_predicts_one_step_downstream_drop():
     errors.append(abs((base - l_down(stepped)) / (eta * v) - 1.0))
   assert errors[-1] < 1e-3, errors
   assert errors[-1] < errors[0], errors  # the ratio converges to 1 as η → 0
+
+
+def test_trust_region_penalty_matches_explicit_gradients():
+  """R = (‖g_ntp‖² − ⟨g_ntp, g_pre(q)⟩)/‖g_ntp‖²: the first-order NTP-loss increase q causes, relative
+  to the one-hot step. Value and φ-gradient vs explicit gradients and double backward."""
+  lam = 0.7
+  objective, info, dparams, _ = _objective(_vpt_cfg(reg_trust_region=lam))
+  mask = _batch(1)["loss_mask"]
+  onehot = jnp.zeros((3, SEQ, K)).at[..., 0].set(1.0)
+  g_ntp = _explicit_gpre(info, onehot)
+  ntp_sq = value_lib.tree_vdot(g_ntp, g_ntp)
+
+  def explicit(d):
+    q = info["targets_of"](d)[2]
+    v = value_lib.reference_value(info["aligned"], info["subset"], info["tangent"], info["cand_ids"], q, mask)
+    trust = (ntp_sq - value_lib.reference_value(info["aligned"], info["subset"], g_ntp, info["cand_ids"], q, mask)) / ntp_sq
+    return -v + lam * jax.nn.relu(trust), trust
+
+  loss, aux = objective(dparams)
+  ref_loss, ref_trust = explicit(dparams)
+  assert float(ref_trust) > 1e-4  # soft targets really cost some NTP progress
+  np.testing.assert_allclose(float(aux["trust_region"]), float(ref_trust), rtol=1e-8)
+  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-8)
+  grad = jax.grad(lambda d: objective(d)[0])(dparams)
+  ref = jax.grad(lambda d: explicit(d)[0])(dparams)
+  for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-13)

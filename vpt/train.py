@@ -92,6 +92,12 @@ class _StepTimer:
 
   def __init__(self):
     self.steps, self.seconds, self._since = 0, 0.0, None
+    self.meta_steps, self.meta_seconds = 0, 0.0
+
+  def meta_fraction(self) -> float:
+    """Share of training time spent on meta work: meta steps' time beyond a regular step's."""
+    regular = (self.seconds - self.meta_seconds) / (self.steps - self.meta_steps)
+    return max(0.0, self.meta_seconds - self.meta_steps * regular) / self.seconds
 
   def resume(self):
     self._since = time.perf_counter()
@@ -232,7 +238,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     while step < config.num_steps:
       batch = pending_batch if pending_batch is not None else next(train_iter)
       pending_batch = None
+      timed_meta = uses_designer and vpt_step.is_meta_step(step, vpt_cfg) and step > start_step
+      if timed_meta:  # meta steps are timed alone (two syncs per meta period) for meta_time_fraction.
+        jax.block_until_ready(state.step)
+        meta_start = time.perf_counter()
       state, metrics = train_step(state, sharding.global_batch(batch, mesh), feedback.batch_for(step))
+      if timed_meta:
+        jax.block_until_ready(metrics)
+        timer.meta_steps += 1
+        timer.meta_seconds += time.perf_counter() - meta_start
       step += 1
       if step == start_step + 1:  # the first step includes compilation: start the clock after it.
         jax.block_until_ready(metrics)
@@ -246,6 +260,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if timer.steps > logged_steps:
           host.update(rates(timer.steps - logged_steps, timer.seconds - logged_seconds))
           logged_steps, logged_seconds = timer.steps, timer.seconds
+          if timer.meta_steps and timer.steps > timer.meta_steps:
+            host["meta_time_fraction"] = timer.meta_fraction()
         writer.write_scalars(step, host, prefix="train")
         last_train = host
         progress.update(step, {"loss": host["loss"], "tok/s": host.get("tokens_per_sec", 0.0)})
@@ -295,6 +311,7 @@ SUMMARY_ROWS = (  # (label, section, key, format)
     ("entropy of r", "train", "r_entropy", "{:.3f}"),
     ("value V (last meta step)", "train", "meta/value", "{:.3e}"),
     ("cos(g_down, g_pre)", "train", "meta/cosine", "{:.4f}"),
+    ("share of time in meta steps", "train", "meta_time_fraction", "{:.3f}"),
     ("tokens/s", "throughput", "tokens_per_sec", "{:,.0f}"),
 )
 

@@ -1,0 +1,164 @@
+"""KV-cached generation against the full-prefix recompute through Transformer.apply."""
+
+import string
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vpt import generate as gen
+from vpt.data.tokenizer import Tokenizer
+from vpt.models.lm import LMConfig, Transformer
+
+
+class CharTokenizer(Tokenizer):
+  """One token per printable character; 0 pad, 1 bos, 2 eos."""
+
+  def __init__(self):
+    chars = sorted(set(string.printable))
+    self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
+    self._ids = {c: i + 3 for i, c in enumerate(chars)}
+    self._chars = {i: c for c, i in self._ids.items()}
+    self.vocab_size = len(chars) + 3
+
+  def encode(self, text):
+    return [self._ids.get(c, self._ids["?"]) for c in text]
+
+  def decode(self, ids):
+    return "".join(self._chars.get(int(i), "") for i in ids)
+
+
+CONFIGS = {  # tied/untied, GQA (2 kv heads for 4), MHA, MQA, qkv bias on/off.
+    "tied_gqa_bias": dict(tie_embeddings=True, qkv_bias=True, n_kv_heads=2),
+    "untied_mha_nobias": dict(tie_embeddings=False, qkv_bias=False, n_kv_heads=4),
+    "tied_mqa_nobias": dict(tie_embeddings=True, qkv_bias=False, n_kv_heads=1),
+    "untied_gqa_bias_headdim": dict(tie_embeddings=False, qkv_bias=True, n_kv_heads=2, head_dim=16),
+}
+EOS, PAD = 2, 0
+
+
+def tiny(vocab=103, **kw):
+  cfg = LMConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, d_ff=64, init_std=0.1,
+                 **{"n_kv_heads": 2, **kw})
+  model = Transformer(cfg)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  return model, params
+
+
+def prompts(vocab=103, lengths=(5, 13, 1, 9), seed=0):
+  rng = np.random.default_rng(seed)
+  return [[1] + rng.integers(3, vocab, size=n - 1).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cached_greedy_equals_uncached(name):
+  model, params = tiny(**CONFIGS[name])
+  ps = prompts()
+  kw = dict(max_new_tokens=32, eos_id=EOS, pad_id=PAD)
+  cached = gen.generate_tokens(model, params, ps, **kw)
+  uncached = gen.generate_tokens_uncached(model, params, ps, **kw)
+  assert cached.shape == (4, 32)
+  np.testing.assert_array_equal(cached, uncached)
+
+
+def test_batched_rows_equal_each_prompt_alone():
+  """Left padding must not shift RoPE positions: a row decodes as if it were alone."""
+  model, params = tiny(**CONFIGS["tied_gqa_bias"])
+  ps = prompts()
+  kw = dict(max_new_tokens=32, eos_id=EOS, pad_id=PAD)
+  batched = gen.generate_tokens(model, params, ps, prompt_len=16, **kw)
+  for i, p in enumerate(ps):
+    alone = gen.generate_tokens_uncached(model, params, [p], window_bucket=None, **kw)
+    np.testing.assert_array_equal(batched[i], alone[0])
+
+
+def test_prefill_logits_match_model():
+  model, params = tiny(**CONFIGS["untied_gqa_bias_headdim"])
+  toks = jnp.asarray(prompts(lengths=(9, 9))).astype(jnp.int32)
+  ref = model.apply({"params": params}, toks)[:, -1]
+  pos = jnp.broadcast_to(jnp.arange(9), toks.shape)
+  mask = jnp.tril(jnp.ones((9, 9), bool))[None, None]
+  got, _ = gen._forward(model.cfg, params, toks, pos, mask, None, 0)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_chunking_and_eos_do_not_change_tokens():
+  model, params = tiny()
+  ps = prompts()
+  kw = dict(max_new_tokens=32, pad_id=PAD)
+  ref = gen.generate_tokens(model, params, ps, eos_id=EOS, **kw)
+  for chunk in (1, 5):
+    np.testing.assert_array_equal(gen.generate_tokens(model, params, ps, eos_id=EOS, chunk_size=chunk,
+                                                      **kw), ref)
+  # Declare a token row 0 generates at step 3 to be eos: that row stops there, others continue.
+  eos = int(ref[0, 3])
+  out = gen.generate_tokens(model, params, ps, eos_id=eos, **kw)
+  first = int(np.argmax(ref[0] == eos))
+  np.testing.assert_array_equal(out[0, :first + 1], ref[0, :first + 1])
+  assert (out[0, first + 1:] == PAD).all()
+  for i in range(1, 4):
+    stop = np.flatnonzero(ref[i] == eos)
+    end = stop[0] + 1 if stop.size else 32
+    np.testing.assert_array_equal(out[i, :end], ref[i, :end])
+
+
+def test_sampling_deterministic_and_matches_uncached():
+  model, params = tiny(**CONFIGS["tied_gqa_bias"])
+  ps = prompts()
+  kw = dict(max_new_tokens=32, eos_id=EOS, pad_id=PAD, temperature=0.9, top_p=0.9)
+  a = gen.generate_tokens(model, params, ps, rng=jax.random.PRNGKey(7), **kw)
+  b = gen.generate_tokens(model, params, ps, rng=jax.random.PRNGKey(7), chunk_size=4, **kw)
+  c = gen.generate_tokens(model, params, ps, rng=jax.random.PRNGKey(8), **kw)
+  u = gen.generate_tokens_uncached(model, params, ps, rng=jax.random.PRNGKey(7), **kw)
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(a, u)
+  assert (a != c).any()
+  greedy = gen.generate_tokens(model, params, ps, max_new_tokens=32, eos_id=EOS, pad_id=PAD)
+  assert (a != greedy).any()
+
+
+def test_low_temperature_and_tiny_top_p_equal_greedy():
+  model, params = tiny(**CONFIGS["untied_mha_nobias"])
+  ps = prompts()
+  kw = dict(max_new_tokens=32, eos_id=EOS, pad_id=PAD, rng=jax.random.PRNGKey(3))
+  greedy = gen.generate_tokens(model, params, ps, **kw)
+  np.testing.assert_array_equal(gen.generate_tokens(model, params, ps, temperature=1e-5, **kw), greedy)
+  np.testing.assert_array_equal(gen.generate_tokens(model, params, ps, temperature=1.0, top_p=1e-6,
+                                                    **kw), greedy)
+
+
+def test_nucleus_keeps_only_the_top_mass():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
+  draw = lambda top_p: np.asarray(gen.sample_logits(logits, jax.random.PRNGKey(0), 1.0, top_p,
+                                                    greedy=False, nucleus=top_p < 1))
+  assert set(draw(0.7).tolist()) == {0, 1}  # 0.5 < 0.7 needs the second token, not the third.
+  assert set(draw(0.5).tolist()) == {0}
+  assert set(draw(1.0).tolist()) == {0, 1, 2, 3}
+  np.testing.assert_allclose(np.bincount(draw(0.7), minlength=4)[:2] / 2000, [0.625, 0.375], atol=0.04)
+
+
+def test_truncate_at_stop():
+  assert gen.truncate_at_stop("a\nb\n\nQuestion: c", ("\n\n", "Question:")) == "a\nb"
+  assert gen.truncate_at_stop("x Question: y\n\nz", ("\n\n", "Question:")) == "x "
+  assert gen.truncate_at_stop("plain", ("\n\n",)) == "plain"
+  assert gen.truncate_at_stop("plain", ()) == "plain"
+
+
+def test_text_generate_stops_and_matches_uncached():
+  tok = CharTokenizer()
+  model, params = tiny(vocab=tok.vocab_size)
+  texts = ["Question: 1+1?\nAnswer:", "Hi", "Question: a longer prompt here\nAnswer:"]
+  free = gen.generate(model, params, tok, texts, max_new_tokens=32, stop=(), batch_size=2)
+  assert free == gen.generate_uncached(model, params, tok, texts, max_new_tokens=32, stop=(), batch_size=2)
+  assert all(0 < len(t) <= 32 for t in free)
+  # Stop strings cut each output at their first occurrence (chunked decoding stops early).
+  stop = free[0][5:7]
+  cut = gen.generate(model, params, tok, texts, max_new_tokens=32, stop=(stop,), batch_size=2,
+                     chunk_size=4)
+  for full, short in zip(free, cut):
+    assert short == gen.truncate_at_stop(full, (stop,))
+  assert cut[0] == free[0][:free[0].find(stop)]
+  # Sampling from text is reproducible for a fixed rng.
+  kw = dict(max_new_tokens=16, temperature=1.0, top_p=0.95, stop=(), rng=jax.random.PRNGKey(1))
+  assert gen.generate(model, params, tok, texts, **kw) == gen.generate(model, params, tok, texts, **kw)
