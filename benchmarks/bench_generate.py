@@ -39,12 +39,12 @@ def timed(fn, repeats: int) -> tuple[float, np.ndarray]:
 
 def python_loop_single_step(cfg, params, prompts, new, eos, pad, prompt_len):
   """The alternative design: one jitted decode step per token, dispatched from Python."""
-  spec = gen._spec(cfg, new, 0.0, 1.0, eos, pad)  # pylint: disable=protected-access
+  spec, knobs = gen._spec(cfg, new, 0.0, 1.0, eos, pad)  # pylint: disable=protected-access
   tokens, lengths = gen._layout(prompts, prompt_len, pad)  # pylint: disable=protected-access
-  rng, one = jax.random.PRNGKey(0), jnp.float32(1.0)
-  state = gen._prefill(params, tokens, lengths, np.ones(len(prompts), bool), rng, one, one, spec=spec)  # pylint: disable=protected-access
+  rng = jax.random.PRNGKey(0)
+  state = gen._prefill(params, tokens, lengths, np.ones(len(prompts), bool), rng, knobs, spec=spec)  # pylint: disable=protected-access
   for t in range(1, new):
-    state = gen._decode(params, state, jnp.int32(t + 1), rng, one, one, spec=spec)  # pylint: disable=protected-access
+    state = gen._decode(params, state, jnp.int32(t + 1), rng, knobs, spec=spec)  # pylint: disable=protected-access
   return np.asarray(state["out"])
 
 

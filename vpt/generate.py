@@ -36,13 +36,11 @@ PROMPT_BUCKET = 64  # prompt lengths are rounded up to a multiple of this (fewer
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
-  """The static (compile-time) part of a generation call."""
+  """The static (compile-time) part of a generation call; the rest are traced `knobs`."""
   cfg: LMConfig
   max_new_tokens: int
   greedy: bool
   nucleus: bool
-  eos_id: int
-  pad_id: int
 
 
 def _cfg_of(model) -> LMConfig:
@@ -136,12 +134,16 @@ def sample_logits(logits, rng, temperature, top_p, *, greedy: bool, nucleus: boo
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def _pick(spec: _Spec, logits, rng, t, temperature, top_p, done):
-  """Samples step t's tokens (pad for finished rows); returns (tokens, new done)."""
+def _pick(spec: _Spec, logits, rng, t, knobs, done):
+  """Samples step t's tokens (pad for finished rows); returns (tokens, new done).
+
+  knobs = (temperature, top_p, eos_id, pad_id) are traced: changing them does not recompile.
+  """
+  temperature, top_p, eos_id, pad_id = knobs
   tok = sample_logits(logits, jax.random.fold_in(rng, t), temperature, top_p,
                       greedy=spec.greedy, nucleus=spec.nucleus)
-  tok = jnp.where(done, spec.pad_id, tok)
-  return tok, done | (tok == spec.eos_id)
+  tok = jnp.where(done, pad_id, tok)
+  return tok, done | (tok == eos_id)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,7 +151,7 @@ def _pick(spec: _Spec, logits, rng, t, temperature, top_p, done):
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def _prefill(params, tokens, lengths, active, rng, temperature, top_p, *, spec: _Spec):
+def _prefill(params, tokens, lengths, active, rng, knobs, *, spec: _Spec):
   cfg = spec.cfg
   b, p = tokens.shape
   pad = p - lengths
@@ -163,13 +165,13 @@ def _prefill(params, tokens, lengths, active, rng, temperature, top_p, *, spec: 
   length = p + spec.max_new_tokens
   cache = [tuple(jnp.zeros((b, length) + x.shape[2:], x.dtype).at[:, :p].set(x) for x in kv)
            for kv in kvs]
-  tok, done = _pick(spec, logits, rng, 0, temperature, top_p, ~active)
-  out = jnp.full((b, spec.max_new_tokens), spec.pad_id, jnp.int32).at[:, 0].set(tok)
+  tok, done = _pick(spec, logits, rng, 0, knobs, ~active)
+  out = jnp.full((b, spec.max_new_tokens), knobs[3], jnp.int32).at[:, 0].set(tok)
   return {"cache": cache, "out": out, "t": jnp.int32(1), "done": done, "pad": pad, "lengths": lengths}
 
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnums=(1,))
-def _decode(params, state, t_end, rng, temperature, top_p, *, spec: _Spec):
+def _decode(params, state, t_end, rng, knobs, *, spec: _Spec):
   """Decodes until step t_end (exclusive), max_new_tokens, or every row is done."""
   n = spec.max_new_tokens
   length = state["cache"][0][0].shape[1]
@@ -186,7 +188,7 @@ def _decode(params, state, t_end, rng, temperature, top_p, *, spec: _Spec):
     positions = (s["lengths"] + t - 1)[:, None]
     mask = ((keys[None] >= s["pad"][:, None]) & (keys[None] <= slot))[:, None, None, :]
     logits, cache = _forward(spec.cfg, params, last, positions, mask, s["cache"], slot)
-    tok, done = _pick(spec, logits, rng, t, temperature, top_p, s["done"])
+    tok, done = _pick(spec, logits, rng, t, knobs, s["done"])
     out = jax.lax.dynamic_update_slice(s["out"], tok[:, None], (0, t))
     return {**s, "cache": cache, "out": out, "t": t + 1, "done": done}
 
@@ -206,14 +208,17 @@ def _layout(prompts: Sequence[Sequence[int]], prompt_len: int | None, pad_id: in
   return tokens, lengths
 
 
-def _spec(model, max_new_tokens, temperature, top_p, eos_id, pad_id) -> _Spec:
+def _spec(model, max_new_tokens, temperature, top_p, eos_id, pad_id):
+  """(static spec, traced (temperature, top_p, eos_id, pad_id))."""
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1")
   if temperature < 0 or not 0 < top_p <= 1:
     raise ValueError(f"temperature={temperature}, top_p={top_p}: expected temperature >= 0 and "
                      "0 < top_p <= 1")
-  return _Spec(_cfg_of(model), int(max_new_tokens), greedy=temperature == 0, nucleus=top_p < 1,
-               eos_id=int(eos_id), pad_id=int(pad_id))
+  spec = _Spec(_cfg_of(model), int(max_new_tokens), greedy=temperature == 0, nucleus=top_p < 1)
+  # temperature is only divided by when sampling; the floor keeps the greedy program NaN-free.
+  knobs = (jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.int32(eos_id), jnp.int32(pad_id))
+  return spec, knobs
 
 
 def generate_tokens(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -227,18 +232,16 @@ def generate_tokens(model, params, prompts: Sequence[Sequence[int]], *, max_new_
   a row that `should_stop(row, tokens_so_far)` ended between chunks, or an inactive row).
   `model` is a Transformer or its LMConfig; temperature 0 is greedy.
   """
-  spec = _spec(model, max_new_tokens, temperature, top_p, eos_id, pad_id)
+  spec, knobs = _spec(model, max_new_tokens, temperature, top_p, eos_id, pad_id)
   params = _unwrap(params)
   tokens, lengths = _layout(prompts, prompt_len, pad_id)
   act = np.ones(len(prompts), bool) if active is None else np.asarray(active, bool)
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  temperature, top_p = jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p)
-  state = _prefill(params, tokens, lengths, act, rng, temperature, top_p, spec=spec)
+  state = _prefill(params, tokens, lengths, act, rng, knobs, spec=spec)
   chunk = chunk_size or spec.max_new_tokens
   t = 1
   while t < spec.max_new_tokens:
-    state = _decode(params, state, jnp.int32(min(t + chunk, spec.max_new_tokens)), rng, temperature,
-                    top_p, spec=spec)
+    state = _decode(params, state, jnp.int32(min(t + chunk, spec.max_new_tokens)), rng, knobs, spec=spec)
     t, done = int(state["t"]), np.asarray(state["done"])
     if done.all():
       break
@@ -257,13 +260,12 @@ def generate_tokens(model, params, prompts: Sequence[Sequence[int]], *, max_new_
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "window"))
-def _full_step(params, buf, positions, segments, t, done, rng, temperature, top_p, *, spec: _Spec,
-               window: int):
+def _full_step(params, buf, positions, segments, t, done, rng, knobs, *, spec: _Spec, window: int):
   p = buf.shape[1] - spec.max_new_tokens
   logits = Transformer(spec.cfg).apply({"params": params}, buf[:, :window], positions[:, :window],
                                        segments[:, :window])
   last = jax.lax.dynamic_index_in_dim(logits, p + t - 1, axis=1, keepdims=False)
-  tok, done = _pick(spec, last, rng, t, temperature, top_p, done)
+  tok, done = _pick(spec, last, rng, t, knobs, done)
   buf = jax.lax.dynamic_update_slice(buf, tok[:, None], (0, p + t))
   return buf, done
 
@@ -279,7 +281,7 @@ def generate_tokens_uncached(model, params, prompts: Sequence[Sequence[int]], *,
   Step t runs the model on the first P + t slots rounded up to `window_bucket` (a few compiled
   shapes, about the real prefix cost); None runs the whole P + max_new_tokens buffer (one shape).
   """
-  spec = _spec(model, max_new_tokens, temperature, top_p, eos_id, pad_id)
+  spec, knobs = _spec(model, max_new_tokens, temperature, top_p, eos_id, pad_id)
   params = _unwrap(params)
   tokens, lengths = _layout(prompts, prompt_len, pad_id)
   b, p = tokens.shape
@@ -292,12 +294,11 @@ def generate_tokens_uncached(model, params, prompts: Sequence[Sequence[int]], *,
   segments = (slots >= pad).astype(np.int32)  # 0 = left padding, which the model masks out.
   done = jnp.asarray(~(np.ones(b, bool) if active is None else np.asarray(active, bool)))
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  temperature, top_p = jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p)
   buf, positions, segments = jnp.asarray(buf), jnp.asarray(positions), jnp.asarray(segments)
   for t in range(spec.max_new_tokens):
     window = total if window_bucket is None else min(total, -(-(p + t) // window_bucket) * window_bucket)
-    buf, done = _full_step(params, buf, positions, segments, jnp.int32(t), done, rng, temperature,
-                           top_p, spec=spec, window=window)
+    buf, done = _full_step(params, buf, positions, segments, jnp.int32(t), done, rng, knobs, spec=spec,
+                           window=window)
     if (t + 1) % 8 == 0 and bool(jnp.all(done)):
       break
   return np.asarray(buf[:, p:])

@@ -62,7 +62,9 @@ class TaskDesigner(nn.Module):
     query = dense(cfg.d_model, "query")(h)  # [B, T, d]
     # Keys of the candidates: project-then-gather or gather-then-project, whichever multiplies fewer
     # rows (the whole vocabulary, or the B·T·K candidates); both give the same numbers.
-    project = dense(cfg.d_model, "candidate_in")
+    # No bias: it would add the same query·bias to every candidate's score (softmax-invariant), so
+    # its gradient is exactly zero and Adam would only amplify rounding noise into it.
+    project = dense(cfg.d_model, "candidate_in", use_bias=False)
     if embedding.shape[0] <= cand_ids.size:
       keys = project(embedding)[cand_ids]  # [B, T, K, d]
     else:
