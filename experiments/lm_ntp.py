@@ -19,6 +19,11 @@ def get_config(arg: str = "tiny"):
     config.eval_every_steps = 20
     config.eval_batches = 2
     config.checkpoint.every_steps = 20
+  elif arg in ("tiny", ""):
+    config.num_steps = 400  # the README's main job: a few minutes on 2 CPU cores.
+    config.optimizer.warmup_steps = 40
+    config.eval_every_steps = 100
+    config.checkpoint.every_steps = 100
   elif arg == "small":
     config.data.vocab_size = 4096
     config.data.seq_len = 256

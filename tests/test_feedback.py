@@ -16,8 +16,9 @@ from vpt import config_lib
 from vpt.data import feedback as fb
 from vpt.data import pipeline, synthetic_math as sm, tokenizer as tok_lib
 
-GSM8K_TRAIN = "/work/shared/data/gsm8k/train.jsonl"
-needs_gsm8k = pytest.mark.skipif(not os.path.exists(GSM8K_TRAIN), reason="no GSM8K copy")
+from conftest import GSM8K_DIR
+
+GSM8K_TRAIN = os.path.join(GSM8K_DIR, "train.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,6 @@ def _rows(batches):
 # --- GSM8K -----------------------------------------------------------------------------
 
 
-@needs_gsm8k
 def test_load_real_gsm8k_train(gsm8k):
   assert len(gsm8k) == 7473
   assert all(r.keys() == {"question", "answer", "final"} for r in gsm8k)
@@ -80,7 +80,6 @@ def test_load_real_gsm8k_train(gsm8k):
   assert "<<48/2=24>>" in fb.load_gsm8k_jsonl(GSM8K_TRAIN, strip_calculator=False)[0]["answer"]
 
 
-@needs_gsm8k
 def test_gsm8k_sampling():
   make = lambda **kw: fb.make_feedback_records(_fb_cfg(source="gsm8k_jsonl", path=GSM8K_TRAIN,
                                                        **kw))
@@ -169,7 +168,6 @@ def _prompt_len(tokenizer, record):
   return 1 + len(tokenizer.encode(sm.format_prompt(record["question"])))
 
 
-@needs_gsm8k
 def test_encoding_masks_exactly_the_solution(tokenizer, gsm8k):
   rec = gsm8k[0]
   seq_len = 300
@@ -192,7 +190,6 @@ def test_encoding_masks_exactly_the_solution(tokenizer, gsm8k):
   assert tokenizer.decode(answer[:-1]) == sm.ANSWER_SEP + rec["answer"]
 
 
-@needs_gsm8k
 def test_encoding_truncates_the_solution_and_keeps_the_prompt(tokenizer, gsm8k):
   rec = gsm8k[0]
   p = _prompt_len(tokenizer, rec)
@@ -236,7 +233,6 @@ def test_iterator_batches(tokenizer):
     assert mask[n - 1] == 1 and (mask[n:] == 0).all() and mask[0] == 0
 
 
-@needs_gsm8k
 def test_iterator_on_gsm8k(tokenizer):
   cfg = _fb_cfg(source="gsm8k_jsonl", path=GSM8K_TRAIN, seq_len=512, batch_size=4)
   b = next(fb.make_feedback_iterator(cfg, tokenizer, seed=0))

@@ -164,3 +164,14 @@ def test_same_config_on_one_and_eight_devices(tmp_path):
   for a, b in zip(jax.tree.leaves(_params(one)), jax.tree.leaves(_params(eight))):
     np.testing.assert_allclose(a, b, atol=2e-5)
   np.testing.assert_allclose(one["eval"]["loss"], eight["eval"]["loss"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_init_from_another_run_starts_from_its_params_and_tokenizer(tmp_path):
+  base = train.run(nano_config(num_steps=6), str(tmp_path / "base"))
+  cont = train.run(nano_config(num_steps=2, init_from=str(tmp_path / "base"), **{"optimizer.learning_rate": 0.0}),
+                   str(tmp_path / "cont"))
+  _assert_same_params(_params(base), _params(cont))  # lr 0: the continued run's params are the base's
+  assert not (tmp_path / "cont" / "tokenizer").exists()  # the base run's tokenizer was reused
+  with pytest.raises(FileNotFoundError, match="init_from"):
+    train.run(nano_config(num_steps=2, init_from=str(tmp_path / "nowhere")), str(tmp_path / "bad"))

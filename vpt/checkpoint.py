@@ -79,3 +79,19 @@ class Checkpointer:
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def load_learner_params(run_dir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
+  """The learner params of another vpt run (its newest checkpoint, or `step`), read straight into
+  the shardings of `abstract_params` (ShapeDtypeStructs). Only the params are read (partial restore)."""
+  directory = os.path.join(run_dir, "checkpoints")
+  steps = sorted(int(d) for d in (os.listdir(directory) if os.path.isdir(directory) else []) if d.isdigit())
+  if not steps:
+    raise FileNotFoundError(f"config.init_from={run_dir!r}: no checkpoint under {directory}")
+  step = steps[-1] if step is None else step
+  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                                             dtype=a.dtype), abstract_params)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(os.path.join(directory, str(step), "state"), args=ocp.args.PyTreeRestore(
+        item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True))
+  return restored["params"], step

@@ -156,6 +156,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 200
   c.eval_batches = 8
   c.progress_bar = True
+  c.init_from = ""  # a vpt run directory: its newest checkpoint's learner params (and tokenizer) start this run.
   c.compare_with_baseline = False  # after a V-Pretraining run, also train the NTP baseline and compare.
   return c
 

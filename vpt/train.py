@@ -148,7 +148,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   # Everything that can fail on bad input (data files, tokenizer, model config, mesh) runs
   # before a checkpoint directory is created, so a bad start leaves no partial checkpoint.
-  tokenizer = load_or_train_tokenizer(config.data, workdir)
+  data_cfg = config.data
+  if config.init_from and not data_cfg.tokenizer_path:  # continue with the base run's tokenizer.
+    data_cfg = copy.deepcopy(data_cfg)
+    with data_cfg.unlocked():
+      data_cfg.tokenizer_path = os.path.join(config.init_from, "tokenizer", "spm.model")
+  tokenizer = load_or_train_tokenizer(data_cfg, workdir)
   model_cfg = LMConfig.from_config(config.model, tokenizer.vocab_size)
   model = Transformer(model_cfg)
   mesh = sharding.make_mesh(config.mesh)
@@ -187,6 +192,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   state, restored_step = checkpointer.restore_latest(ckpt_lib.abstract_like(abstract_state, shardings), iterators)
   if state is None:
     state = jax.jit(init_fn, out_shardings=shardings)()
+    if config.init_from:
+      params, base_step = ckpt_lib.load_learner_params(
+          config.init_from, ckpt_lib.abstract_like(abstract_state.params, shardings.params))
+      state = state.replace(params=params)
+      print(f"Initialised the learner from {config.init_from} (step {base_step})", flush=True)
     pending_batch = first_batch
   else:
     logging.info("Resumed from step %d", restored_step)
