@@ -12,8 +12,9 @@ The argument is `size[,variant]`: size as in lm_ntp.py (nano, tiny, small); vari
     self_distill     r = the learner's renormalised top-K probabilities, fixed α
 """
 
-import importlib.util
 import os
+
+from vpt import config_lib
 
 VARIANTS = {
     "ntp": dict(mode="ntp"),
@@ -26,10 +27,7 @@ VARIANTS = {
 
 
 def _ntp_config(size):
-  spec = importlib.util.spec_from_file_location("lm_ntp", os.path.join(os.path.dirname(__file__), "lm_ntp.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(size)
+  return config_lib.load_config_file(os.path.join(os.path.dirname(__file__), "lm_ntp.py"), size)
 
 
 def get_config(arg: str = "tiny,value"):

@@ -1,6 +1,5 @@
 """End-to-end training: golden first step, learning, resume, corrupt checkpoints, bad input."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -12,25 +11,14 @@ import jax
 import numpy as np
 import pytest
 
-from vpt import metrics, train
+from vpt import config_lib, metrics, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def nano_config(**overrides):
-  spec = importlib.util.spec_from_file_location("lm_ntp", os.path.join(REPO, "experiments", "lm_ntp.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("nano")
-  config.progress_bar = False
-  config.mesh.num_devices = 1  # one device unless a test asks for more.
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  config = config_lib.load_config_file(os.path.join(REPO, "experiments", "lm_ntp.py"), "nano")
+  return config_lib.with_overrides(config, {"progress_bar": False, "mesh.num_devices": 1, **overrides})
 
 
 # Recorded from the nano config (seed 0) on the embedded default; update only for an intended change.

@@ -1,7 +1,6 @@
 """V-Pretraining steps and runs: isolation of the learner from the feedback labels, α ≡ 0 == NTP,
 sharded == single device, resume between meta steps == uninterrupted, every ablation runs."""
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -25,19 +24,8 @@ SEQ, VOCAB, K = 16, 64, 6
 
 
 def vpt_config(arg="nano,value", **overrides):
-  spec = importlib.util.spec_from_file_location("lm_vpt", os.path.join(REPO, "experiments", "lm_vpt.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
-  config.progress_bar = False
-  config.mesh.num_devices = 1
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  config = config_lib.load_config_file(os.path.join(REPO, "experiments", "lm_vpt.py"), arg)
+  return config_lib.with_overrides(config, {"progress_bar": False, "mesh.num_devices": 1, **overrides})
 
 
 def _batch(seed, b=8):

@@ -7,6 +7,9 @@ locked before use: a misspelt `--config.x=y` fails at start-up naming the field.
 
 from __future__ import annotations
 
+import copy
+import os
+
 import ml_collections
 
 
@@ -234,3 +237,28 @@ def _get(config, dotted):
   for part in dotted.split("."):
     node = node[part]
   return node
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of an experiment file (what `--config path[:arg]` does), unlocked."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f"_vpt_config_{abs(hash(path))}", path)
+  if spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} not found")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def with_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted-key overrides, e.g. {"vpt.mode": "ntp", "num_steps": 10}."""
+  config = copy.deepcopy(config)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+      node = node[part]
+    if leaf not in node:
+      raise KeyError(f"config has no field {key!r}")
+    node[leaf] = value
+  return config

@@ -19,17 +19,13 @@ PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: saved a checkpoint after a preemptio
 
 def _unknown_override(argv: list[str]) -> str | None:
   """The first `--config.a.b=…` override that names no field of the config file's config."""
-  import importlib.util
   spec_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if spec_arg is None and "--config" in argv:
     spec_arg = argv[argv.index("--config") + 1]
   if not spec_arg:
     return None
   path, _, arg = spec_arg.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_vpt_experiment", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(arg) if arg else module.get_config()
+  config = config_lib.load_config_file(path, arg or None)
   for a in argv:
     if a.startswith("--config."):
       field = a[len("--config."):].split("=", 1)[0]

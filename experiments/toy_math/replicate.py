@@ -23,8 +23,6 @@ Writes results.json, table.md and PNG plots to --out.
 from __future__ import annotations
 
 import argparse
-import copy
-import importlib.util
 import json
 import os
 import statistics
@@ -38,7 +36,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from vpt import train  # noqa: E402
+from vpt import config_lib, train  # noqa: E402
 from vpt import vpt_step  # noqa: E402
 from vpt.data import synthetic_math  # noqa: E402
 from vpt.data.feedback import downstream_nll, make_feedback_iterator  # noqa: E402
@@ -64,26 +62,13 @@ TEST_SEED, VALIDATION_SEED = 910_001, 910_002  # 'eval'-partition problems; vali
 
 
 def _experiment_config(arg):
-  spec = importlib.util.spec_from_file_location("lm_vpt", os.path.join(REPO, "experiments", "lm_vpt.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_config_file(os.path.join(REPO, "experiments", "lm_vpt.py"), arg)
 
-
-def _set(config, overrides):
-  config = copy.deepcopy(config)
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
 
 
 def base_config(args):
   config = _experiment_config(f"{args.size},ntp")
-  return _set(config, {"num_steps": args.base_steps, "data.synthetic.irrelevant_fraction": 0.6,
+  return config_lib.with_overrides(config, {"num_steps": args.base_steps, "data.synthetic.irrelevant_fraction": 0.6,
                        "data.synthetic.seed": 101, "progress_bar": False, "mesh.num_devices": 1,
                        "eval_every_steps": args.base_steps, "checkpoint.every_steps": args.base_steps,
                        "optimizer.learning_rate": 3e-3, "optimizer.warmup_steps": max(1, args.base_steps // 10)})
@@ -99,7 +84,7 @@ def arm_config(args, arm, seed, steps, base_dir):
       "eval_every_steps": every, "checkpoint.every_steps": every, "checkpoint.keep": args.curve_points + 2,
       "vpt.burn_in_steps": steps // 10, "feedback.num_examples": 1024, "log_every_steps": 10,
       **ARMS[arm]}
-  return _set(config, overrides)
+  return config_lib.with_overrides(config, overrides)
 
 
 def test_records(n):
