@@ -38,12 +38,20 @@ CONFIGS = {  # tied/untied, GQA (2 kv heads for 4), MHA, MQA, qkv bias on/off.
 EOS, PAD = 2, 0
 
 
+def random_params(model, seed=0, std=0.1):
+  """Random params of the model's shapes, drawn in NumPy (eager Flax init compiles many kernels)."""
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  rng = np.random.default_rng(seed)
+  def draw(path, s):
+    x = rng.normal(0.0, std, s.shape)
+    return (1.0 + x if jax.tree_util.keystr(path).endswith("['scale']") else x).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 def tiny(vocab=103, **kw):
-  cfg = LMConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, d_ff=64, init_std=0.1,
-                 **{"n_kv_heads": 2, **kw})
+  cfg = LMConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, d_ff=64, **{"n_kv_heads": 2, **kw})
   model = Transformer(cfg)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
-  return model, params
+  return model, random_params(model)
 
 
 def prompts(vocab=103, lengths=(5, 13, 1, 9), seed=0):
@@ -57,9 +65,9 @@ def test_cached_greedy_equals_uncached(name):
   ps = prompts()
   kw = dict(max_new_tokens=32, eos_id=EOS, pad_id=PAD)
   cached = gen.generate_tokens(model, params, ps, **kw)
-  # One recompute shape (the whole buffer) keeps compilation short; the growing-window path is
-  # compared in test_sampling_deterministic_and_matches_uncached.
-  uncached = gen.generate_tokens_uncached(model, params, ps, window_bucket=None, **kw)
+  # The growing recompute window (3 compiled shapes) once; the whole buffer (1 shape) otherwise.
+  window = 16 if name == "tied_gqa_bias" else None
+  uncached = gen.generate_tokens_uncached(model, params, ps, window_bucket=window, **kw)
   assert cached.shape == (4, 32)
   np.testing.assert_array_equal(cached, uncached)
 
@@ -69,7 +77,7 @@ def test_batched_rows_equal_each_prompt_alone():
   model, params = tiny(**CONFIGS["tied_gqa_bias"])
   ps = prompts()
   kw = dict(max_new_tokens=32, eos_id=EOS, pad_id=PAD)
-  batched = gen.generate_tokens(model, params, ps, prompt_len=16, **kw)
+  batched = gen.generate_tokens(model, params, ps, **kw)
   for i, p in enumerate(ps):
     alone = gen.generate_tokens_uncached(model, params, [p], window_bucket=None, **kw)
     np.testing.assert_array_equal(batched[i], alone[0])
@@ -78,7 +86,7 @@ def test_batched_rows_equal_each_prompt_alone():
 def test_prefill_logits_match_model():
   model, params = tiny(**CONFIGS["untied_gqa_bias_headdim"])
   toks = jnp.asarray(prompts(lengths=(9, 9))).astype(jnp.int32)
-  ref = model.apply({"params": params}, toks)[:, -1]
+  ref = jax.jit(model.apply)({"params": params}, toks)[:, -1]
   pos = jnp.broadcast_to(jnp.arange(9), toks.shape)
   mask = jnp.tril(jnp.ones((9, 9), bool))[None, None]
   forward = jax.jit(gen._forward, static_argnums=0)
@@ -113,7 +121,7 @@ def test_sampling_deterministic_and_matches_uncached():
   a = gen.generate_tokens(model, params, ps, rng=jax.random.PRNGKey(7), **kw)
   b = gen.generate_tokens(model, params, ps, rng=jax.random.PRNGKey(7), chunk_size=4, **kw)
   c = gen.generate_tokens(model, params, ps, rng=jax.random.PRNGKey(8), **kw)
-  u = gen.generate_tokens_uncached(model, params, ps, rng=jax.random.PRNGKey(7), **kw)
+  u = gen.generate_tokens_uncached(model, params, ps, rng=jax.random.PRNGKey(7), window_bucket=None, **kw)
   np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(a, u)
   assert (a != c).any()
@@ -152,18 +160,21 @@ def test_truncate_at_stop():
 
 def test_text_generate_stops_and_matches_uncached():
   tok = CharTokenizer()
-  model, params = tiny(vocab=tok.vocab_size)
-  texts = ["Question: 1+1?\nAnswer:", "Hi", "Question: a longer prompt here\nAnswer:"]
-  free = gen.generate(model, params, tok, texts, max_new_tokens=32, stop=(), batch_size=2)
-  assert free == gen.generate_uncached(model, params, tok, texts, max_new_tokens=32, stop=(), batch_size=2)
+  model, params = tiny(vocab=tok.vocab_size)  # == CONFIGS["tied_gqa_bias"] at vocab 103.
+  assert tok.vocab_size == 103
+  # Four prompts of at most 12 characters in one batch: the [4, 13] shapes of the tests above,
+  # so their compiled programs are reused (prompt_bucket=1: no rounding up).
+  texts = ["Q: 1+1?\nA:", "Hi", "Question: ab", "x"]
+  kw = dict(max_new_tokens=32, batch_size=4, prompt_bucket=1)
+  free = gen.generate(model, params, tok, texts, stop=(), **kw)
+  assert free == gen.generate_uncached(model, params, tok, texts, stop=(), **kw)
   assert all(0 < len(t) <= 32 for t in free)
   # Stop strings cut each output at their first occurrence (chunked decoding stops early).
   stop = free[0][5:7]
-  cut = gen.generate(model, params, tok, texts, max_new_tokens=32, stop=(stop,), batch_size=2,
-                     chunk_size=4)
+  cut = gen.generate(model, params, tok, texts, stop=(stop,), chunk_size=4, **kw)
   for full, short in zip(free, cut):
     assert short == gen.truncate_at_stop(full, (stop,))
   assert cut[0] == free[0][:free[0].find(stop)]
   # Sampling from text is reproducible for a fixed rng.
-  kw = dict(max_new_tokens=16, temperature=1.0, top_p=0.95, stop=(), rng=jax.random.PRNGKey(1))
+  kw.update(temperature=0.9, top_p=0.9, stop=(), rng=jax.random.PRNGKey(1))
   assert gen.generate(model, params, tok, texts, **kw) == gen.generate(model, params, tok, texts, **kw)
