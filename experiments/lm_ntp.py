@@ -11,6 +11,9 @@ from vpt import config_lib
 def get_config(arg: str = "tiny"):
   config = config_lib.base_config()
   config.model = config_lib.model_config(arg or "tiny")
+  # A rare synthetic problem outgrows seq_len (how rare depends on the trained tokenizer): truncate it
+  # rather than stop a run. User corpora keep the default (an error naming the example).
+  config.data.truncate_long_examples = True
   if arg == "nano":
     config.batch_size = 8
     config.num_steps = 40
