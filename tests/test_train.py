@@ -123,7 +123,7 @@ def test_bad_inputs_fail_clearly_and_leave_no_checkpoint(tmp_path):
   long_doc = tmp_path / "long.jsonl"
   long_doc.write_text(json.dumps({"text": "one two three four five six seven eight nine ten " * 40}) + "\n")
   cases.append((nano_config(**{"data.source": "jsonl", "data.train_path": str(long_doc),
-                               "data.tokenizer_path": ""}), ValueError, "seq_len"))
+                               "data.truncate_long_examples": False}), ValueError, "seq_len"))
   for i, (config, exc, needle) in enumerate(cases):
     workdir = tmp_path / f"run{i}"
     with pytest.raises(exc, match=needle):
