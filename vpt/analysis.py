@@ -414,7 +414,7 @@ def value_probe(run: Run, batches: Sequence[dict], probe_batch: dict, *, eta: fl
     raise ValueError("value_probe needs at least one unlabeled batch")
   opt = run.config.optimizer
   lr = float(schedule(adam.count))  # the learning rate of the learner's next step
-  precond = value_lib.adam_preconditioner(run.opt_state, run.params, 0, model.cfg.n_layers, opt.eps, opt.b2)
+  precond = value_lib.adam_preconditioner(run.opt_state, 0, model.cfg.n_layers, opt.eps, opt.b2)
 
   def probe_loss(params, pb):
     return downstream_nll(_logits(model, params, pb), pb["targets"], pb["loss_mask"])

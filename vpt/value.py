@@ -131,9 +131,8 @@ def tree_norm(a: dict) -> jax.Array:
 # ----------------------------------------------------------------------------- value geometry
 
 
-def adam_preconditioner(opt_state: Any, params: Params, align_last_n_layers: int, n_layers: int,
-                        eps: float, b2: float) -> dict | None:
-  """P = 1/(sqrt(v̂)+ε) on S from the learner's Adam second moments (None before the first update)."""
+def adam_preconditioner(opt_state: Any, align_last_n_layers: int, n_layers: int, eps: float, b2: float) -> dict:
+  """P = 1/(sqrt(v̂)+ε) on S from the learner's Adam second moments (the identity before any update)."""
   adam = _find_adam_state(opt_state)
   nu_subset, _ = split_params(adam.nu, n_layers, align_last_n_layers)
   count = adam.count.astype(jax.tree.leaves(adam.nu)[0].dtype)

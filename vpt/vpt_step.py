@@ -33,7 +33,6 @@ from vpt.tasks.lm_soft_targets import (candidate_logprobs, candidates, soft_ce_s
                                        target_stat_sums, target_stats)
 
 DESIGNER_MODES = ("value", "random_feedback")
-FIXED_TARGET_MODES = ("uniform_topk", "self_distill")
 META_METRICS = ("value", "cosine", "g_down_norm", "g_pre_norm", "designer_loss", "designer_grad_norm",
                 "trust_region")
 
@@ -120,7 +119,7 @@ def meta_objective(params, learner_opt_state, designer_params, batch: dict, fb_b
     g_down = value_lib.random_like(rng, g_down, value_lib.tree_norm(g_down))
   tangent = g_down
   if vpt_cfg.geometry == "adam":
-    precond = value_lib.adam_preconditioner(learner_opt_state, params, n_last, model.cfg.n_layers,
+    precond = value_lib.adam_preconditioner(learner_opt_state, n_last, model.cfg.n_layers,
                                             learner_opt_cfg.eps, learner_opt_cfg.b2)
     tangent = {k: precond[k] * v for k, v in g_down.items()}
 
