@@ -163,3 +163,13 @@ def test_init_from_another_run_starts_from_its_params_and_tokenizer(tmp_path):
   assert not (tmp_path / "cont" / "tokenizer").exists()  # the base run's tokenizer was reused
   with pytest.raises(FileNotFoundError, match="init_from"):
     train.run(nano_config(num_steps=2, init_from=str(tmp_path / "nowhere")), str(tmp_path / "bad"))
+
+
+@pytest.mark.slow
+def test_periodic_generation_eval_reports_pass_at_1(tmp_path):
+  summary = train.run(nano_config(num_steps=4, eval_every_steps=2, **{"eval_generation.num_items": 4,
+                                                                       "eval_generation.max_new_tokens": 8}),
+                      str(tmp_path))
+  assert 0.0 <= summary["eval"]["pass@1"] <= 1.0 and "strict_pass@1" in summary["eval"]
+  evals = [r for r in metrics.read_jsonl(os.path.join(tmp_path, "metrics.jsonl")) if "eval/pass@1" in r]
+  assert [r["step"] for r in evals] == [2, 4]

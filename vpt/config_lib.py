@@ -159,6 +159,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 200
   c.eval_batches = 8
   c.progress_bar = True
+  # Generation-based downstream eval at every held-out eval: greedy Pass@1 on held-out problems
+  # (feedback.eval_path, or the synthetic 'eval' partition); 0 items switches it off.
+  c.eval_generation = ml_collections.ConfigDict()
+  c.eval_generation.num_items = 0
+  c.eval_generation.max_new_tokens = 128
   c.init_from = ""  # a vpt run directory: its newest checkpoint's learner params (and tokenizer) start this run.
   c.compare_with_baseline = False  # after a V-Pretraining run, also train the NTP baseline and compare.
   return c

@@ -115,6 +115,23 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+def _generation_eval(config, model, tokenizer):
+  """Greedy Pass@1 (strict and format-agnostic) on held-out problems, or None when switched off."""
+  gen = config.eval_generation
+  if gen.num_items <= 0:
+    return None
+  from vpt.data.feedback import heldout_records
+  from vpt.evals.gsm8k import make_gsm8k_evaluator
+  fb_cfg = copy.deepcopy(config.feedback)
+  with fb_cfg.unlocked():
+    fb_cfg.num_eval = gen.num_items
+  records = heldout_records(fb_cfg)
+  if not records:
+    raise ValueError("config.eval_generation.num_items > 0 needs held-out problems: feedback.source='synthetic' "
+                     "or feedback.eval_path")
+  return make_gsm8k_evaluator(model, tokenizer, records, prefix="", max_new_tokens=gen.max_new_tokens)
+
+
 def _evaluate(config, tokenizer, eval_step, params, mesh) -> dict[str, float]:
   if config.data.source in ("jsonl", "text") and not config.data.eval_path:
     return {}  # such corpora have a held-out split only when data.eval_path names one.
@@ -223,6 +240,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     train_step = jax.jit(step_fn, in_shardings=(shardings, batch_sh, batch_sh if uses_designer else None),
                          out_shardings=out_sh, donate_argnums=(0,))
   feedback = _FeedbackFeed(iterators.get("feedback"), vpt_cfg, config.feedback, mesh)
+  generation_eval = _generation_eval(config, model, tokenizer)
   downstream_eval = make_downstream_eval(model, config.feedback, tokenizer, mesh, seed=config.seed,
                                          num_batches=config.eval_batches)
   eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings.params, batch_sh),
@@ -281,6 +299,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         timer.pause(state.params)
         summary["eval"] = _evaluate(config, tokenizer, eval_step, state.params, mesh)
         summary["eval"].update(downstream_eval(state.params))
+        if generation_eval is not None:
+          summary["eval"].update(generation_eval(jax.device_get(state.params)))
         writer.write_scalars(step, summary["eval"], prefix="eval")
         timer.resume()
 
@@ -315,6 +335,8 @@ SUMMARY_ROWS = (  # (label, section, key, format)
     ("eval perplexity", "eval", "perplexity", "{:.3f}"),
     ("feedback-set loss L_down", "eval", "feedback_loss", "{:.4f}"),
     ("held-out downstream loss", "eval", "heldout_loss", "{:.4f}"),
+    ("held-out Pass@1 (format-agnostic)", "eval", "pass@1", "{:.3f}"),
+    ("held-out strict Pass@1 (#### N)", "eval", "strict_pass@1", "{:.3f}"),
     ("mean α", "train", "alpha_mean", "{:.4f}"),
     ("max α", "train", "alpha_max", "{:.4f}"),
     ("q mass on true token", "train", "q_true_mass", "{:.4f}"),
