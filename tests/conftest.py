@@ -1,6 +1,7 @@
 """Test set-up: 8 simulated CPU devices (for sharding tests) before JAX is imported."""
 
 import os
+import string
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -11,3 +12,23 @@ os.environ.setdefault("VPT_CPU_PEAK_FLOPS", "1e11")
 SHARED_DIR = os.environ.get(
     "VPT_SHARED_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared"))
 GSM8K_DIR = os.path.join(SHARED_DIR, "data", "gsm8k")
+
+
+from vpt.data.tokenizer import Tokenizer  # noqa: E402 (after XLA_FLAGS; imports no JAX)
+
+
+class CharTokenizer(Tokenizer):
+  """One token per printable character; 0 pad, 1 bos, 2 eos (generation and evaluator tests)."""
+
+  def __init__(self):
+    chars = sorted(set(string.printable))
+    self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
+    self._ids = {c: i + 3 for i, c in enumerate(chars)}
+    self._chars = {i: c for c, i in self._ids.items()}
+    self.vocab_size = len(chars) + 3
+
+  def encode(self, text):
+    return [self._ids.get(c, self._ids["?"]) for c in text]
+
+  def decode(self, ids):
+    return "".join(self._chars.get(int(i), "") for i in ids)

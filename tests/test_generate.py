@@ -1,6 +1,5 @@
 """KV-cached generation against the full-prefix recompute through Transformer.apply."""
 
-import string
 
 import jax
 import jax.numpy as jnp
@@ -8,25 +7,9 @@ import numpy as np
 import pytest
 
 from vpt import generate as gen
-from vpt.data.tokenizer import Tokenizer
 from vpt.models.lm import LMConfig, Transformer
 
-
-class CharTokenizer(Tokenizer):
-  """One token per printable character; 0 pad, 1 bos, 2 eos."""
-
-  def __init__(self):
-    chars = sorted(set(string.printable))
-    self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
-    self._ids = {c: i + 3 for i, c in enumerate(chars)}
-    self._chars = {i: c for c, i in self._ids.items()}
-    self.vocab_size = len(chars) + 3
-
-  def encode(self, text):
-    return [self._ids.get(c, self._ids["?"]) for c in text]
-
-  def decode(self, ids):
-    return "".join(self._chars.get(int(i), "") for i in ids)
+from conftest import CharTokenizer
 
 
 CONFIGS = {  # tied/untied, GQA (2 kv heads for 4), MHA, MQA, qkv bias on/off.

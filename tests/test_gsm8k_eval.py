@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import string
 
 import jax
 import jax.numpy as jnp
@@ -13,28 +12,10 @@ import pytest
 from vpt import generate as gen
 from vpt.data import synthetic_math
 from vpt.data.feedback import load_gsm8k_jsonl
-from vpt.data.tokenizer import Tokenizer
 from vpt.evals import gsm8k
 from vpt.models.lm import LMConfig, Transformer
 
-from conftest import GSM8K_DIR
-
-
-class CharTokenizer(Tokenizer):
-  """One token per printable character; 0 pad, 1 bos, 2 eos."""
-
-  def __init__(self):
-    chars = sorted(set(string.printable))
-    self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
-    self._ids = {c: i + 3 for i, c in enumerate(chars)}
-    self._chars = {i: c for c, i in self._ids.items()}
-    self.vocab_size = len(chars) + 3
-
-  def encode(self, text):
-    return [self._ids.get(c, self._ids["?"]) for c in text]
-
-  def decode(self, ids):
-    return "".join(self._chars.get(int(i), "") for i in ids)
+from conftest import GSM8K_DIR, CharTokenizer
 
 
 @pytest.mark.parametrize("strip_calculator", [False, True])

@@ -77,7 +77,9 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   try:
     grid = mesh_utils.create_device_mesh(shape, devices=devices)
   except (ValueError, NotImplementedError, AssertionError):
-    grid = np.asarray(devices).reshape(shape)  # e.g. simulated CPU devices
+    # Devices without a physical topology (CPU, simulated host devices) have no ICI layout to
+    # optimise: a plain reshape is the mesh.
+    grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, AXES)
 
 
