@@ -1,0 +1,104 @@
+"""Vision: DINO continued SSL (the baseline) and V-Pretraining with a learned view designer.
+
+    python -m vpt.main --config experiments/vision_dino.py:tiny,unet --workdir /tmp/vision
+
+The argument is `size[,variant]`. Sizes:
+
+    nano   unit tests and CI: 16 px scenes, patch 4, d 32, 2 layers (seconds)
+    tiny   the CPU replication: 32 px scenes, patch 4, d 96, 4 layers (minutes on 2 cores)
+    vitl   paper scale: ViT-L/16 in the DINOv3 layout at 224 px, ImageNet-1K unlabeled stream, ADE20K
+           feedback, the selected ADE20K ViT-L hyperparameters of PAPER §6b (v2 Table 11). Set
+           --config.data.root and --config.data.labeled.root, and --config.init_from to a Hugging Face
+           DINOv2 / DINOv3 directory (its config.json then sets the backbone's shape; DINOv2's patch 14 needs
+           --config.dino.local_size=98 --config.data.labeled.image_size=518).
+
+Variants (config.vpt.mode):
+
+    dino             baseline: the fixed multi-crop pipeline (μ ≡ 1), no designer, no feedback
+    unet             V-Pretraining: a tiny U-Net predicts soft masks μ on the global crops
+    candidates       V-Pretraining: M candidate augmentations scored by their value, soft-weighted
+    random_feedback  control: the U-Net designer with g_down replaced by a random direction of equal norm
+"""
+
+from vpt import vision_config
+
+VARIANTS = ("dino", "unet", "candidates", "random_feedback")
+
+
+def _nano(c):
+  c.model = vision_config.model_config("nano", image_size=16, patch_size=4, d_model=32, n_layers=2, n_heads=2)
+  c.data.image_size = 16
+  c.dino.update(global_size=16, local_size=8, n_local_crops=2, out_dim=64, head_hidden=64, head_bottleneck=32,
+                blur_sigma=(0.1, 1.0))
+  c.batch_size = 8
+  c.num_steps = 8
+  c.optimizer.update(learning_rate=1e-3, warmup_steps=2)
+  c.feedback.batch_size = 8
+  c.vpt.update(meta_every=2, meta_batch_size=8, align_last_n_layers=1)
+  c.vpt.designer.update(base_channels=4, depth=1, learning_rate=1e-3, blur_sigma=1.0)
+  c.vpt.candidates.update(kinds=("identity", "blur_all", "center", "blocks"), blur_sigma=1.0)
+  c.data.scenes.update(num_labeled_train=64, num_labeled_meta=32, num_val=32, num_test=32)
+  c.eval.update(every_steps=4, num_train=32, num_eval=16, batch_size=16, linear_probe_steps=20,
+                dense_head_steps=20, dense_head_batch_size=8, knn_k=5)
+  c.checkpoint.update(every_steps=4, keep=2)
+  c.log_every_steps = 2
+
+
+def _tiny(c):
+  c.model = vision_config.model_config("nano", image_size=32, patch_size=4, d_model=96, n_layers=4, n_heads=3)
+  c.data.image_size = 32
+  c.dino.update(global_size=32, local_size=16, n_local_crops=4, out_dim=1024, head_hidden=256, head_bottleneck=64,
+                blur_sigma=(0.1, 1.5))
+  c.batch_size = 32
+  c.num_steps = 300
+  c.optimizer.update(learning_rate=5e-4, warmup_steps=30)
+  c.feedback.batch_size = 16
+  c.vpt.update(meta_every=4, meta_batch_size=16, align_last_n_layers=2)
+  c.vpt.designer.update(base_channels=16, depth=3, learning_rate=5e-4, keep_ratio=0.6, lambda_sparsity=0.131,
+                        lambda_tv=0.144, blur_sigma=1.5)
+  c.vpt.candidates.blur_sigma = 1.5
+  c.data.scenes.update(num_labeled_train=2000, num_labeled_meta=512, num_val=512, num_test=1024)
+  c.eval.update(every_steps=100, num_train=1024, num_eval=512, batch_size=128, linear_probe_steps=300,
+                dense_head_steps=300, dense_head_batch_size=32)
+  c.checkpoint.update(every_steps=100, keep=2)
+
+
+def _vitl(c):
+  # DINOv3 ViT-L/16 (facebook/dinov3-vitl16-pretrain-lvd1689m): 4 registers, 2-D RoPE, layer scale 1e-5.
+  c.model = vision_config.model_config(
+      "large", image_size=224, patch_size=16, d_ff=4096, n_registers=4, pos_embed="rope", rope_theta=100.0,
+      layer_scale_init=1e-5, ln_eps=1e-5, k_bias=False, dtype="bfloat16")
+  c.data.update(source="imagenet", root="", image_size=256)
+  c.data.labeled.update(source="ade20k", root="", image_size=512, num_train=2000, num_meta=512)
+  # PAPER §4 / §6b: out dim 8192, T_s 0.1, T_t 0.04, momentum 0.996, centre 0.9, 2×224 global + 6×96 local.
+  c.dino.update(global_size=224, local_size=96, n_local_crops=6, out_dim=8192, head_hidden=2048, head_bottleneck=256)
+  # v2 G.4 and Table 11 (ADE20K, ViT-L): 20k steps, AdamW wd 0.04, clip 1.0, 1k warmup, LR 4.5e-5, batch 50.
+  c.num_steps = 20_000
+  c.batch_size = 50
+  c.optimizer.update(learning_rate=4.5e-5, warmup_steps=1000, weight_decay=0.04, grad_clip_norm=1.0)
+  c.vpt.update(meta_every=4, meta_batch_size=16, align_last_n_layers=4)
+  c.vpt.designer.update(base_channels=16, depth=3, learning_rate=2.17e-4, keep_ratio=0.5, lambda_sparsity=0.196,
+                        lambda_tv=0.0399)
+  c.feedback.update(alpha_seg=4.0, alpha_dep=1.0, batch_size=16, head_learning_rate=5e-4)
+  # v2 G.3 probes: 20k steps, batch 8, seg LR 5e-4, depth LR 1e-3 (here on the labeled_train pool).
+  # Probe features are held on the host: 512 + 500 images of 32×32 patches × 1024 dims ≈ 4 GB.
+  c.eval.update(every_steps=5000, num_train=512, num_eval=500, batch_size=64, linear_probe_steps=1000,
+                dense_head_steps=20_000, dense_head_batch_size=8, seg_learning_rate=5e-4, depth_learning_rate=1e-3)
+  c.checkpoint.update(every_steps=1000, keep=3)
+  c.log_every_steps = 50
+
+
+SIZES = {"nano": _nano, "tiny": _tiny, "vitl": _vitl}
+
+
+def get_config(arg: str = "tiny,dino"):
+  size, _, variant = (arg or "tiny,dino").partition(",")
+  size, variant = size or "tiny", variant or "dino"
+  if size not in SIZES:
+    raise ValueError(f"size {size!r} unknown; expected one of {sorted(SIZES)}")
+  if variant not in VARIANTS:
+    raise ValueError(f"variant {variant!r} unknown; expected one of {list(VARIANTS)}")
+  config = vision_config.vision_base_config()
+  SIZES[size](config)
+  config.vpt.mode = variant
+  return config

@@ -1,0 +1,157 @@
+"""The vision loop end to end: frozen-feature evals, checkpoints, resume == uninterrupted, bad config, main."""
+
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from vpt import config_lib, metrics, train_vision, vision_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENT = os.path.join(REPO, "experiments", "vision_dino.py")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def xla_cache(tmp_path_factory):
+  """A persistent XLA cache for this module only: the runs here (a straight run, a stopped one and its
+  resumption, the subprocess) compile identical programs, so each is compiled once."""
+  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+  directory = str(tmp_path_factory.mktemp("xla_cache"))
+  before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  compilation_cache.reset_cache()
+  yield directory
+  jax.config.update("jax_compilation_cache_dir", before[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+  compilation_cache.reset_cache()
+
+
+def nano_config(variant="dino", **overrides):
+  config = config_lib.load_config_file(EXPERIMENT, f"nano,{variant}")
+  return config_lib.with_overrides(config, {"progress_bar": False, "mesh.num_devices": 1, "num_steps": 4,
+                                            **overrides})
+
+
+def _checkpoint_steps(workdir):
+  return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+def _assert_same_state(a, b):
+  for name in ("student", "teacher", "center", "opt_state", "heads", "designer"):
+    la, lb = jax.tree.leaves(jax.device_get(getattr(a, name))), jax.tree.leaves(jax.device_get(getattr(b, name)))
+    assert len(la) == len(lb), name
+    for x, y in zip(la, lb):
+      np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+def test_nano_runs_end_to_end_with_evals_and_checkpoints(tmp_path):
+  summary = train_vision.run(nano_config(**{"eval.every_steps": 4, "checkpoint.every_steps": 2}), str(tmp_path))
+  assert summary["step"] == 4 and not summary["preempted"]
+  ev = summary["eval"]
+  assert set(ev) == {"linear_acc", "knn_acc", "miou", "rmse", "abs_rel", "delta1"}
+  assert all(math.isfinite(v) for v in ev.values()), ev
+  assert 0 <= ev["linear_acc"] <= 1 and 0 <= ev["knn_acc"] <= 1 and 0 <= ev["miou"] <= 1 and 0 <= ev["delta1"] <= 1
+  assert ev["rmse"] > 0 and ev["abs_rel"] > 0
+  assert _checkpoint_steps(tmp_path) == [2, 4]
+  records = metrics.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+  assert [r["step"] for r in records if "train/loss" in r] == [2, 4]
+  assert all(math.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
+  assert [r["eval/miou"] for r in records if "eval/miou" in r] == [ev["miou"]]
+  # The standalone evaluator reads the final student back from the checkpoint: same backbone, same probes.
+  again = train_vision.evaluate_checkpoint(str(tmp_path), "val")
+  assert again["step"] == 4
+  for k, v in ev.items():
+    np.testing.assert_allclose(again[k], v, rtol=1e-5, err_msg=k)
+  assert os.path.isfile(tmp_path / "eval_val.json")
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  config = nano_config(**{"eval.num_train": 0, "checkpoint.every_steps": 1000})
+  straight = train_vision.run(config, str(tmp_path / "straight"))
+  half = train_vision.run(config, str(tmp_path / "resumed"), stop_after=2)
+  assert half["preempted"] and half["step"] == 2
+  assert _checkpoint_steps(tmp_path / "resumed") == [2]
+  resumed = train_vision.run(config, str(tmp_path / "resumed"))
+  assert resumed["start_step"] == 2 and resumed["step"] == 4
+  _assert_same_state(resumed["state"], straight["state"])
+
+
+@pytest.mark.slow
+def test_designer_mode_resume_equals_uninterrupted(tmp_path):
+  """U-Net V-Pretraining: heads, designer and all four data iterators; the run stops at step 3 (not a
+  meta step, so the resumed run starts on a placeholder meta batch) and resumes through meta step 4."""
+  config = nano_config("unet", num_steps=6, **{"eval.num_train": 0, "checkpoint.every_steps": 1000,
+                                               "log_every_steps": 1})
+  straight = train_vision.run(config, str(tmp_path / "straight"))
+  train_vision.run(config, str(tmp_path / "resumed"), stop_after=3)
+  resumed = train_vision.run(config, str(tmp_path / "resumed"))
+  assert resumed["start_step"] == 3 and resumed["step"] == 6
+  _assert_same_state(resumed["state"], straight["state"])
+  records = metrics.read_jsonl(os.path.join(tmp_path, "straight", "metrics.jsonl"))
+  assert [r["train/meta/is_meta_step"] for r in records] == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+  assert all(math.isfinite(r["train/meta/value"]) and r["train/meta/g_down_norm"] > 0 for r in records)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("vpt.mode", "bogus"),
+    ("dino.global_size", 18),  # not a multiple of the patch size 4
+    ("data.image_size", 8),  # smaller than the global crop
+    ("vpt.align_last_n_layers", 3),  # the nano ViT has 2 blocks
+    ("vpt.candidates.kinds", ("identity", "rotate")),
+    ("dino.global_scale", (0.5, 0.2)),
+    ("feedback.batch_size", 0),
+    ("eval.knn_k", 0),
+])
+def test_bad_config_field_is_named(field, value):
+  config = nano_config(**{field: value})
+  with pytest.raises(ValueError, match=f"config.{field}="):
+    vision_config.validate_vision(config)
+
+
+def test_bad_setups_fail_before_any_checkpoint(tmp_path):
+  cases = [
+      (nano_config("unet", **{"data.source": "fashion_mnist"}), "data.labeled.source"),  # no dense labels
+      (nano_config(**{"data.labeled.source": "ade20k"}), "data.labeled.root"),
+      (nano_config(**{"mesh.num_devices": 8, "batch_size": 12}), "batch_size=12"),
+      (nano_config(init_from=str(tmp_path / "nowhere")), "init_from"),
+  ]
+  for i, (config, needle) in enumerate(cases):
+    workdir = tmp_path / f"run{i}"
+    with pytest.raises((ValueError, FileNotFoundError), match=needle):
+      train_vision.run(config, str(workdir))
+    assert not (workdir / "checkpoints").exists()
+
+
+def test_main_dispatches_vision_configs(tmp_path, xla_cache):
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": xla_cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  base = [sys.executable, "-m", "vpt.main", f"--config={EXPERIMENT}:nano,dino", "--config.num_steps=4",
+          "--config.eval.num_train=0", "--config.mesh.num_devices=1", "--config.progress_bar=False",
+          "--config.checkpoint.every_steps=2"]
+  out = subprocess.run(base + [f"--workdir={tmp_path / 'ok'}"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert _checkpoint_steps(tmp_path / "ok") == [2, 4]
+  assert metrics.read_jsonl(str(tmp_path / "ok" / "metrics.jsonl"))[-1]["step"] == 4
+  bad = subprocess.run(base + [f"--workdir={tmp_path / 'bad'}", "--config.vpt.align_last_n_layers=5"], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "vpt.align_last_n_layers" in bad.stdout + bad.stderr
+  assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("size", ["nano", "tiny", "vitl"])
+def test_experiment_configs_validate(size):
+  for variant in ("dino", "unet", "candidates", "random_feedback"):
+    config = config_lib.load_config_file(EXPERIMENT, f"{size},{variant}")
+    if size == "vitl":  # paper scale reads ImageNet + ADE20K: their roots are the user's to give.
+      with pytest.raises(ValueError, match="config.data.root="):
+        vision_config.validate_vision(config)
+      config = config_lib.with_overrides(config, {"data.root": "/data/imagenet", "data.labeled.root": "/data/ade"})
+    vision_config.validate_vision(config)
+    assert config.vpt.mode == variant
+  with pytest.raises(ValueError, match="variant 'bogus'"):
+    config_lib.load_config_file(EXPERIMENT, f"{size},bogus")

@@ -1,0 +1,571 @@
+"""The vision training loop: DINO continued SSL ± V-Pretraining, with frozen-feature evaluations.
+
+    python -m vpt.main --config experiments/vision_dino.py:tiny,unet --workdir DIR
+    python -m vpt.train_vision --eval_only --workdir DIR [--split test]
+
+Mirrors vpt/train.py: init or restore (state + every data iterator), one jitted step with explicit
+shardings and the state donated, SIGTERM → save and exit, metrics to metrics.jsonl / TensorBoard.
+The step itself (DINO learner step, feedback heads, meta step) lives in vpt/vision_step.py.
+
+Data. Four grain iterators, all checkpointed: `data` (the unlabeled stream, images only — its labels,
+if the source has any, are dropped before the step), `meta_data` (the separate unlabeled meta-SSL
+batch), `labeled_train` (feedback heads) and `labeled_meta` (g_down). The two meta iterators advance
+only on meta steps (other steps pass the last batch again; the step reads them only under its meta
+branch), so their checkpointed positions are exact and a resumed run equals an uninterrupted one.
+
+Evaluation, on frozen features of the learner's backbone: a linear probe and DINO's kNN on the cls
+feature (image labels), linear-BN segmentation and depth heads on the patch features (mIoU, depth
+RMSE / AbsRel / δ1) — all fitted on labeled_train and scored on val (periodic) or test
+(`evaluate_checkpoint`), written with an `eval/` prefix.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+
+from vpt import checkpoint as ckpt_lib
+from vpt import config_lib, metrics as metrics_lib, sharding, vision_config, vision_step
+from vpt.data import images as images_lib
+from vpt.evals import vision as vision_evals
+from vpt.models.vit import ViT, ViTConfig, count_params
+from vpt.vision_step import VisionSetup
+from vpt.train import _Preemption, _StepTimer, write_config  # pylint: disable=protected-access
+
+
+EVAL_SPLITS = ("val", "test")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class _Range:
+  """Records [start, start + size) of a source (ADE20K / NYUv2 train → labeled_train, labeled_meta)."""
+
+  def __init__(self, source, start: int, size: int, field: str):
+    if start + size > len(source):
+      raise ValueError(f"config.{field}: the labeled splits need {start + size} training records, but the source "
+                       f"has {len(source)}")
+    self.source, self.start, self.size = source, start, size
+
+  def __len__(self) -> int:
+    return self.size
+
+  def __getitem__(self, i: int) -> dict:
+    return self.source[self.start + int(i)]
+
+
+def unlabeled_source(data_cfg):
+  """The unlabeled SSL stream: the source's training split."""
+  return images_lib.make_image_source(data_cfg, "train")
+
+
+def labeled_source(data_cfg, split: str):
+  """labeled_train / labeled_meta / val / test records with 'seg' and/or 'depth' (and 'label' for scenes)."""
+  lab = data_cfg.labeled
+  name = lab.source or data_cfg.source
+  cfg = ml_collections.ConfigDict({"source": name, "root": lab.root or data_cfg.root,
+                                   "fashion_dir": data_cfg.fashion_dir,
+                                   "image_size": lab.image_size or data_cfg.image_size, "scenes": data_cfg.scenes})
+  if name == "scenes":
+    return images_lib.make_image_source(cfg, split)
+  if name in ("ade20k", "nyuv2"):
+    if split in ("labeled_train", "labeled_meta"):
+      base = images_lib.make_image_source(cfg, "train")
+      if split == "labeled_train":
+        return _Range(base, 0, lab.num_train, "data.labeled.num_train")
+      return _Range(base, lab.num_train, lab.num_meta, "data.labeled.num_meta")
+    return images_lib.make_image_source(cfg, "val" if name == "ade20k" else "test")
+  raise ValueError(f"config.data.labeled.source={lab.source!r} (data.source={data_cfg.source!r}): no labeled "
+                   "splits; expected 'scenes', 'ade20k' or 'nyuv2'")
+
+
+def num_seg_classes(data_cfg) -> int | None:
+  from vpt.data import scenes  # noqa: PLC0415
+  name = data_cfg.labeled.source or data_cfg.source
+  return {"scenes": scenes.NUM_CLASSES, "ade20k": images_lib.ADE20K_NUM_CLASSES}.get(name)
+
+
+def _images_only(batch: dict) -> dict:
+  """The learner's unlabeled batch: whatever labels the source has never reach the SSL step."""
+  return {"image": batch["image"]}
+
+
+def _labeled(batch: dict) -> dict:
+  """{image, seg and/or depth}: the targets the labeled source has (the step trains a head per target)."""
+  out = {"image": batch["image"]}
+  if "seg" in batch:
+    out["seg"] = np.asarray(batch["seg"], np.int32)
+  if "depth" in batch:
+    out["depth"] = np.asarray(batch["depth"], np.float32)
+  return out
+
+
+def _make_iterators(config, with_feedback: bool) -> dict:
+  pi, pc = jax.process_index(), jax.process_count()
+  common = dict(process_index=pi, process_count=pc, read_threads=config.data.read_threads)
+  train_src = unlabeled_source(config.data)
+  its = {"data": images_lib.make_image_iterator(train_src, batch_size=config.batch_size // pc,
+                                                seed=config.seed, **common)}
+  if with_feedback:
+    fb = config.feedback.batch_size // pc
+    its["meta_data"] = images_lib.make_image_iterator(train_src, batch_size=config.vpt.meta_batch_size // pc,
+                                                      seed=config.seed + 1, **common)
+    its["labeled_train"] = images_lib.make_image_iterator(labeled_source(config.data, "labeled_train"),
+                                                          batch_size=fb, seed=config.seed + 2, **common)
+    its["labeled_meta"] = images_lib.make_image_iterator(labeled_source(config.data, "labeled_meta"),
+                                                         batch_size=fb, seed=config.seed + 3, **common)
+  return its
+
+
+class _MetaFeed:
+  """The meta step's batches (unlabeled meta-SSL and labeled-meta): fresh on meta steps, the resident
+  previous batch otherwise — the jitted step reads them only under its meta branch."""
+
+  def __init__(self, iterators, config, mesh, labeled_like: dict):
+    self.its, self.config, self.mesh = iterators, config, mesh
+    self.setup = VisionSetup.from_config(config)
+    self.labeled_like = labeled_like
+    self.current = None
+
+  def batches_for(self, step: int):
+    if self.setup.is_meta_step(step):
+      meta_u = _images_only(next(self.its["meta_data"]))
+      meta_l = _labeled(next(self.its["labeled_meta"]))
+    elif self.current is None:  # a placeholder of the right shapes (never read: not a meta step).
+      c, pc = self.config, jax.process_count()
+      size = c.data.image_size
+      meta_u = {"image": np.zeros((c.vpt.meta_batch_size // pc, size, size, 3), np.float32)}
+      meta_l = jax.tree.map(np.zeros_like, self.labeled_like)
+    else:
+      return self.current
+    self.current = (sharding.global_batch(meta_u, self.mesh), sharding.global_batch(meta_l, self.mesh))
+    return self.current
+
+
+# ----------------------------------------------------------------------------- state, shardings, init
+
+
+def _is_vpt_run(path: str) -> bool:
+  return os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def config_with_init_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """With init_from a Hugging Face DINOv2/DINOv3 directory, config.model becomes its architecture
+  (the compute dtype and remat stay the config's)."""
+  if not config.init_from:
+    return config
+  if not os.path.isdir(config.init_from):
+    raise FileNotFoundError(f"config.init_from={config.init_from!r}: no such directory")
+  if _is_vpt_run(config.init_from):
+    return config
+  from vpt.interop import dinov2  # noqa: PLC0415
+  hf_cfg = dinov2.config_from_hf(dinov2.read_config(config.init_from), dtype=config.model.dtype)
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.model = ml_collections.ConfigDict({**dataclasses.asdict(hf_cfg), "remat": config.model.remat})
+  return config
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Fills the fields whose default depends on the data: feedback.num_classes from the labeled source."""
+  if config.feedback.num_classes:
+    return config
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.feedback.num_classes = num_seg_classes(config.data) or 1  # depth-only feedback: unused.
+  return config
+
+
+def _restore_subtree(run_dir: str, abstract: dict, step: int | None = None) -> tuple[dict, int]:
+  """The named top-level fields of another vision run's checkpointed state (partial restore), read
+  straight into the shardings of `abstract` (ShapeDtypeStructs)."""
+  directory = os.path.join(run_dir, "checkpoints")
+  steps = sorted(int(d) for d in (os.listdir(directory) if os.path.isdir(directory) else []) if d.isdigit())
+  if not steps:
+    raise FileNotFoundError(f"{run_dir!r}: no checkpoint under {directory}")
+  step = steps[-1] if step is None else step
+  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                                             dtype=a.dtype), abstract)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    try:
+      restored = checkpointer.restore(os.path.join(directory, str(step), "state"), args=ocp.args.PyTreeRestore(
+          item=abstract, restore_args=restore_args, partial_restore=True))
+    except (ValueError, KeyError) as e:
+      raise ValueError(f"{run_dir!r} (step {step}) does not match this run's model (config.model / config.dino): "
+                       f"{type(e).__name__}: {str(e)[:300]}") from e
+  return restored, step
+
+
+def _initialise_from(config, state, shardings):
+  """The state with the student/teacher (and, from a vpt run, the centre) of config.init_from."""
+  path = config.init_from
+  if _is_vpt_run(path):
+    abstract = {k: ckpt_lib.abstract_like(getattr(state, k), getattr(shardings, k))
+                for k in ("student", "teacher", "center")}
+    loaded, step = _restore_subtree(path, abstract)
+    print(f"Initialised the student, teacher and centre from {path} (step {step})", flush=True)
+    return state.replace(**loaded)
+  from vpt.interop import dinov2  # noqa: PLC0415
+  _, backbone = dinov2.load_dinov2(path, dtype=config.model.dtype)
+  backbone = jax.device_put(backbone, shardings.student["backbone"])
+  print(f"Initialised the student and teacher backbones from {path} (Hugging Face)", flush=True)
+  return state.replace(student={**state.student, "backbone": backbone},
+                       teacher={**state.teacher, "backbone": jax.tree.map(jnp.copy, backbone)})
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _read_records(source, n: int, what: str) -> dict:
+  """The first n records of `source` as stacked arrays (images float32 in [0, 1])."""
+  n = min(n, len(source))
+  if n <= 0:
+    raise ValueError(f"{what}: the source has no records")
+  records = [source[i] for i in range(n)]
+  out = {k: np.stack([r[k] for r in records]) for k in records[0]}
+  out["image"] = out["image"].astype(np.float32) / np.float32(255.0)
+  return out
+
+
+class Evaluator:
+  """Frozen-feature evals of a backbone: the probe sets are read once, features recomputed per call."""
+
+  def __init__(self, config, mesh, split: str = "val"):
+    if split not in EVAL_SPLITS:
+      raise ValueError(f"eval split={split!r}: expected one of {EVAL_SPLITS}")
+    self.config, self.mesh, self.split = config, mesh, split
+    e = config.eval
+    self.train = _read_records(labeled_source(config.data, "labeled_train"), e.num_train, "labeled_train")
+    self.eval = _read_records(labeled_source(config.data, split), e.num_eval, split)
+    self.cls_train = self.cls_eval = None
+    if "label" not in self.train:  # image labels from the unlabeled source, if it has them (ImageNet).
+      src = config.data.source
+      if src in ("imagenet", "fashion_mnist"):
+        self.cls_train = _read_records(images_lib.make_image_source(config.data, "train"), e.num_train, src)
+        self.cls_eval = _read_records(images_lib.make_image_source(
+            config.data, "val" if src == "imagenet" else "test"), e.num_eval, src)
+    else:
+      self.cls_train, self.cls_eval = self.train, self.eval
+    self.num_classes = num_seg_classes(config.data)
+    self.patch_size = config.model.patch_size
+
+  def features(self, backbone, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cls [N, D], patches [N, n, D]) in eval batches; the last batch is padded then trimmed."""
+    bs = min(self.config.eval.batch_size, len(images))
+    repl = sharding.replicated(self.mesh)
+    cls, patches = [], []
+    for s in range(0, len(images), bs):
+      x = images[s:s + bs]
+      n = len(x)
+      if n < bs:
+        x = np.concatenate([x, np.zeros((bs - n,) + x.shape[1:], x.dtype)])
+      c, p, _ = vision_step.features(self.config, backbone, jax.make_array_from_process_local_data(repl, x))
+      c, p = jax.device_get((c, p))
+      cls.append(np.asarray(c[:n], np.float32))
+      patches.append(np.asarray(p[:n], np.float32))
+    return np.concatenate(cls), np.concatenate(patches)
+
+  def __call__(self, backbone) -> dict[str, float]:
+    e, out = self.config.eval, {}
+    feats = {}  # one forward pass per probe set, shared by the image-level and the dense probes
+    get = lambda d: feats[id(d)] if id(d) in feats else feats.setdefault(id(d), self.features(backbone, d["image"]))
+    if self.cls_train is not None:
+      xs = [get(d)[0] for d in (self.cls_train, self.cls_eval)]
+      ys = [np.asarray(d["label"], np.int64) for d in (self.cls_train, self.cls_eval)]
+      out["linear_acc"] = vision_evals.linear_probe_accuracy(xs[0], ys[0], xs[1], ys[1],
+                                                             steps=e.linear_probe_steps)
+      out["knn_acc"] = vision_evals.knn_accuracy(xs[0], ys[0], xs[1], ys[1], k=e.knn_k)
+    targets = {}
+    if "seg" in self.train:
+      targets.update(train_seg=self.train["seg"], eval_seg=self.eval["seg"])
+    if "depth" in self.train:
+      targets.update(train_depth=self.train["depth"], eval_depth=self.eval["depth"])
+    if targets:
+      h, w = self.train["image"].shape[1:3]
+      grid = (h // self.patch_size, w // self.patch_size)
+      dense, _ = vision_evals.train_dense_heads(
+          get(self.train)[1], get(self.eval)[1], grid, num_classes=self.num_classes, steps=e.dense_head_steps,
+          batch_size=e.dense_head_batch_size, seg_lr=e.seg_learning_rate, depth_lr=e.depth_learning_rate,
+          seed=self.config.seed, **targets)
+      out.update(dense)
+    return out
+
+
+def eval_backbone(state):
+  """The backbone the evals probe: the learner θ (the student), the network V-Pretraining steers;
+  the EMA teacher lags it by ~1/(1 − momentum) steps, longer than a CPU-scale run."""
+  return state.student["backbone"]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _rates(steps: int, seconds: float, images_per_step: int) -> dict[str, float]:
+  nan = float("nan")
+  return {"steps_per_sec": steps / seconds if seconds > 0 else nan,
+          "step_time_s": seconds / steps if steps else nan,
+          "images_per_sec": steps * images_per_step / seconds if seconds > 0 else nan}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
+  """Trains to `config.num_steps` (resuming from `workdir` if it holds checkpoints).
+
+  `stop_after`: stop (and checkpoint) after this step as a preemption would — for tests and
+  time-sliced schedules; a later `run` resumes there. Returns a summary dict (final train/eval
+  metrics, throughput, whether the run stopped early) with the final state under "state".
+  """
+  vision_config.validate_vision(config)
+  sharding.maybe_initialize_distributed(config.multihost)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+
+  # Everything that can fail on bad input (data, init_from, mesh) runs before a checkpoint directory
+  # is created, so a bad start leaves no partial checkpoint.
+  config = resolve_config(config_with_init_model(config))
+  vision_config.validate_vision(config)
+  if is_main:
+    write_config(config, workdir)
+  setup = VisionSetup.from_config(config)
+  mesh = sharding.make_mesh(config.mesh)
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  uses_designer = vision_config.uses_designer(config)
+  batches = {"batch_size": config.batch_size}
+  if uses_designer:
+    batches.update({"feedback.batch_size": config.feedback.batch_size, "vpt.meta_batch_size": config.vpt.meta_batch_size})
+  for field, size in batches.items():
+    if size % dp or size % jax.process_count():
+      raise ValueError(f"config.{field}={size} is not divisible by the data-parallel size {dp} (mesh.data × "
+                       f"mesh.fsdp) and the process count {jax.process_count()}")
+  iterators = _make_iterators(config, uses_designer)
+  train_iter = iterators["data"]
+  first_batch = _images_only(next(train_iter))  # surfaces data errors now.
+  first_labeled = _labeled(next(iterators["labeled_train"])) if uses_designer else None
+  evaluator = Evaluator(config, mesh, "val") if config.eval.num_train > 0 else None
+
+  # The seed and the sample (the heads are shaped by the labeled images) are arguments, not constants:
+  # one compiled init serves every seed.
+  repl = sharding.replicated(mesh)
+  init_args = tuple(jax.make_array_from_process_local_data(repl, np.asarray(a)) for a in (
+      jax.random.PRNGKey(config.seed), (first_labeled or first_batch)["image"][:1]))
+  init_fn = lambda rng, sample: vision_step.init_vision_state(config, rng, sample)
+  abstract_state = jax.eval_shape(init_fn, *init_args)
+  shardings = vision_step.vision_state_shardings(config, abstract_state, mesh)
+
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                                       async_save=config.checkpoint.async_save, iterator_names=tuple(iterators))
+  state, restored_step = checkpointer.restore_latest(ckpt_lib.abstract_like(abstract_state, shardings), iterators)
+  if state is None:
+    state = jax.jit(init_fn, out_shardings=shardings)(*init_args)
+    if config.init_from:
+      state = _initialise_from(config, state, shardings)
+    pending = (first_batch, first_labeled)
+  else:
+    logging.info("Resumed from step %d", restored_step)
+    print(f"Resuming from checkpoint at step {restored_step}", flush=True)
+    pending = None  # the restored iterators continue where the checkpoint left them.
+
+  batch_sh = sharding.batch_sharding(mesh)
+  fb_sh = batch_sh if uses_designer else None
+  train_step = jax.jit(vision_step.make_vision_train_step(config),
+                       in_shardings=(shardings, batch_sh, fb_sh, fb_sh, fb_sh),
+                       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  meta_feed = _MetaFeed(iterators, config, mesh, first_labeled) if uses_designer else None
+
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  start_step = int(jax.device_get(state.step))
+  n_params = count_params(abstract_state.student["backbone"])
+  if is_main and start_step == 0:
+    m = config.model
+    print(f"Learner: ViT {n_params:,} params (d {m.d_model}, {m.n_layers} layers, patch {m.patch_size}); "
+          f"mode {config.vpt.mode}; mesh {dict(mesh.shape)}; {config.num_steps} steps of {config.batch_size} "
+          f"images", flush=True)
+  progress = metrics_lib.ProgressBar(config.num_steps, start_step, enabled=is_main and config.progress_bar)
+
+  summary: dict[str, Any] = {"preempted": False, "start_step": start_step, "mode": config.vpt.mode}
+  timer = _StepTimer()
+  logged_steps, logged_seconds = 0, 0.0
+  last_train: dict[str, float] = {}
+  step = start_step
+  end = config.num_steps if stop_after is None else min(config.num_steps, stop_after)
+  with _Preemption() as preemption:
+    last_saved = None
+    while step < end:
+      if pending is not None:
+        batch_u, batch_lt = pending
+        pending = None
+      else:
+        batch_u = _images_only(next(train_iter))
+        batch_lt = _labeled(next(iterators["labeled_train"])) if uses_designer else None
+      args = [sharding.global_batch(batch_u, mesh), None, None, None]
+      timed_meta = uses_designer and setup.is_meta_step(step) and step > start_step
+      if uses_designer:
+        meta_u, meta_l = meta_feed.batches_for(step)
+        args[1:] = [meta_u, sharding.global_batch(batch_lt, mesh), meta_l]
+      if timed_meta:
+        jax.block_until_ready(state.step)
+        meta_start = time.perf_counter()
+      state, metrics = train_step(state, *args)
+      if timed_meta:
+        jax.block_until_ready(metrics)
+        timer.meta_steps += 1
+        timer.meta_seconds += time.perf_counter() - meta_start
+      step += 1
+      if step == start_step + 1:  # the first step includes compilation: start the clock after it.
+        jax.block_until_ready(metrics)
+        timer.resume()
+      else:
+        timer.steps += 1
+
+      if step % config.log_every_steps == 0 or step == config.num_steps:
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        timer.pause()
+        if timer.steps > logged_steps:
+          host.update(_rates(timer.steps - logged_steps, timer.seconds - logged_seconds, config.batch_size))
+          logged_steps, logged_seconds = timer.steps, timer.seconds
+          if timer.meta_steps and timer.steps > timer.meta_steps:
+            host["meta_time_fraction"] = timer.meta_fraction()
+        writer.write_scalars(step, host, prefix="train")
+        last_train = host
+        progress.update(step, {"loss": host.get("loss", float("nan")), "img/s": host.get("images_per_sec", 0.0)})
+        timer.resume()
+
+      if evaluator is not None and (step % config.eval.every_steps == 0 or step == config.num_steps):
+        timer.pause(state.student)
+        summary["eval"] = evaluator(eval_backbone(state))
+        writer.write_scalars(step, summary["eval"], prefix="eval")
+        timer.resume()
+
+      if step % config.checkpoint.every_steps == 0 or step == config.num_steps:
+        timer.pause(state)
+        checkpointer.save(step, state, iterators, force=True)
+        last_saved = step
+        timer.resume()
+
+      if preemption.should_stop(step) and step < config.num_steps:
+        print(f"Preemption signal received: saving at step {step} and exiting.", flush=True)
+        break
+    if step < config.num_steps:  # preempted, or stopped at stop_after: the next run resumes here.
+      if last_saved != step and step > start_step:  # (at start_step the restored checkpoint is the state)
+        checkpointer.save(step, state, iterators, force=True)
+      summary["preempted"] = True
+
+  timer.pause(state)
+  progress.close()
+  checkpointer.close()
+  writer.close()
+  summary.update(step=step, train=last_train, num_params=n_params)
+  if timer.steps:
+    summary["throughput"] = _rates(timer.steps, timer.seconds, config.batch_size)
+  if is_main:
+    _print_summary(summary)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2, default=float)
+  summary["state"] = state
+  return summary
+
+
+SUMMARY_ROWS = (  # (label, section, key, format)
+    ("train DINO loss", "train", "loss", "{:.4f}"),
+    ("linear-probe accuracy", "eval", "linear_acc", "{:.4f}"),
+    ("kNN accuracy", "eval", "knn_acc", "{:.4f}"),
+    ("segmentation mIoU", "eval", "miou", "{:.4f}"),
+    ("depth RMSE", "eval", "rmse", "{:.4f}"),
+    ("depth AbsRel", "eval", "abs_rel", "{:.4f}"),
+    ("depth δ1", "eval", "delta1", "{:.4f}"),
+    ("share of time in meta steps", "train", "meta_time_fraction", "{:.3f}"),
+    ("images/s", "throughput", "images_per_sec", "{:,.1f}"),
+)
+
+
+def summary_table(summaries: dict[str, dict[str, Any]]) -> str:
+  """A text table with one column per run."""
+  names = list(summaries)
+  rows = [("steps", *[str(s["step"]) for s in summaries.values()])]
+  for label, section, key, fmt in SUMMARY_ROWS:
+    cells = [fmt.format(s[section][key]) if key in (s.get(section) or {}) else "—" for s in summaries.values()]
+    if any(c != "—" for c in cells):
+      rows.append((label, *cells))
+  widths = [max(len(r[i]) for r in rows + [("", *names)]) for i in range(len(names) + 1)]
+  lines = ["  ".join(c.ljust(w) for c, w in zip(("", *names), widths))]
+  lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+  return "\n".join("  " + line.rstrip() for line in lines)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+  print(summary_table({summary.get("mode", "run"): summary}), flush=True)
+  if summary["preempted"]:
+    print("  stopped early: resume by re-running the same command", flush=True)
+
+
+# ----------------------------------------------------------------------------- standalone evaluation
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a run wrote to workdir/config.json."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: --workdir must be a vision run directory")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if config.get("task") != "vision":
+    raise ValueError(f"{path}: task={config.get('task')!r}, not a vision run")
+  return config
+
+
+def evaluate_checkpoint(workdir: str, split: str = "test", step: int | None = None,
+                        overrides: dict | None = None) -> dict[str, float]:
+  """Frozen-feature evals of a finished (or running) vision run's newest checkpoint (or `step`) on
+  `split`; written to workdir/eval_<split>.json and metrics.jsonl (prefix eval_<split>/).
+
+  `overrides`: dotted config fields for the evaluation, e.g. {"eval.num_train": 1024} for a run
+  trained without in-loop evals (eval.num_train = 0)."""
+  config = config_lib.with_overrides(load_run_config(workdir), {**(overrides or {}), "init_from": ""})
+  # (init_from: the run's own checkpoint holds the weights; config.model is already resolved.)
+  vision_config.validate_vision(config)
+  mesh = sharding.make_mesh(config.mesh)
+  evaluator = Evaluator(config, mesh, split)
+  cfg = ViTConfig.from_config(config.model)
+  size = config.data.image_size
+  abstract = jax.eval_shape(lambda: ViT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))))["params"]
+  shard = sharding.param_shardings(abstract, mesh, vision_step.VIT_RULES)
+  loaded, step = _restore_subtree(workdir, {"student": {"backbone": ckpt_lib.abstract_like(abstract, shard)}}, step)
+  results = evaluator(loaded["student"]["backbone"])
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
+      json.dump({"step": step, **results}, f, indent=2)
+    with metrics_lib.MetricWriter(workdir) as writer:
+      writer.write_scalars(step, results, prefix=f"eval_{split}")
+  return {"step": step, **results}
+
+
+def _main(argv):
+  del argv
+  f = flags.FLAGS
+  if not f.eval_only:
+    raise app.UsageError("train with `python -m vpt.main --config experiments/vision_dino.py:... --workdir DIR`; "
+                         "this entry point only evaluates (--eval_only)")
+  if not f["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax's INFO lines would drown the result.
+  results = evaluate_checkpoint(f.workdir, f.split, f.step if f.step >= 0 else None)
+  print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+  flags.DEFINE_bool("eval_only", False, "Evaluate the newest checkpoint of --workdir on frozen features.")
+  flags.DEFINE_string("workdir", None, "A vision run directory.")
+  flags.DEFINE_enum("split", "test", list(EVAL_SPLITS), "Evaluation split.")
+  flags.DEFINE_integer("step", -1, "Checkpoint step (-1: the newest).")
+  flags.mark_flag_as_required("workdir")
+  app.run(_main)
