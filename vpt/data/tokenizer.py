@@ -1,4 +1,5 @@
-"""Tokenizer interface and a SentencePiece implementation trained on the corpus.
+"""Tokenizer interface, a SentencePiece implementation trained on the corpus, and Hugging Face
+`tokenizer.json` tokenizers (for learners imported from HF checkpoints).
 
 Trained models use id 0 for padding, 1 unk, 2 bos, 3 eos, identity
 normalisation (newlines and repeated spaces survive, so decode(encode(s)) == s),
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import io
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -22,6 +24,7 @@ from vpt.data import sources as sources_lib
 
 CACHE_SUBDIR = "tokenizer"
 CACHE_NAME = "spm.model"
+HF_TOKENIZER_NAME = "tokenizer.json"
 
 
 class Tokenizer(abc.ABC):
@@ -94,6 +97,124 @@ class SentencePieceTokenizer(Tokenizer):
     self._init()
 
 
+class HFTokenizer(Tokenizer):
+  """A Hugging Face `tokenizer.json` (the `tokenizers` library), e.g. a Qwen2 or Llama checkpoint's.
+
+  Special tokens come from the files beside it, first found wins: tokenizer_config.json,
+  special_tokens_map.json, generation_config.json, config.json. eos is the tokenizer's eos token
+  (Qwen2.5 base: <|endoftext|>, instruct: <|im_end|>); `eos_ids` adds generation_config's other
+  stop ids. A model without a bos token (Qwen) gets eos as bos, the document separator it was
+  pretrained with, and pad falls back to eos. Special tokens written in the text (chat markers such
+  as <|im_start|>) encode to their single ids.
+  """
+
+  def __init__(self, path: str):
+    file = os.path.join(path, HF_TOKENIZER_NAME) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+      raise FileNotFoundError(f"tokenizer {file!r}: no such file (expected a Hugging Face tokenizer.json; "
+                              "set data.tokenizer_path to one)")
+    self.path = file
+    with open(file) as f:
+      self._json = f.read()
+    self._special = _hf_special_tokens(os.path.dirname(file))
+    self._init()
+
+  def _init(self):
+    import tokenizers  # pylint: disable=g-import-not-at-top
+
+    try:
+      self.tok = tokenizers.Tokenizer.from_str(self._json)
+    except Exception as e:  # tokenizers raises its own exception types.
+      raise ValueError(f"tokenizer {self.path!r} is not a valid tokenizer.json: {e}") from e
+    self.vocab_size = max(self.tok.get_vocab(with_added_tokens=True).values()) + 1
+
+    def resolve(key):
+      value, source = self._special.get(key, (None, None))
+      if value is None or isinstance(value, int):
+        return value
+      i = self.tok.token_to_id(value)
+      if i is None:
+        raise ValueError(f"{source}: {key}_token={value!r} is not a token of {self.path}")
+      return i
+
+    eos = resolve("eos")
+    if eos is None:
+      raise ValueError(f"tokenizer {self.path!r}: no eos token in tokenizer_config.json, special_tokens_map.json, "
+                       "generation_config.json or config.json beside it")
+    self.eos_id = eos
+    bos, pad = resolve("bos"), resolve("pad")
+    self.bos_id = eos if bos is None else bos
+    self.pad_id = eos if pad is None else pad
+    self.eos_ids = tuple(dict.fromkeys([eos, *self._special.get("eos_ids", ((), None))[0]]))
+
+  def encode(self, text: str) -> list[int]:
+    return self.tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    drop = {self.bos_id, self.eos_id, self.pad_id}
+    return self.tok.decode([int(i) for i in ids if int(i) not in drop], skip_special_tokens=False)
+
+  def id_to_piece(self, i: int) -> str:
+    return self.tok.id_to_token(int(i)) or ""
+
+  def __getstate__(self):
+    return {"path": self.path, "_json": self._json, "_special": self._special}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._init()
+
+
+def _hf_special_tokens(directory: str) -> dict:
+  """{'bos'|'eos'|'pad': (token string or id, source file), 'eos_ids': (ids, file)}, first file wins."""
+  found: dict = {}
+
+  def read(name):
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+      return {}, path
+    with open(path) as f:
+      try:
+        data = json.load(f)
+      except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    return (data if isinstance(data, dict) else {}), path
+
+  for name in ("tokenizer_config.json", "special_tokens_map.json"):
+    data, path = read(name)
+    for key in ("bos", "eos", "pad"):
+      value = data.get(f"{key}_token")
+      if isinstance(value, dict):  # AddedToken form: {"content": "<s>", ...}
+        value = value.get("content")
+      if isinstance(value, str) and key not in found:
+        found[key] = (value, path)
+  for name in ("generation_config.json", "config.json"):
+    data, path = read(name)
+    for key in ("bos", "eos", "pad"):
+      value = data.get(f"{key}_token_id")
+      ids = [value] if isinstance(value, int) else [v for v in value if isinstance(v, int)] if isinstance(value, list) else []
+      if ids and key not in found:
+        found[key] = (ids[0], path)
+      if key == "eos" and ids and "eos_ids" not in found:
+        found["eos_ids"] = (tuple(ids), path)
+  return found
+
+
+def is_hf_tokenizer_path(path: str) -> bool:
+  """A tokenizer.json, or a directory (an HF checkpoint's, which must hold one)."""
+  return path.endswith(".json") or os.path.isdir(path)
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+  """A sentencepiece .model file, or a Hugging Face tokenizer.json (or a directory holding one)."""
+  if is_hf_tokenizer_path(path):
+    return HFTokenizer(path)
+  return SentencePieceTokenizer(path)
+
+
 def trained_vocab_size(model_proto: bytes) -> int:
   """The vocab_size the model was trained with (its real size may be smaller)."""
   from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
@@ -142,8 +263,9 @@ def _write_atomic(path: str, data: bytes) -> None:
   os.replace(tmp, path)  # Concurrent writers (several hosts) each publish a whole file.
 
 
-def load_or_train_tokenizer(data_cfg, workdir: str) -> SentencePieceTokenizer:
-  """data.tokenizer_path if set; else the model cached in workdir, trained on first use.
+def load_or_train_tokenizer(data_cfg, workdir: str) -> Tokenizer:
+  """data.tokenizer_path if set (sentencepiece .model, or an HF tokenizer.json or the directory
+  holding one); else the sentencepiece model cached in workdir, trained on first use.
 
   Training uses the first data.tokenizer_train_examples records of the training
   source, in order, so every host (and every rerun) trains the identical model.
@@ -151,7 +273,9 @@ def load_or_train_tokenizer(data_cfg, workdir: str) -> SentencePieceTokenizer:
   if data_cfg.tokenizer_path:
     if not epath.Path(data_cfg.tokenizer_path).exists():
       raise FileNotFoundError(f"data.tokenizer_path={data_cfg.tokenizer_path!r}: no such file "
-                              "(expected a sentencepiece .model file)")
+                              "(expected a sentencepiece .model file, or an HF tokenizer.json or its directory)")
+    if is_hf_tokenizer_path(data_cfg.tokenizer_path):
+      return HFTokenizer(data_cfg.tokenizer_path)
     return SentencePieceTokenizer(data_cfg.tokenizer_path)
 
   path = os.path.join(workdir, CACHE_SUBDIR, CACHE_NAME)
