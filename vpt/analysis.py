@@ -224,10 +224,13 @@ class _TargetSpec:
   mode: str
   top_k: int
   fixed_alpha: float
+  learn_alpha: bool
 
   @classmethod
   def of(cls, vpt_cfg) -> "_TargetSpec":
-    return cls(str(vpt_cfg.mode), int(vpt_cfg.top_k), float(vpt_cfg.fixed_alpha))
+    # Runs saved before `learn_alpha` existed learned α.
+    return cls(str(vpt_cfg.mode), int(vpt_cfg.top_k), float(vpt_cfg.fixed_alpha),
+               bool(vpt_cfg.get("learn_alpha", True)))
 
 
 def _logits(model, params, batch):

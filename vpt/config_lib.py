@@ -12,6 +12,10 @@ import os
 
 import ml_collections
 
+# The projections LoRA can adapt (Hugging Face / PEFT module names); all of them by default, as in the
+# paper's reference branch.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 
 def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
   """Learner LM hyperparameters in the Qwen2/Llama layout. `size` picks a preset."""
@@ -35,6 +39,12 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
   c.dtype = "float32"  # compute dtype; params are always float32.
   c.remat = False
   c.init_std = 0.02
+  # LoRA (lora_rank > 0): the base weights are frozen, only the adapters train, and the alignment
+  # subset S is the adapters of the last vpt.align_last_n_layers blocks.
+  c.lora_rank = 0  # 0: off (full-parameter training)
+  c.lora_alpha = 16.0  # the update is scaled by lora_alpha / lora_rank
+  c.lora_dropout = 0.05  # on the adapter input, learner step only
+  c.lora_targets = ",".join(LORA_TARGETS)
   c.update(presets[size])
   return c
 
@@ -96,14 +106,15 @@ def vpt_config() -> ml_collections.ConfigDict:
   c.mode = "ntp"
   c.top_k = 64  # candidates per position: the true token ∪ the learner's top-(K−1).
   c.alpha_max = 0.5
-  c.fixed_alpha = 0.25  # α for the uniform_topk / self_distill controls.
+  c.fixed_alpha = 0.25  # α for the uniform_topk / self_distill controls (and value with learn_alpha=False).
+  c.learn_alpha = True  # value / random_feedback: False holds α at fixed_alpha and the designer learns r only.
   c.align = "dot"  # 'dot' | 'cosine' (exact norm of g_pre) | 'cosine_cheap' (norm held constant)
   c.geometry = "raw"  # 'raw' (paper) | 'adam' (precondition g_down with the learner's Adam v̂)
   c.align_last_n_layers = 2  # S = last n blocks + final norm + head; 0 = all parameters.
   c.meta_every = 8  # r: one designer step every r learner steps...
   # The meta step's share of the unlabeled batch (the paper's meta step sees one micro-batch at
   # meta sequence length 256 while the learner steps on 32 accumulated micro-batches of 1024).
-  c.meta_batch_size = 0  # first rows of the batch (0: all)
+  c.meta_batch_size = 0  # evenly spaced rows of the batch (0: all)
   c.meta_seq_len = 0  # first positions of each row (0: all)
   c.burn_in_steps = 0  # ...after this many learner steps.
   c.reg_alpha = 0.0  # λ · mean α
@@ -115,6 +126,7 @@ def vpt_config() -> ml_collections.ConfigDict:
   c.designer.n_heads = 4
   c.designer.d_ff = 1024
   c.designer.learning_rate = 1e-4
+  c.designer.alpha_init_logit = -2.0  # the gate starts at α_max·sigmoid(this): near one-hot.
   c.designer.weight_decay = 0.0
   c.designer.grad_clip_norm = 1.0
   return c
@@ -185,6 +197,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
        "a positive divisor of model.n_heads")
   need(m.dtype in ("float32", "bfloat16", "float64"), "model.dtype",
        "'float32', 'bfloat16' (or 'float64' for numerics checks)")
+  need(m.lora_rank >= 0, "model.lora_rank", ">= 0 (0 = no LoRA)")
+  if m.lora_rank > 0:
+    need(m.lora_alpha > 0, "model.lora_alpha", "> 0")
+    need(0.0 <= m.lora_dropout < 1.0, "model.lora_dropout", "in [0, 1)")
+    targets = [t.strip() for t in m.lora_targets.split(",") if t.strip()]
+    need(targets and set(targets) <= set(LORA_TARGETS), "model.lora_targets",
+         f"a comma-separated non-empty subset of {','.join(LORA_TARGETS)}")
   d = config.data
   need(d.source in ("synthetic_math", "jsonl", "text", "tfds"), "data.source",
        "one of 'synthetic_math', 'jsonl', 'text', 'tfds'")

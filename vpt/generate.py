@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vpt.models.lm import LMConfig, Transformer, grouped_query_attention, rope
+from vpt.models.lora import merge_lora
 
 DEFAULT_STOP = ("\n\n", "Question:")
 # Decode steps per device call when stop strings are checked on the host (without stop strings the
@@ -237,6 +238,8 @@ def generate_tokens(model, params, prompts: Sequence[Sequence[int]], *, max_new_
   """
   spec, knobs = _spec(model, max_new_tokens, temperature, top_p, eos_id, pad_id)
   params = _unwrap(params)
+  if spec.cfg.lora_rank > 0:  # the cached forward runs the plain layout: fold the LoRA adapters in.
+    params = merge_lora(params, spec.cfg)
   tokens, lengths = _layout(prompts, prompt_len, pad_id)
   act = np.ones(len(prompts), bool) if active is None else np.asarray(active, bool)
   rng = jax.random.PRNGKey(0) if rng is None else rng

@@ -1,7 +1,12 @@
-"""Entry point: `python -m vpt.main --config experiments/<name>.py[:arg] --workdir DIR [--config.x=y]`."""
+"""Entry point: `python -m vpt.main --config experiments/<name>.py[:arg] --workdir DIR [--config.x=y]`.
+
+`--dry_run` compiles the train step for the config without allocating weights or reading data and
+prints the per-device memory (vpt/aot.py); `--dry_run_devices N` simulates N host devices for it.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -12,7 +17,15 @@ from vpt import config_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config(arg)).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
-flags.mark_flags_as_required(["config", "workdir"])
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step ahead of time and print its per-device "
+                             "memory; allocates no weights, reads no data, needs no --workdir.")
+_DRY_RUN_DEVICES = flags.DEFINE_integer("dry_run_devices", 0, "With --dry_run: compile for N simulated host (CPU) "
+                                        "devices instead of the local ones (0: the local devices).")
+_DRY_RUN_HBM_GB = flags.DEFINE_float("dry_run_hbm_gb", 0.0, "With --dry_run: per-device memory budget in GB "
+                                     "(GiB) to check the peak against (0: no check).")
+flags.mark_flags_as_required(["config"])
+flags.register_validator("workdir", lambda v: bool(v) or flags.FLAGS["dry_run"].value,
+                         message="--workdir is required (except with --dry_run)")
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: saved a checkpoint after a preemption notice.
 
@@ -52,10 +65,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  if config.get("task") == "vision":
+    return _run_vision(config)
   try:
     config_lib.validate(config)
   except ValueError as e:
     sys.exit(f"Invalid config: {e}")
+  if _DRY_RUN.value:
+    return _dry_run(config)
   from vpt import train  # imported late so `--help` and config errors do not pay for JAX start-up.
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax's INFO lines would drown the progress output.
@@ -64,6 +81,38 @@ def main(argv):
   logging.info("done at step %d", summary["step"])
   if summary["preempted"]:
     sys.exit(PREEMPTED_EXIT_CODE)  # non-zero, so launchers (launch/tpu.sh) know to re-run.
+
+
+def _run_vision(config):
+  """The vision path: its own schema and validation (vpt/vision_config.py) and loop (vpt/train_vision.py)."""
+  from vpt import train_vision, vision_config  # imported late, as train: JAX start-up
+  try:
+    vision_config.validate_vision(config)
+  except ValueError as e:
+    sys.exit(f"Invalid config: {e}")
+  if _DRY_RUN.value:
+    sys.exit("--dry_run supports the LM configs only")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  if train_vision.run(config, _WORKDIR.value)["preempted"]:
+    sys.exit(PREEMPTED_EXIT_CODE)
+
+
+def _dry_run(config):
+  n = _DRY_RUN_DEVICES.value
+  if n > 0:
+    if "jax" in sys.modules:  # the flag is read when the backend starts: too late once jax is in use.
+      sys.exit("--dry_run_devices must be set before JAX is imported (run vpt.main as a program)")
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if config.mesh.num_devices not in (0, n):
+      sys.exit(f"--dry_run_devices={n} but config.mesh.num_devices={config.mesh.num_devices}: set one of them")
+  from vpt import aot  # after the device flags
+  spec = flags.FLAGS["config"].config_filename if hasattr(flags.FLAGS["config"], "config_filename") else ""
+  try:
+    aot.dry_run(config, hbm_gb=_DRY_RUN_HBM_GB.value, label=spec)
+  except ValueError as e:
+    sys.exit(f"Dry run failed: {e}")
 
 
 if __name__ == "__main__":

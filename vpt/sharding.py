@@ -120,7 +120,14 @@ def state_shardings(abstract_state: Any, mesh: Mesh, optimizer: optax.GradientTr
   """Shardings for a TrainState: optimizer moments follow their parameters, the rest is replicated."""
   params = param_shardings(abstract_state.params, mesh)
   repl = replicated(mesh)
-  opt_state = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state, params,
-                                    transform_non_params=lambda _: repl)
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  if any(map(is_masked, jax.tree.leaves(abstract_state.opt_state, is_leaf=is_masked))):
+    # Moments for a subset of the parameters (optax.multi_transform, e.g. LoRA's frozen base) are not
+    # params-shaped, which tree_map_params needs: the rules find each moment's parameter by the
+    # path suffix (…/mu/layers_0/mlp/gate_proj/kernel); counts and other scalars are replicated.
+    opt_state = param_shardings(abstract_state.opt_state, mesh)
+  else:
+    opt_state = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state, params,
+                                      transform_non_params=lambda _: repl)
   return abstract_state.replace(step=repl, params=params, opt_state=opt_state, rng=repl,
                                 designer=jax.tree.map(lambda _: repl, abstract_state.designer))

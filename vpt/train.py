@@ -23,6 +23,7 @@ from vpt.data.pipeline import make_lm_iterator
 from vpt.data.tokenizer import load_or_train_tokenizer
 from vpt.evals.downstream import make_downstream_eval
 from vpt.models.designer import DesignerConfig, TaskDesigner
+from vpt.models import lora as lora_lib
 from vpt.models.lm import LMConfig, Transformer, count_nonembedding_params, count_params
 from vpt.optim import make_optimizer
 from vpt.steps import init_train_state, make_eval_step, make_train_step
@@ -151,6 +152,48 @@ def _evaluate(config, tokenizer, eval_step, params, mesh) -> dict[str, float]:
   return {"loss": loss, "perplexity": float(np.exp(min(loss, 30.0))), "loss_tokens": count}
 
 
+def make_learner_optimizer(config: ml_collections.ConfigDict, model_cfg: LMConfig):
+  """(optimizer, schedule) of the learner: AdamW from config.optimizer; with LoRA it updates the
+  adapters alone (the base is frozen and has no optimizer state)."""
+  optimizer, schedule = make_optimizer(config.optimizer, config.num_steps)
+  if model_cfg.lora_rank > 0:
+    optimizer = lora_lib.freeze_base(optimizer)
+  return optimizer, schedule
+
+
+def make_init_fn(config: ml_collections.ConfigDict, model: Transformer, optimizer: optax.GradientTransformation):
+  """() -> the initial TrainState (learner, its optimizer state and, for V-Pretraining, the designer)."""
+  vpt_cfg = config.vpt
+
+  def init_fn():
+    state = init_train_state(model, optimizer, config.data.seq_len, config.seed)
+    if vpt_step.uses_designer(vpt_cfg):
+      designer = TaskDesigner(DesignerConfig.from_config(vpt_cfg))
+      state = state.replace(designer=vpt_step.init_designer_state(
+          designer, vpt_step.make_designer_optimizer(vpt_cfg), state.params, config.data.seq_len,
+          vpt_cfg.top_k, config.seed))
+    return state
+
+  return init_fn
+
+
+def jit_train_step(config: ml_collections.ConfigDict, model: Transformer, optimizer: optax.GradientTransformation,
+                   schedule: optax.Schedule, shardings: Any, mesh) -> Any:
+  """The jitted step `(state, batch, fb_batch) -> (state, metrics)` with explicit shardings and the
+  state donated; fb_batch is ignored (None) unless the mode has a designer."""
+  vpt_cfg = config.vpt
+  batch_sh = sharding.batch_sharding(mesh)
+  out_sh = (shardings, sharding.replicated(mesh))
+  if vpt_cfg.mode == "ntp":
+    step_fn = make_train_step(model, optimizer, schedule, config.grad_accum_steps)
+    return jax.jit(lambda st, b, fb: step_fn(st, b), in_shardings=(shardings, batch_sh, None),
+                   out_shardings=out_sh, donate_argnums=(0,))
+  step_fn = vpt_step.make_vpt_train_step(model, optimizer, schedule, vpt_cfg, config.optimizer,
+                                         config.grad_accum_steps)
+  fb_sh = batch_sh if vpt_step.uses_designer(vpt_cfg) else None
+  return jax.jit(step_fn, in_shardings=(shardings, batch_sh, fb_sh), out_shardings=out_sh, donate_argnums=(0,))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains to `config.num_steps` (resuming from `workdir` if it holds checkpoints).
 
@@ -166,14 +209,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # Everything that can fail on bad input (data files, tokenizer, model config, mesh) runs
   # before a checkpoint directory is created, so a bad start leaves no partial checkpoint.
   data_cfg = config.data
+  hf_dir = None
+  if config.init_from:
+    from vpt.interop import hf as hf_interop  # pylint: disable=g-import-not-at-top
+    hf_dir = hf_interop.hf_files_dir(config.init_from)  # an HF checkpoint, or a run imported from one
+    if hf_dir:  # its config.json sets the learner's shape; its files make this run self-contained.
+      config = hf_interop.config_with_hf_model(config, hf_dir)
+      if is_main:
+        write_config(config, workdir)
+        hf_interop.copy_hf_files(hf_dir, os.path.join(workdir, hf_interop.HF_SUBDIR))
   if config.init_from and not data_cfg.tokenizer_path:  # continue with the base run's tokenizer.
     data_cfg = copy.deepcopy(data_cfg)
     with data_cfg.unlocked():
-      data_cfg.tokenizer_path = os.path.join(config.init_from, "tokenizer", "spm.model")
+      data_cfg.tokenizer_path = hf_dir or os.path.join(config.init_from, "tokenizer", "spm.model")
   tokenizer = load_or_train_tokenizer(data_cfg, workdir)
   model_cfg = LMConfig.from_config(config.model, tokenizer.vocab_size)
-  model = Transformer(model_cfg)
+  if hf_dir and tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ValueError(f"the tokenizer ({tokenizer.vocab_size} ids) outgrows the vocabulary of {hf_dir}/config.json "
+                     f"(vocab_size={model_cfg.vocab_size})")
   mesh = sharding.make_mesh(config.mesh)
+  model = Transformer(model_cfg, batch_sharding=sharding.batch_sharding(mesh))  # batch-sharded activations
   if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the data-parallel size "
                      f"{mesh.shape['data'] * mesh.shape['fsdp']} (mesh.data × mesh.fsdp)")
@@ -190,16 +245,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                                    process_index=jax.process_index(),
                                                    process_count=jax.process_count())
 
-  optimizer, schedule = make_optimizer(config.optimizer, config.num_steps)
-
-  def init_fn():
-    state = init_train_state(model, optimizer, config.data.seq_len, config.seed)
-    if uses_designer:
-      designer = TaskDesigner(DesignerConfig.from_config(vpt_cfg))
-      state = state.replace(designer=vpt_step.init_designer_state(
-          designer, vpt_step.make_designer_optimizer(vpt_cfg), state.params, config.data.seq_len,
-          vpt_cfg.top_k, config.seed))
-    return state
+  optimizer, schedule = make_learner_optimizer(config, model_cfg)
+  init_fn = make_init_fn(config, model, optimizer)
 
   abstract_state = jax.eval_shape(init_fn)
   shardings = sharding.state_shardings(abstract_state, mesh, optimizer)
@@ -212,7 +259,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if config.init_from:
       params, base_step = ckpt_lib.load_learner_params(
           config.init_from, ckpt_lib.abstract_like(abstract_state.params, shardings.params))
-      state = state.replace(params=params)
+      state = state.replace(params=ckpt_lib.overlay_params(state.params, params))
       print(f"Initialised the learner from {config.init_from} (step {base_step})", flush=True)
     pending_batch = first_batch
   else:
@@ -229,16 +276,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   peak_flops, peak_source = metrics_lib.device_peak_flops(dtype=model_cfg.dtype)
 
   batch_sh = sharding.batch_sharding(mesh)
-  out_sh = (shardings, sharding.replicated(mesh))
-  if vpt_cfg.mode == "ntp":
-    step_fn = make_train_step(model, optimizer, schedule, config.grad_accum_steps)
-    train_step = jax.jit(lambda st, b, fb: step_fn(st, b), in_shardings=(shardings, batch_sh, None),
-                         out_shardings=out_sh, donate_argnums=(0,))
-  else:
-    step_fn = vpt_step.make_vpt_train_step(model, optimizer, schedule, vpt_cfg, config.optimizer,
-                                           config.grad_accum_steps)
-    train_step = jax.jit(step_fn, in_shardings=(shardings, batch_sh, batch_sh if uses_designer else None),
-                         out_shardings=out_sh, donate_argnums=(0,))
+  train_step = jit_train_step(config, model, optimizer, schedule, shardings, mesh)
   feedback = _FeedbackFeed(iterators.get("feedback"), vpt_cfg, config.feedback, mesh)
   generation_eval = _generation_eval(config, model, tokenizer)
   downstream_eval = make_downstream_eval(model, config.feedback, tokenizer, mesh, seed=config.seed,

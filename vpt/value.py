@@ -13,6 +13,9 @@ The alignment subset S is the last n blocks, the final norm and (if untied) the 
 embeddings the head *is* the input embedding, whose gradient flows through every layer, so S leaves
 it out; n = 0 means all parameters. Because S starts at a block boundary, the prefix of the network
 is run once as a constant and the JVP/VJPs only touch the last blocks.
+
+With LoRA adapters in the parameters (the base is frozen), S is the adapters (lora_a, lora_b) of the
+last n blocks instead (all adapters for n = 0): the tangent is zero on everything else.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import optax
 from flax import traverse_util
 
 from vpt.models.lm import Transformer
+from vpt.models.lora import is_lora_path
 from vpt.tasks.lm_soft_targets import candidate_logprobs
 
 Params = Any
@@ -37,11 +41,14 @@ Params = Any
 def split_params(params: Params, n_layers: int, align_last_n_layers: int) -> tuple[dict, dict]:
   """(S, rest) as flat {path: array} dicts; `merge_params` puts them back together."""
   flat = traverse_util.flatten_dict(params, sep="/")
+  first = n_layers - align_last_n_layers
+  in_last = lambda path: path.startswith("layers_") and int(path.split("/")[0].split("_")[1]) >= first
+  if any(is_lora_path(k) for k in flat):  # LoRA: the adapters of the last blocks (all: n = 0).
+    in_s = lambda path: is_lora_path(path) and (align_last_n_layers <= 0 or in_last(path))
+    return ({k: v for k, v in flat.items() if in_s(k)}, {k: v for k, v in flat.items() if not in_s(k)})
   if align_last_n_layers <= 0:
     return flat, {}
-  first = n_layers - align_last_n_layers
-  in_s = lambda path: (path.startswith("layers_") and int(path.split("/")[0].split("_")[1]) >= first) \
-      or path.startswith("norm/") or path.startswith("lm_head/")
+  in_s = lambda path: in_last(path) or path.startswith("norm/") or path.startswith("lm_head/")
   return ({k: v for k, v in flat.items() if in_s(k)}, {k: v for k, v in flat.items() if not in_s(k)})
 
 
@@ -144,6 +151,8 @@ def adam_preconditioner(opt_state: Any, align_last_n_layers: int, n_layers: int,
 def _find_adam_state(state):
   if isinstance(state, optax.ScaleByAdamState):
     return state
+  if isinstance(state, dict):  # optax.multi_transform (LoRA's frozen base) keeps its inner states in a dict
+    state = list(state.values())
   if isinstance(state, (tuple, list)):
     for s in state:
       found = _find_adam_state(s)

@@ -13,6 +13,10 @@ objective. The learner's loss reads the designer's targets through `stop_gradien
 Modes (config.vpt.mode): 'value' (V-Pretraining), 'random_feedback' (g_down replaced by a random
 direction of equal norm), 'uniform_topk' (r uniform over C_t, α fixed), 'self_distill' (r = the
 learner's renormalised top-K, α fixed). 'ntp' is `steps.make_train_step`, untouched.
+
+LoRA: S is the adapters of the last blocks (value.split_params), the learner steps on the adapters
+only, and adapter dropout is on in the learner step and off in the meta step (g_down, the JVP and
+g_pre are taken at the deterministic network, the direction the learner moves along on average).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import optax
 from vpt import value as value_lib
 from vpt.data.feedback import downstream_nll
 from vpt.models.designer import DesignerConfig, TaskDesigner
-from vpt.steps import TrainState, learner_update
+from vpt.steps import TrainState, apply_lm, learner_update, step_dropout_rng
 from vpt.tasks.lm_soft_targets import (candidate_logprobs, candidates, soft_ce_sum, soft_targets,
                                        target_stat_sums, target_stats)
 
@@ -73,6 +77,8 @@ def designer_targets(vpt_cfg, designer: TaskDesigner | None, designer_params, em
   if vpt_cfg.mode in DESIGNER_MODES:
     scores, alpha = designer.apply({"params": designer_params}, embedding, batch["inputs"], batch["targets"],
                                    batch["positions"], batch["segment_ids"], cand_ids, cand_logp)
+    if not vpt_cfg.learn_alpha:
+      alpha = jnp.full_like(alpha, vpt_cfg.fixed_alpha)
     return alpha, jax.nn.softmax(scores, axis=-1)
   alpha = jnp.full(cand_ids.shape[:-1], vpt_cfg.fixed_alpha, cand_logp.dtype)
   if vpt_cfg.mode == "uniform_topk":
@@ -85,8 +91,8 @@ def designer_targets(vpt_cfg, designer: TaskDesigner | None, designer_params, em
 def soft_target_loss_fn(model: nn.Module, vpt_cfg, designer, designer_params) -> Callable:
   """Learner loss against stop_gradient(q_φ): params, batch -> (loss_sum, aux with target statistics)."""
 
-  def loss_fn(params, batch):
-    logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+  def loss_fn(params, batch, dropout_rng=None):
+    logits = apply_lm(model, params, batch, dropout_rng)
     cand_ids = candidates(logits, batch["targets"], vpt_cfg.top_k)
     cand_logp = candidate_logprobs(logits, cand_ids)
     embedding = jax.lax.stop_gradient(params["embed_tokens"]["embedding"])
@@ -185,7 +191,10 @@ def meta_update(state: TrainState, batch: dict, fb_batch: dict, rng: jax.Array, 
   dstate = state.designer
   rows = vpt_cfg.meta_batch_size or batch["inputs"].shape[0]
   cols = vpt_cfg.meta_seq_len or batch["inputs"].shape[1]
-  batch = jax.tree.map(lambda x: x[:rows, :cols], batch)  # the meta step's slice of the unlabeled batch
+  # The meta step's slice of the unlabeled batch: `rows` evenly spaced rows (every device, holding a
+  # contiguous block of the batch, contributes its share, so the slice needs no resharding).
+  stride = batch["inputs"].shape[0] // rows if batch["inputs"].shape[0] % rows == 0 else 1
+  batch = jax.tree.map(lambda x: x[::stride][:rows, :cols], batch)
   objective, info = meta_objective(state.params, state.opt_state, dstate.params, batch, fb_batch, rng, model=model,
                                    designer=designer, vpt_cfg=vpt_cfg, learner_opt_cfg=learner_opt_cfg)
   (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(dstate.params)
@@ -209,10 +218,12 @@ def make_vpt_train_step(model: nn.Module, optimizer: optax.GradientTransformatio
   designer = TaskDesigner(DesignerConfig.from_config(vpt_cfg)) if uses_designer(vpt_cfg) else None
   designer_opt = make_designer_optimizer(vpt_cfg) if designer is not None else None
 
+  learner_kw = lambda st: dict(dropout_rng=step_dropout_rng(model, st), lora_only=model.cfg.lora_rank > 0)
+
   def train_step(state: TrainState, batch: dict, fb_batch: dict | None = None):
     if designer is None:  # fixed-target controls: no designer, no feedback.
       new_state, metrics, _ = learner_update(state, batch, soft_target_loss_fn(model, vpt_cfg, None, None),
-                                             optimizer, schedule, accum_steps)
+                                             optimizer, schedule, accum_steps, **learner_kw(state))
       return new_state, metrics
     rng = jax.random.fold_in(state.rng, state.step)
     meta = is_meta_step(state.step, vpt_cfg)
@@ -223,7 +234,8 @@ def make_vpt_train_step(model: nn.Module, optimizer: optax.GradientTransformatio
     new_designer, g_down = jax.lax.cond(meta, update, lambda st: (st.designer, subset_zeros(st)), state)
     state = state.replace(designer=new_designer)
     loss_fn = soft_target_loss_fn(model, vpt_cfg, designer, new_designer.params)
-    new_state, metrics, grads = learner_update(state, batch, loss_fn, optimizer, schedule, accum_steps)
+    new_state, metrics, grads = learner_update(state, batch, loss_fn, optimizer, schedule, accum_steps,
+                                               **learner_kw(state))
     # cos(g_down, g_pre) with g_pre = the gradient the learner actually stepped along (on S, with the
     # updated designer): free here, where a separate g_pre would cost a backward pass.
     g_pre, _ = value_lib.split_params(grads, model.cfg.n_layers, vpt_cfg.align_last_n_layers)

@@ -35,7 +35,7 @@ class DesignerConfig:
   def from_config(cls, vpt_cfg) -> "DesignerConfig":
     d = vpt_cfg.designer
     return cls(d_model=d.d_model, n_layers=d.n_layers, n_heads=d.n_heads, d_ff=d.d_ff,
-               alpha_max=vpt_cfg.alpha_max)
+               alpha_max=vpt_cfg.alpha_max, alpha_init_logit=d.get("alpha_init_logit", cls.alpha_init_logit))
 
   def block_config(self) -> LMConfig:
     return LMConfig(vocab_size=1, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
