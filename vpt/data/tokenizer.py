@@ -215,6 +215,17 @@ def load_tokenizer(path: str) -> Tokenizer:
   return SentencePieceTokenizer(path)
 
 
+def run_tokenizer(workdir: str, data_cfg) -> Tokenizer:
+  """The tokenizer a vpt run trained with: data.tokenizer_path, else the Hugging Face files an HF
+  init copied into WORKDIR/hf, else the sentencepiece model cached in WORKDIR/tokenizer."""
+  if data_cfg.get("tokenizer_path"):
+    return load_tokenizer(data_cfg.tokenizer_path)
+  hf_dir = os.path.join(workdir, "hf")  # vpt.interop.hf.HF_SUBDIR
+  if is_hf_tokenizer_path(hf_dir):
+    return HFTokenizer(hf_dir)
+  return SentencePieceTokenizer(os.path.join(workdir, CACHE_SUBDIR, CACHE_NAME))
+
+
 def trained_vocab_size(model_proto: bytes) -> int:
   """The vocab_size the model was trained with (its real size may be smaller)."""
   from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top

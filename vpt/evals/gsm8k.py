@@ -270,15 +270,14 @@ def load_run(workdir: str, step: int | None = None):
   """(model, params, tokenizer, step) of a vpt run directory."""
   from vpt import config_lib  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from vpt.data.tokenizer import CACHE_NAME, CACHE_SUBDIR, SentencePieceTokenizer
+  from vpt.data.tokenizer import run_tokenizer
   from vpt.models.lm import LMConfig, Transformer
 
   with open(os.path.join(workdir, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
   default = config_lib.model_config()
   default.update(config.model.to_dict())  # fields added since the run keep their defaults.
-  tok_path = config.data.get("tokenizer_path") or os.path.join(workdir, CACHE_SUBDIR, CACHE_NAME)
-  tokenizer = SentencePieceTokenizer(tok_path)
+  tokenizer = run_tokenizer(workdir, config.data)
   model = Transformer(LMConfig.from_config(default, tokenizer.vocab_size))
   params, step = restore_params(workdir, step)
   return model, params, tokenizer, step
