@@ -386,11 +386,12 @@ SUMMARY_ROWS = (  # (label, section, key, format)
 )
 
 
-def summary_table(summaries: dict[str, dict[str, Any]]) -> str:
-  """A text table with one column per run (e.g. V-Pretraining beside the NTP baseline)."""
+def summary_table(summaries: dict[str, dict[str, Any]], summary_rows=SUMMARY_ROWS) -> str:
+  """A text table with one column per run (e.g. V-Pretraining beside the NTP baseline); one row per
+  (label, section, key, format) of `summary_rows` that some run has."""
   names = list(summaries)
   rows = [("steps", *[str(s["step"]) for s in summaries.values()])]
-  for label, section, key, fmt in SUMMARY_ROWS:
+  for label, section, key, fmt in summary_rows:
     cells = [fmt.format(s[section][key]) if key in (s.get(section) or {}) else "—" for s in summaries.values()]
     if any(c != "—" for c in cells):
       rows.append((label, *cells))

@@ -41,6 +41,7 @@ from vpt.data import images as images_lib
 from vpt.evals import vision as vision_evals
 from vpt.models.vit import ViT, ViTConfig, count_params
 from vpt.vision_step import VisionSetup
+from vpt import train as lm_train
 from vpt.train import _Preemption, _StepTimer, write_config  # pylint: disable=protected-access
 
 
@@ -491,16 +492,7 @@ SUMMARY_ROWS = (  # (label, section, key, format)
 
 def summary_table(summaries: dict[str, dict[str, Any]]) -> str:
   """A text table with one column per run."""
-  names = list(summaries)
-  rows = [("steps", *[str(s["step"]) for s in summaries.values()])]
-  for label, section, key, fmt in SUMMARY_ROWS:
-    cells = [fmt.format(s[section][key]) if key in (s.get(section) or {}) else "—" for s in summaries.values()]
-    if any(c != "—" for c in cells):
-      rows.append((label, *cells))
-  widths = [max(len(r[i]) for r in rows + [("", *names)]) for i in range(len(names) + 1)]
-  lines = ["  ".join(c.ljust(w) for c, w in zip(("", *names), widths))]
-  lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-  return "\n".join("  " + line.rstrip() for line in lines)
+  return lm_train.summary_table(summaries, SUMMARY_ROWS)
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

@@ -60,7 +60,7 @@ from vpt.models.unet import MaskUNet, UNetConfig, init_unet, keep_ratio_penalty,
 from vpt.models.vit import ViT, ViTConfig
 from vpt.tasks import dino
 from vpt.tasks import vision_candidates as cand_lib
-from vpt.tasks.vision_views import MultiCropConfig, blend_views, gaussian_blur, multi_crop, normalize
+from vpt.tasks.vision_views import MultiCropConfig, as_float, blend_views, gaussian_blur, multi_crop, normalize
 from vpt.vpt_step import DesignerState
 
 Params = Any
@@ -280,12 +280,6 @@ def make_designer_optimizer(config) -> optax.GradientTransformation:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _as_float(images: jax.Array) -> jax.Array:
-  if images.ndim != 4:
-    raise ValueError(f"expected images [B, H, W, C], got shape {images.shape}")
-  if jnp.issubdtype(images.dtype, jnp.integer):
-    return images.astype(jnp.float32) / 255.0
-  return images
 
 
 def _grid(setup: VisionSetup, images) -> tuple[int, int]:
@@ -372,7 +366,7 @@ def learner_loss(setup: VisionSetup, student, teacher, center, global_views, loc
 def learner_update(setup: VisionSetup, optimizer, schedule, state: VisionState, batch_u: dict, designer_params,
                    keys: dict) -> tuple[VisionState, dict, Params]:
   """One DINO step of θ on the detached designer views of batch_u; returns (state, metrics, grads)."""
-  images = _as_float(batch_u["image"])
+  images = as_float(batch_u["image"])
   global_views, local_views = multi_crop(keys["crops"], images, setup.crops)
   metrics = {}
   weights = None
@@ -426,7 +420,7 @@ def learner_update(setup: VisionSetup, optimizer, schedule, state: VisionState, 
 
 
 def _backbone_patches(setup: VisionSetup, backbone, images) -> tuple[jax.Array, tuple[int, int]]:
-  images = normalize(_as_float(images))
+  images = normalize(as_float(images))
   return setup.vit.apply({"params": backbone}, images)["patches"], _grid(setup, images)
 
 
@@ -476,7 +470,7 @@ def head_update(setup: VisionSetup, head_opt, backbone, heads: dict, batch: dict
 def downstream_grad(setup: VisionSetup, student, heads: dict, batch: dict) -> tuple[dict, jax.Array]:
   """(g_down = ∇_S L_down on the labeled meta batch, L_down): a backward through the last K blocks only."""
   split, subset = StudentSplit.build(setup, student)
-  images = normalize(_as_float(batch["image"]))
+  images = normalize(as_float(batch["image"]))
   grid = _grid(setup, images)
   h = jax.lax.stop_gradient(split.prefix(images))
   loss = lambda s: downstream_loss(setup, heads, split.features(s, h, grid)["patches"], grid, batch)[0]
@@ -549,7 +543,7 @@ class SSLProblem:
 
 def meta_problem(setup: VisionSetup, state: VisionState, batch_meta_u: dict, key: jax.Array):
   """(SSLProblem, global crops [G, B, H, W, C], S) for the unlabeled meta batch (crops from `key`)."""
-  global_views, local_views = multi_crop(key, _as_float(batch_meta_u["image"]), setup.crops)
+  global_views, local_views = multi_crop(key, as_float(batch_meta_u["image"]), setup.crops)
   problem, subset = SSLProblem.build(setup, state.student, state.teacher, state.center, state.step, local_views)
   return problem, global_views, subset
 
@@ -648,7 +642,7 @@ def init_vision_state(config, rng: jax.Array, sample_images: jax.Array) -> Visio
   setup = VisionSetup.from_config(config)
   optimizer, _ = make_vision_optimizer(config)
   k_model, k_seg, k_depth, k_designer, k_state = jax.random.split(rng, 5)
-  sample_images = _as_float(jnp.asarray(sample_images))
+  sample_images = as_float(jnp.asarray(sample_images))
   c, gs = sample_images.shape[-1], setup.crops.global_size
   crop = jnp.zeros((1, gs, gs, c), jnp.float32)
   student = setup.model.init(k_model, crop)["params"]
@@ -717,7 +711,7 @@ def _features_fn(vit_cfg: ViTConfig) -> Callable:
   vit = ViT(vit_cfg)
 
   def fn(params, images):
-    out = vit.apply({"params": params}, normalize(_as_float(images)))
+    out = vit.apply({"params": params}, normalize(as_float(images)))
     return out["cls"], out["patches"]
 
   return jax.jit(fn)

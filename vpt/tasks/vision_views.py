@@ -258,7 +258,8 @@ def augment_view(key, image: jax.Array, cfg: MultiCropConfig, size: int, scale, 
   return jnp.where(u[5] < solarize_p, solarize(out), out)
 
 
-def _as_float(images: jax.Array) -> jax.Array:
+def as_float(images: jax.Array) -> jax.Array:
+  """Images [B, H, W, C] as floats in [0, 1] (integer images are divided by 255)."""
   if images.ndim != 4:
     raise ValueError(f"expected images [B, H, W, C], got shape {images.shape}")
   if jnp.issubdtype(images.dtype, jnp.integer):
@@ -271,7 +272,7 @@ def multi_crop(rng, images: jax.Array, cfg: MultiCropConfig) -> tuple[jax.Array,
 
   View v of example b uses key split(fold_in(rng, v), B)[b]: deterministic for a fixed rng.
   """
-  images = _as_float(images)
+  images = as_float(images)
   b, c = images.shape[0], images.shape[-1]
 
   def views(first, n, size, scale, blur_p, solarize_p):
