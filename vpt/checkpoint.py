@@ -99,14 +99,21 @@ def load_learner_params(run_dir: str, abstract_params: Any, step: int | None = N
   from vpt.interop import hf  # pylint: disable=g-import-not-at-top (hf imports this module)
   if hf.is_hf_dir(run_dir):
     return hf.load_params(run_dir, abstract_params), 0
+  restored, step = restore_state_fields(run_dir, {"params": abstract_params}, step, what="config.init_from=")
+  return restored["params"], step
+
+
+def restore_state_fields(run_dir: str, abstract: dict, step: int | None = None, *, what: str = "") -> tuple[dict, int]:
+  """The top-level fields of another run's checkpointed state that `abstract` names (partial restore;
+  its newest checkpoint, or `step`), read straight into the shardings of `abstract` (ShapeDtypeStructs)."""
   directory = os.path.join(run_dir, "checkpoints")
   steps = sorted(int(d) for d in (os.listdir(directory) if os.path.isdir(directory) else []) if d.isdigit())
   if not steps:
-    raise FileNotFoundError(f"config.init_from={run_dir!r}: no checkpoint under {directory}")
+    raise FileNotFoundError(f"{what}{run_dir!r}: no checkpoint under {directory}")
   step = steps[-1] if step is None else step
   restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
-                                                             dtype=a.dtype), abstract_params)
+                                                             dtype=a.dtype), abstract)
   with ocp.PyTreeCheckpointer() as checkpointer:
     restored = checkpointer.restore(os.path.join(directory, str(step), "state"), args=ocp.args.PyTreeRestore(
-        item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True))
-  return restored["params"], step
+        item=abstract, restore_args=restore_args, partial_restore=True))
+  return restored, step

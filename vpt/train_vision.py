@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags, logging
 
 from vpt import checkpoint as ckpt_lib
@@ -190,23 +189,12 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 
 def _restore_subtree(run_dir: str, abstract: dict, step: int | None = None) -> tuple[dict, int]:
-  """The named top-level fields of another vision run's checkpointed state (partial restore), read
-  straight into the shardings of `abstract` (ShapeDtypeStructs)."""
-  directory = os.path.join(run_dir, "checkpoints")
-  steps = sorted(int(d) for d in (os.listdir(directory) if os.path.isdir(directory) else []) if d.isdigit())
-  if not steps:
-    raise FileNotFoundError(f"{run_dir!r}: no checkpoint under {directory}")
-  step = steps[-1] if step is None else step
-  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
-                                                             dtype=a.dtype), abstract)
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    try:
-      restored = checkpointer.restore(os.path.join(directory, str(step), "state"), args=ocp.args.PyTreeRestore(
-          item=abstract, restore_args=restore_args, partial_restore=True))
-    except (ValueError, KeyError) as e:
-      raise ValueError(f"{run_dir!r} (step {step}) does not match this run's model (config.model / config.dino): "
-                       f"{type(e).__name__}: {str(e)[:300]}") from e
-  return restored, step
+  """The named top-level fields of another vision run's checkpointed state, in `abstract`'s shardings."""
+  try:
+    return ckpt_lib.restore_state_fields(run_dir, abstract, step)
+  except (ValueError, KeyError) as e:
+    raise ValueError(f"{run_dir!r} (step {step if step is not None else 'latest'}) does not match this run's "
+                     f"model (config.model / config.dino): {type(e).__name__}: {str(e)[:300]}") from e
 
 
 def _initialise_from(config, state, shardings):
