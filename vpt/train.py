@@ -103,6 +103,24 @@ class _StepTimer:
   def resume(self):
     self._since = time.perf_counter()
 
+  def step(self, train_step, state, *args, meta: bool, first: bool):
+    """`train_step(state, *args)`, timed: meta steps also alone (two syncs per meta period, for
+    meta_fraction); the first step includes compilation, so the clock starts after it."""
+    if meta:
+      jax.block_until_ready(state.step)
+      meta_start = time.perf_counter()
+    state, metrics = train_step(state, *args)
+    if meta:
+      jax.block_until_ready(metrics)
+      self.meta_steps += 1
+      self.meta_seconds += time.perf_counter() - meta_start
+    if first:
+      jax.block_until_ready(metrics)
+      self.resume()
+    else:
+      self.steps += 1
+    return state, metrics
+
   def pause(self, block_on=None):
     if self._since is not None:
       if block_on is not None:
@@ -305,20 +323,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       batch = pending_batch if pending_batch is not None else next(train_iter)
       pending_batch = None
       timed_meta = uses_designer and vpt_step.is_meta_step(step, vpt_cfg) and step > start_step
-      if timed_meta:  # meta steps are timed alone (two syncs per meta period) for meta_time_fraction.
-        jax.block_until_ready(state.step)
-        meta_start = time.perf_counter()
-      state, metrics = train_step(state, sharding.global_batch(batch, mesh), feedback.batch_for(step))
-      if timed_meta:
-        jax.block_until_ready(metrics)
-        timer.meta_steps += 1
-        timer.meta_seconds += time.perf_counter() - meta_start
+      state, metrics = timer.step(train_step, state, sharding.global_batch(batch, mesh), feedback.batch_for(step),
+                                  meta=timed_meta, first=step == start_step)
       step += 1
-      if step == start_step + 1:  # the first step includes compilation: start the clock after it.
-        jax.block_until_ready(metrics)
-        timer.resume()
-      else:
-        timer.steps += 1
 
       if step % config.log_every_steps == 0 or step == config.num_steps:
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}

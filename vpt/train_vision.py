@@ -25,7 +25,6 @@ import copy
 import dataclasses
 import json
 import os
-import time
 from typing import Any
 
 import jax
@@ -402,20 +401,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
       if uses_designer:
         meta_u, meta_l = meta_feed.batches_for(step)
         args[1:] = [meta_u, sharding.global_batch(batch_lt, mesh), meta_l]
-      if timed_meta:
-        jax.block_until_ready(state.step)
-        meta_start = time.perf_counter()
-      state, metrics = train_step(state, *args)
-      if timed_meta:
-        jax.block_until_ready(metrics)
-        timer.meta_steps += 1
-        timer.meta_seconds += time.perf_counter() - meta_start
+      state, metrics = timer.step(train_step, state, *args, meta=timed_meta, first=step == start_step)
       step += 1
-      if step == start_step + 1:  # the first step includes compilation: start the clock after it.
-        jax.block_until_ready(metrics)
-        timer.resume()
-      else:
-        timer.steps += 1
 
       if step % config.log_every_steps == 0 or step == config.num_steps:
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
