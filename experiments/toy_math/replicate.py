@@ -39,7 +39,7 @@ sys.path.insert(0, REPO)
 from vpt import config_lib, train  # noqa: E402
 from vpt import vpt_step  # noqa: E402
 from vpt.data import synthetic_math  # noqa: E402
-from vpt.data.feedback import downstream_nll, make_feedback_iterator  # noqa: E402
+from vpt.data.feedback import make_feedback_iterator  # noqa: E402
 from vpt.data.pipeline import make_lm_iterator  # noqa: E402
 from vpt.evals import gsm8k  # noqa: E402
 from vpt.models.designer import DesignerConfig, TaskDesigner  # noqa: E402
@@ -223,12 +223,12 @@ def main():
   ap.add_argument("--out", required=True)
   ap.add_argument("--size", default="tiny")
   ap.add_argument("--seeds", type=int, default=3)
-  ap.add_argument("--steps", type=int, default=300)
+  ap.add_argument("--steps", type=int, default=200)
   ap.add_argument("--base_steps", type=int, default=1000)
   ap.add_argument("--arms", default=",".join(ARMS))
-  ap.add_argument("--test_items", type=int, default=300)
-  ap.add_argument("--curve_items", type=int, default=100)
-  ap.add_argument("--curve_points", type=int, default=3)
+  ap.add_argument("--test_items", type=int, default=200)
+  ap.add_argument("--curve_items", type=int, default=48)
+  ap.add_argument("--curve_points", type=int, default=2)
   ap.add_argument("--nll_items", type=int, default=128)
   ap.add_argument("--max_new_tokens", type=int, default=96)
   ap.add_argument("--smoke", action="store_true", help="nano model, 1 seed, few steps: checks the wiring")
