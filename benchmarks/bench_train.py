@@ -16,7 +16,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from vpt import config_lib, metrics

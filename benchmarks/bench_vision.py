@@ -37,9 +37,15 @@ def peak_bytes(compiled) -> float:
   return float(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
 
 
+NO_META = "unet, no meta step"  # the U-Net step with the meta step never taken: the per-step overhead alone
+COND = "unet, lax.cond"  # the U-Net step as ONE program, the meta step under lax.cond (not what the loop runs)
+
+
 def config_for(args, mode):
+  meta_every = 10**9 if mode == NO_META else args.meta_every
+  mode = "unet" if mode in (NO_META, COND) else mode
   config = config_lib.load_config_file(os.path.join(REPO, "experiments", "vision_dino.py"), f"{args.size},{mode}")
-  return config_lib.with_overrides(config, {"vpt.meta_every": args.meta_every, "vpt.burn_in_steps": 0,
+  return config_lib.with_overrides(config, {"vpt.meta_every": meta_every, "vpt.burn_in_steps": 0,
                                             "num_steps": 10_000})
 
 
@@ -61,25 +67,32 @@ def main():
   args = ap.parse_args()
 
   # --- 1. training-step throughput ----------------------------------------------------------------
-  modes = ("dino", "unet", "candidates")
+  modes = ("dino", "unet", NO_META, COND, "candidates")
   configs = {m: config_for(args, m) for m in modes}
   bu, bmu, blt, blm = batches(configs["unet"])
-  programs, holders = {}, {}
+  programs, holders = {}, {}  # mode -> (the compiled program of each step of a window, extra args)
   for mode, config in configs.items():
     config = train_vision.resolve_config(config)
     sample = (blt if mode != "dino" else bu)["image"][:1]
     state = jax.jit(lambda r, x, c=config: vision_step.init_vision_state(c, r, x))(jax.random.PRNGKey(0), sample)
     extra = (bmu, blt, blm) if mode != "dino" else (None, None, None)
-    step = jax.jit(vision_step.make_vision_train_step(config), donate_argnums=(0,))
-    programs[mode] = (step.lower(state, bu, *extra).compile(), extra)
+    compile_for = lambda meta, c=config, s=state, e=extra: jax.jit(
+        vision_step.make_vision_train_step(c, meta=meta), donate_argnums=(0,)).lower(s, bu, *e).compile()
+    if mode in ("unet", "candidates"):  # as the loop runs them: the meta program, then r − 1 plain steps
+      plain = compile_for(False)
+      window_programs = [compile_for(True)] + [plain] * (args.meta_every - 1)
+    else:  # dino, the U-Net without meta steps (plain steps only), and the single lax.cond program
+      window_programs = [compile_for(None if mode == COND else False)] * args.meta_every
+    programs[mode] = (window_programs, extra)
     holders[mode] = state
   n_vit = count_params(holders["dino"].student["backbone"])
   n_unet = count_params(holders["unet"].designer.params)
+  peak = {m: max(peak_bytes(c) for c in programs[m][0]) for m in modes}
 
   def window(mode):
-    compiled, extra = programs[mode]
+    window_programs, extra = programs[mode]
     t = time.perf_counter()
-    for _ in range(args.meta_every):
+    for compiled in window_programs:
       holders[mode], metrics = compiled(holders[mode], bu, *extra)
     jax.block_until_ready(metrics)
     return (time.perf_counter() - t) / args.meta_every
@@ -133,9 +146,11 @@ def main():
   print("|---|---|---|---|")
   for mode in modes:
     label = {"dino": "DINO step (baseline)", "unet": "V-Pretraining step, U-Net designer",
+             NO_META: "U-Net designer step without its meta step (views + heads only)",
+             COND: "V-Pretraining step, U-Net designer, one program with the meta step under lax.cond",
              "candidates": "V-Pretraining step, candidate designer"}[mode]
     print(f"| {label} | {step_time[mode]:.3f} s | {c.batch_size / step_time[mode]:,.1f} | "
-          f"{peak_bytes(programs[mode][0]) / 2**20:.1f} MiB |")
+          f"{peak[mode] / 2**20:.1f} MiB |")
   for name, compiled in scorers.items():
     print(f"| score {setup.cand_cfg.num} candidates, {name} | {score_time[name]:.3f} s | | "
           f"{peak_bytes(compiled) / 2**20:.1f} MiB |")
@@ -145,8 +160,11 @@ def main():
   for mode in ("unet", "candidates"):
     print(f"| {mode} V-Pretraining ÷ DINO throughput (meta every {args.meta_every}) | "
           f"{step_time['dino'] / step_time[mode]:.3f} | not reported for vision (language: 0.84 v1, 0.91 v2) |")
-    print(f"| {mode} V-Pretraining ÷ DINO peak memory | "
-          f"{peak_bytes(programs[mode][0]) / peak_bytes(programs['dino'][0]):.3f} | |")
+    print(f"| {mode} V-Pretraining ÷ DINO peak memory | {peak[mode] / peak['dino']:.3f} | |")
+  meta_cost = args.meta_every * (step_time["unet"] - step_time[NO_META])
+  print(f"| U-Net per-step overhead (views + heads) ÷ DINO step | {step_time[NO_META] / step_time['dino'] - 1:+.3f} | |")
+  print(f"| U-Net meta step ÷ DINO step (from meta every {args.meta_every} vs never) | {meta_cost / step_time['dino']:.2f} | |")
+  print(f"| U-Net, meta step under lax.cond ÷ two programs (step time) | {step_time[COND] / step_time['unet']:.2f}× | |")
   print(f"| backward per candidate ÷ vmap JVP time | {score_time['backward per candidate'] / score_time['vmap JVP']:.2f}× | |")
   print(f"| vmap JVP vs backward: max rel. diff of V_c (fp32) | {rel:.1e} | |")
 

@@ -1,7 +1,6 @@
 """Train-step behaviour: sharded == single device, masked tokens inert, accumulation exact."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

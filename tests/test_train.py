@@ -26,7 +26,7 @@ GOLDEN_FIRST_STEP = {"loss": 6.943984508514404, "grad_norm": 1.0639150142669678}
 
 
 def test_golden_first_step(tmp_path):
-  summary = train.run(nano_config(num_steps=1, log_every_steps=1), str(tmp_path))
+  train.run(nano_config(num_steps=1, log_every_steps=1), str(tmp_path))
   first = metrics.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))[0]
   assert first["step"] == 1
   np.testing.assert_allclose(first["train/loss"], GOLDEN_FIRST_STEP["loss"], rtol=1e-5)

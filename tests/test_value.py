@@ -7,7 +7,6 @@ first order: L_down(θ) − L_down(θ − η g_pre) ≈ η·V as η → 0.
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -17,7 +16,6 @@ from vpt.data.feedback import downstream_nll
 from vpt.models.designer import DesignerConfig, TaskDesigner
 from vpt.models.lm import LMConfig, Transformer
 from vpt.optim import make_optimizer
-from vpt.tasks.lm_soft_targets import soft_targets
 from vpt.vpt_step import init_designer_state, make_designer_optimizer, meta_objective
 
 VOCAB, SEQ, LAYERS, K = 48, 10, 3, 6

@@ -274,6 +274,24 @@ def unet_run():
   return cfg, _perturb_designer(_init(cfg)), fast_jit(train_step), train_step
 
 
+def test_host_dispatched_programs_equal_the_single_cond_program(x64):
+  """The loop runs make_vision_train_step(meta=True) on meta steps and (meta=False) otherwise; over a
+  meta and a non-meta step (a moving designer, burn-in 0, meta every 2) they equal the lax.cond program.
+  float64 compute: Adam's first designer step is ≈ lr·sign(g), which float32 rounding flips where g ≈ 0
+  (params stay float32, hence the tolerance)."""
+  cfg = vision_config("unet", **{"dino.n_local_crops": 0, "vpt.designer.depth": 1, "model.dtype": "float64"})
+  cond = fast_jit(vs.make_vision_train_step(cfg))
+  by_step = {m: fast_jit(vs.make_vision_train_step(cfg, meta=m)) for m in (True, False)}
+  a = b = _perturb_designer(_init(cfg))
+  for i, meta in enumerate((True, False)):
+    a, ma = cond(a, *_batches(i))
+    b, mb = by_step[meta](b, *_batches(i))
+    assert float(ma["meta/is_meta_step"]) == float(mb["meta/is_meta_step"]) == float(meta)
+    for x, y in zip(jax.tree.leaves((a, ma)), jax.tree.leaves((b, mb))):
+      np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=1e-5, atol=1e-7)
+  assert not _leaves_equal(_init(cfg).designer.params, b.designer.params)  # the designer moved
+
+
 def _relabel(batch):
   out = dict(batch)
   out["seg"] = np.where(batch["seg"] == 255, 255, (batch["seg"] + 2) % NUM_CLASSES).astype(np.int32)

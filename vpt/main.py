@@ -53,7 +53,7 @@ def _unknown_override(argv: list[str]) -> str | None:
 def _parse_flags(argv: list[str]):
   try:
     return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:
+  except (AttributeError, KeyError):
     field = _unknown_override(argv)
     if field is None:
       raise

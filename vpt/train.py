@@ -5,12 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
-import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -26,37 +23,8 @@ from vpt.models.designer import DesignerConfig, TaskDesigner
 from vpt.models import lora as lora_lib
 from vpt.models.lm import LMConfig, Transformer, count_nonembedding_params, count_params
 from vpt.optim import make_optimizer
+from vpt.loop_utils import Preemption, StepTimer
 from vpt.steps import init_train_state, make_eval_step, make_train_step
-
-
-class _Preemption:
-  """Turns SIGTERM (TPU/GCE preemption notice, `kill`) into a flag the loop polls between steps."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not in the main thread (e.g. a notebook worker): no handler.
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-  def should_stop(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      # All hosts must agree on the step at which they stop and save.
-      from jax.experimental import multihost_utils
-      return bool(multihost_utils.reached_preemption_sync_point(step)) or self.requested
-    return self.requested
 
 
 class _FeedbackFeed:
@@ -83,50 +51,6 @@ class _FeedbackFeed:
                for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
       self.current = sharding.global_batch(zeros, self.mesh)
     return self.current
-
-
-class _StepTimer:
-  """Wall time spent in training steps only: evals and checkpoint saves are paused out.
-
-  JAX dispatches asynchronously, so pausing blocks on a result of the steps timed so far.
-  """
-
-  def __init__(self):
-    self.steps, self.seconds, self._since = 0, 0.0, None
-    self.meta_steps, self.meta_seconds = 0, 0.0
-
-  def meta_fraction(self) -> float:
-    """Share of training time spent on meta work: meta steps' time beyond a regular step's."""
-    regular = (self.seconds - self.meta_seconds) / (self.steps - self.meta_steps)
-    return max(0.0, self.meta_seconds - self.meta_steps * regular) / self.seconds
-
-  def resume(self):
-    self._since = time.perf_counter()
-
-  def step(self, train_step, state, *args, meta: bool, first: bool):
-    """`train_step(state, *args)`, timed: meta steps also alone (two syncs per meta period, for
-    meta_fraction); the first step includes compilation, so the clock starts after it."""
-    if meta:
-      jax.block_until_ready(state.step)
-      meta_start = time.perf_counter()
-    state, metrics = train_step(state, *args)
-    if meta:
-      jax.block_until_ready(metrics)
-      self.meta_steps += 1
-      self.meta_seconds += time.perf_counter() - meta_start
-    if first:
-      jax.block_until_ready(metrics)
-      self.resume()
-    else:
-      self.steps += 1
-    return state, metrics
-
-  def pause(self, block_on=None):
-    if self._since is not None:
-      if block_on is not None:
-        jax.block_until_ready(block_on)
-      self.seconds += time.perf_counter() - self._since
-      self._since = None
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -314,11 +238,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   rates = lambda steps, seconds: metrics_lib.throughput_stats(
       steps=steps, seconds=seconds, tokens=steps * tokens_per_step, flops_per_token=flops_per_token,
       peak_flops_per_device=peak_flops, num_devices=jax.device_count())
-  timer = _StepTimer()
+  timer = StepTimer()
   logged_steps, logged_seconds = 0, 0.0
   last_train: dict[str, float] = {}
   step = start_step
-  with _Preemption() as preemption:
+  with Preemption() as preemption:
     while step < config.num_steps:
       batch = pending_batch if pending_batch is not None else next(train_iter)
       pending_batch = None

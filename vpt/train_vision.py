@@ -40,7 +40,8 @@ from vpt.evals import vision as vision_evals
 from vpt.models.vit import ViT, ViTConfig, count_params
 from vpt.vision_step import VisionSetup
 from vpt import train as lm_train
-from vpt.train import _Preemption, _StepTimer, write_config  # pylint: disable=protected-access
+from vpt.loop_utils import Preemption, StepTimer
+from vpt.train import write_config
 
 
 EVAL_SPLITS = ("val", "test")
@@ -366,9 +367,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
 
   batch_sh = sharding.batch_sharding(mesh)
   fb_sh = batch_sh if uses_designer else None
-  train_step = jax.jit(vision_step.make_vision_train_step(config),
-                       in_shardings=(shardings, batch_sh, fb_sh, fb_sh, fb_sh),
-                       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  # Two programs, picked on the host by the step count: the meta step runs as straight-line code
+  # (inside lax.cond XLA:CPU runs it 3–4× slower; BENCHMARKS.md). Each compiles on first use.
+  jit_step = lambda meta: jax.jit(vision_step.make_vision_train_step(config, meta=meta),
+                                  in_shardings=(shardings, batch_sh, fb_sh, fb_sh, fb_sh),
+                                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  programs = {False: jit_step(False), True: jit_step(True) if uses_designer else None}
+  compiled = set()
   meta_feed = _MetaFeed(iterators, config, mesh, first_labeled) if uses_designer else None
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
@@ -382,12 +387,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   progress = metrics_lib.ProgressBar(config.num_steps, start_step, enabled=is_main and config.progress_bar)
 
   summary: dict[str, Any] = {"preempted": False, "start_step": start_step, "mode": config.vpt.mode}
-  timer = _StepTimer()
+  timer = StepTimer()
   logged_steps, logged_seconds = 0, 0.0
   last_train: dict[str, float] = {}
   step = start_step
   end = config.num_steps if stop_after is None else min(config.num_steps, stop_after)
-  with _Preemption() as preemption:
+  with Preemption() as preemption:
     last_saved = None
     while step < end:
       if pending is not None:
@@ -397,11 +402,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
         batch_u = _images_only(next(train_iter))
         batch_lt = _labeled(next(iterators["labeled_train"])) if uses_designer else None
       args = [sharding.global_batch(batch_u, mesh), None, None, None]
-      timed_meta = uses_designer and setup.is_meta_step(step) and step > start_step
+      meta = uses_designer and setup.is_meta_step(step)
       if uses_designer:
         meta_u, meta_l = meta_feed.batches_for(step)
         args[1:] = [meta_u, sharding.global_batch(batch_lt, mesh), meta_l]
-      state, metrics = timer.step(train_step, state, *args, meta=timed_meta, first=step == start_step)
+      first = meta not in compiled  # this call compiles its program: not timed
+      compiled.add(meta)
+      state, metrics = timer.step(programs[meta], state, *args, meta=meta and not first, first=first)
       step += 1
 
       if step % config.log_every_steps == 0 or step == config.num_steps:

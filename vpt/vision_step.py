@@ -4,7 +4,8 @@ every `meta_every` steps (after a burn-in) one designer step that maximises the 
 One jitted program per step, in this order:
   1. feedback heads (seg + depth linear-BN on the student's frozen patch features) take
      `feedback.head_steps_per_learner_step` AdamW steps on `batch_labeled_train`;
-  2. under `lax.cond` (step ≥ burn-in and step % meta_every == 0): g_down = sg ∇_S [α_seg·CE +
+  2. on meta steps (step ≥ burn-in and step % meta_every == 0; under `lax.cond`, or a separate
+     program the loop dispatches to, `make_vision_train_step(meta=…)`): g_down = sg ∇_S [α_seg·CE +
      α_dep·L1] on `batch_labeled_meta` through the heads in eval mode (fixed affine maps), S = the
      last K ViT blocks + final norm; then one designer step maximising
          V(φ) = ⟨g_down, ∇_S L_DINO(θ; views_φ(batch_meta_u))⟩   (or its cosine)
@@ -665,8 +666,14 @@ def init_vision_state(config, rng: jax.Array, sample_images: jax.Array) -> Visio
                      heads=heads, designer=designer, rng=k_state)
 
 
-def make_vision_train_step(config) -> Callable:
-  """(state, batch_u, batch_meta_u, batch_labeled_train, batch_labeled_meta) -> (state, metrics)."""
+def make_vision_train_step(config, meta: bool | None = None) -> Callable:
+  """(state, batch_u, batch_meta_u, batch_labeled_train, batch_labeled_meta) -> (state, metrics).
+
+  `meta=None`: one program that takes the meta step under `lax.cond` on `is_meta_step(state.step)`.
+  `meta=True` / `False`: the meta step always / never (the caller dispatches on the host's step
+  count, as the training loop does). Same results; XLA:CPU runs the meta step 3–4× slower inside
+  a conditional than as straight-line code (BENCHMARKS.md), so the loop compiles the two programs.
+  """
   setup = VisionSetup.from_config(config)
   optimizer, schedule = make_vision_optimizer(config)
   head_opt = make_head_optimizer(config) if setup.uses_designer else None
@@ -683,11 +690,15 @@ def make_vision_train_step(config) -> Callable:
       if b is None:
         raise ValueError(f"vision step (mode {setup.mode!r}): {name} is required")
     heads, head_metrics = head_update(setup, head_opt, state.student["backbone"], state.heads, batch_labeled_train)
-    meta = setup.is_meta_step(state.step)
-    zeros = lambda: jax.tree.map(jnp.zeros_like, value_lib.split_params(
-        state.student["backbone"], setup.vit_cfg.n_layers, setup.n_last)[0])
+    zeros = lambda _: (state.designer, jax.tree.map(jnp.zeros_like, value_lib.split_params(
+        state.student["backbone"], setup.vit_cfg.n_layers, setup.n_last)[0]))
     run = lambda _: meta_update(setup, designer_opt, state, heads, batch_meta_u, batch_labeled_meta, keys["meta"])
-    designer, g_down = jax.lax.cond(meta, run, lambda _: (state.designer, zeros()), None)
+    if meta is None:
+      is_meta = setup.is_meta_step(state.step)
+      designer, g_down = jax.lax.cond(is_meta, run, zeros, None)
+    else:
+      is_meta = jnp.asarray(meta)
+      designer, g_down = (run if meta else zeros)(None)
     state = state.replace(heads=heads, designer=designer)
     new_state, metrics, grads = learner_update(setup, optimizer, schedule, state, batch_u, designer.params, keys)
     # cos(g_down, g_pre) with g_pre = the learner's own gradient on S (free here).
@@ -695,12 +706,12 @@ def make_vision_train_step(config) -> Callable:
     cosine = value_lib.tree_vdot(g_down, g_pre) / jnp.maximum(
         value_lib.tree_norm(g_down) * value_lib.tree_norm(g_pre), 1e-30)
     last = dict(designer.last_meta)
-    last["cosine"] = jnp.where(meta, cosine, last["cosine"]).astype(jnp.float32)
-    last["g_pre_norm"] = jnp.where(meta, value_lib.tree_norm(g_pre), last["g_pre_norm"]).astype(jnp.float32)
+    last["cosine"] = jnp.where(is_meta, cosine, last["cosine"]).astype(jnp.float32)
+    last["g_pre_norm"] = jnp.where(is_meta, value_lib.tree_norm(g_pre), last["g_pre_norm"]).astype(jnp.float32)
     new_state = new_state.replace(designer=designer.replace(last_meta=last))
     metrics.update(head_metrics)
     metrics.update({f"meta/{k}": v for k, v in last.items()})
-    metrics["meta/is_meta_step"] = meta.astype(jnp.float32)
+    metrics["meta/is_meta_step"] = is_meta.astype(jnp.float32)
     return new_state, metrics
 
   return train_step

@@ -270,7 +270,7 @@ def _chain(d: _Draw):
 
 
 def _percent(d: _Draw):
-  (n, s, _), item = d.choice(_PEOPLE), d.choice(_BIG_ITEMS)
+  (n, _, _), item = d.choice(_PEOPLE), d.choice(_BIG_ITEMS)
   k = d.choice([10, 20, 25, 30, 40, 50, 60, 75])
   g = math.gcd(k, 100)
   div, mult = 100 // g, k // g
