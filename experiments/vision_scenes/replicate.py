@@ -221,11 +221,12 @@ def write_plots(args, results, arms, masks):
   fig, axes = plt.subplots(1, len(panels), figsize=(18, 4))
   for i, arm in enumerate(arms):
     runs = _rows(results, arm)
+    n = min(len(r["train"]) for r in runs)  # a preempted run logs fewer steps: plot the common prefix
     for ax, (key, title) in zip(axes, panels):
-      if not all(key in m for m in runs[0]["train"]):
+      if not n or not all(key in m for m in runs[0]["train"]):
         continue
-      steps = [m["step"] for m in runs[0]["train"]]
-      ys = np.mean([[m[key] for m in r["train"]] for r in runs], axis=0)
+      steps = [m["step"] for m in runs[0]["train"][:n]]
+      ys = np.mean([[m[key] for m in r["train"][:n]] for r in runs], axis=0)
       ax.plot(steps, ys, label=arm, color=f"C{i}")  # one colour per arm in every panel
       ax.set(title=title, xlabel="learner step")
   for ax in axes:
