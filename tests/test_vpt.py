@@ -73,38 +73,6 @@ def _at_meta_step(state, step, put):
   return state
 
 
-def test_host_dispatched_programs_equal_the_single_cond_program():
-  """The loop runs make_vpt_train_step(meta=True) on meta steps and (meta=False) otherwise: over a
-  meta and a plain step (meta_every 2) they equal the lax.cond program. float64 compute, because
-  Adam's first designer step is ≈ lr·sign(g) and float32 rounding flips it where g ≈ 0."""
-  jax.config.update("jax_enable_x64", True)
-  try:
-    vcfg = config_lib.vpt_config()
-    vcfg.mode, vcfg.top_k, vcfg.meta_every, vcfg.burn_in_steps = "value", K, 2, 0
-    vcfg.designer.d_model, vcfg.designer.n_layers, vcfg.designer.n_heads, vcfg.designer.d_ff = 16, 1, 2, 32
-    vcfg.designer.learning_rate = 1e-2
-    model = Transformer(LMConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-                                 dtype="float64"))
-    opt_cfg = config_lib.base_config().optimizer
-    optimizer, schedule = make_optimizer(opt_cfg, 20)
-    state = init_train_state(model, optimizer, SEQ, seed=0)
-    state = state.replace(step=jnp.asarray(2, state.step.dtype), designer=init_designer_state(
-        TaskDesigner(DesignerConfig.from_config(vcfg)), make_designer_optimizer(vcfg), state.params, SEQ, K, seed=0))
-    program = lambda meta: jax.jit(make_vpt_train_step(model, optimizer, schedule, vcfg, opt_cfg, meta=meta))
-    cond, by_step = program(None), {m: program(m) for m in (True, False)}
-    a = b = state
-    for i, meta in enumerate((True, False)):
-      a, ma = cond(a, _batch(i), _batch(100 + i))
-      b, mb = by_step[meta](b, _batch(i), _batch(100 + i))
-      assert float(mb["meta/designer_grad_norm"]) > 0
-      for x, y in zip(jax.tree.leaves((a, ma)), jax.tree.leaves((b, mb))):
-        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=1e-5, atol=1e-7)
-    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(state.designer.params),
-                                                        jax.tree.leaves(b.designer.params)))
-  finally:
-    jax.config.update("jax_enable_x64", False)
-
-
 def test_learner_update_does_not_depend_on_feedback_answers_with_designer_fixed():
   state, step, put = _step_setup(designer_lr=0.0)  # the meta step runs but φ cannot move.
   state = _at_meta_step(state, step, put)

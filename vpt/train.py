@@ -120,10 +120,9 @@ def make_init_fn(config: ml_collections.ConfigDict, model: Transformer, optimize
 
 
 def jit_train_step(config: ml_collections.ConfigDict, model: Transformer, optimizer: optax.GradientTransformation,
-                   schedule: optax.Schedule, shardings: Any, mesh, meta: bool | None = None) -> Any:
+                   schedule: optax.Schedule, shardings: Any, mesh) -> Any:
   """The jitted step `(state, batch, fb_batch) -> (state, metrics)` with explicit shardings and the
-  state donated; fb_batch is ignored (None) unless the mode has a designer. `meta`: as
-  `vpt_step.make_vpt_train_step` (None: the meta step under lax.cond; True/False: always/never)."""
+  state donated; fb_batch is ignored (None) unless the mode has a designer."""
   vpt_cfg = config.vpt
   batch_sh = sharding.batch_sharding(mesh)
   out_sh = (shardings, sharding.replicated(mesh))
@@ -132,7 +131,7 @@ def jit_train_step(config: ml_collections.ConfigDict, model: Transformer, optimi
     return jax.jit(lambda st, b, fb: step_fn(st, b), in_shardings=(shardings, batch_sh, None),
                    out_shardings=out_sh, donate_argnums=(0,))
   step_fn = vpt_step.make_vpt_train_step(model, optimizer, schedule, vpt_cfg, config.optimizer,
-                                         config.grad_accum_steps, meta=meta)
+                                         config.grad_accum_steps)
   fb_sh = batch_sh if vpt_step.uses_designer(vpt_cfg) else None
   return jax.jit(step_fn, in_shardings=(shardings, batch_sh, fb_sh), out_shardings=out_sh, donate_argnums=(0,))
 
@@ -219,11 +218,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   peak_flops, peak_source = metrics_lib.device_peak_flops(dtype=model_cfg.dtype)
 
   batch_sh = sharding.batch_sharding(mesh)
-  # Two programs picked on the host by the step count (the meta step is slower under lax.cond on
-  # XLA:CPU; BENCHMARKS.md); each compiles on first use.
-  programs = {m: jit_train_step(config, model, optimizer, schedule, shardings, mesh, meta=m)
-              for m in ((False, True) if uses_designer else (False,))}
-  compiled = set()
+  train_step = jit_train_step(config, model, optimizer, schedule, shardings, mesh)
   feedback = _FeedbackFeed(iterators.get("feedback"), vpt_cfg, config.feedback, mesh)
   generation_eval = _generation_eval(config, model, tokenizer)
   downstream_eval = make_downstream_eval(model, config.feedback, tokenizer, mesh, seed=config.seed,
@@ -251,11 +246,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     while step < config.num_steps:
       batch = pending_batch if pending_batch is not None else next(train_iter)
       pending_batch = None
-      meta = uses_designer and bool(vpt_step.is_meta_step(step, vpt_cfg))
-      first = meta not in compiled  # this call compiles its program: not timed
-      compiled.add(meta)
-      state, metrics = timer.step(programs[meta], state, sharding.global_batch(batch, mesh),
-                                  feedback.batch_for(step), meta=meta and not first, first=first)
+      timed_meta = uses_designer and vpt_step.is_meta_step(step, vpt_cfg) and step > start_step
+      state, metrics = timer.step(train_step, state, sharding.global_batch(batch, mesh), feedback.batch_for(step),
+                                  meta=timed_meta, first=step == start_step)
       step += 1
 
       if step % config.log_every_steps == 0 or step == config.num_steps:

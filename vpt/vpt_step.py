@@ -1,11 +1,10 @@
 """The V-Pretraining step for language: designer-built soft targets for the learner every step, and
 every `meta_every` steps (after a burn-in) one designer step that maximises the value.
 
-On meta steps the meta update (downstream gradient on S, one JVP, designer step) runs first and the
-learner step then uses the updated designer. Meta steps are a function of the step count only, so a
-resumed run takes them exactly where an uninterrupted one would: either inside one program
-(`lax.cond` on `state.step`) or, as the training loop does, as two programs the host picks between
-(`make_vpt_train_step(meta=True/False)`; XLA:CPU runs the meta update slower under a conditional).
+One jitted program: `lax.cond` on the step counter runs the meta update (downstream gradient on
+S, one JVP, designer step) and then the learner step uses the updated designer. The predicate is a
+function of `state.step` only, so a resumed run takes meta steps exactly where an uninterrupted
+one would.
 
 Isolation: the feedback batch only ever reaches `g_down`, which only enters the designer's
 objective. The learner's loss reads the designer's targets through `stop_gradient`, so no
@@ -214,13 +213,8 @@ def is_meta_step(step, vpt_cfg):
 
 
 def make_vpt_train_step(model: nn.Module, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                        vpt_cfg, learner_opt_cfg, accum_steps: int = 1, meta: bool | None = None) -> Callable:
-  """(state, batch, fb_batch) -> (state, metrics); fb_batch is read only on meta steps.
-
-  `meta=None`: one program, the meta update under `lax.cond` on `is_meta_step(state.step)`.
-  `meta=True` / `False`: the meta update always / never, for a caller that dispatches on the host's
-  step count (the training loop: XLA:CPU runs a meta step slower inside a conditional).
-  """
+                        vpt_cfg, learner_opt_cfg, accum_steps: int = 1) -> Callable:
+  """(state, batch, fb_batch) -> (state, metrics); fb_batch is read only on meta steps."""
   designer = TaskDesigner(DesignerConfig.from_config(vpt_cfg)) if uses_designer(vpt_cfg) else None
   designer_opt = make_designer_optimizer(vpt_cfg) if designer is not None else None
 
@@ -232,16 +226,12 @@ def make_vpt_train_step(model: nn.Module, optimizer: optax.GradientTransformatio
                                              optimizer, schedule, accum_steps, **learner_kw(state))
       return new_state, metrics
     rng = jax.random.fold_in(state.rng, state.step)
+    meta = is_meta_step(state.step, vpt_cfg)
     update = lambda st: meta_update(st, batch, fb_batch, rng, model=model, designer=designer, vpt_cfg=vpt_cfg,
                                     designer_opt=designer_opt, learner_opt_cfg=learner_opt_cfg)
-    skip = lambda st: (st.designer, jax.tree.map(jnp.zeros_like, value_lib.split_params(
-        st.params, model.cfg.n_layers, vpt_cfg.align_last_n_layers)[0]))
-    if meta is None:
-      is_meta = is_meta_step(state.step, vpt_cfg)
-      new_designer, g_down = jax.lax.cond(is_meta, update, skip, state)
-    else:
-      is_meta = jnp.asarray(meta)
-      new_designer, g_down = (update if meta else skip)(state)
+    subset_zeros = lambda st: jax.tree.map(jnp.zeros_like, value_lib.split_params(
+        st.params, model.cfg.n_layers, vpt_cfg.align_last_n_layers)[0])
+    new_designer, g_down = jax.lax.cond(meta, update, lambda st: (st.designer, subset_zeros(st)), state)
     state = state.replace(designer=new_designer)
     loss_fn = soft_target_loss_fn(model, vpt_cfg, designer, new_designer.params)
     new_state, metrics, grads = learner_update(state, batch, loss_fn, optimizer, schedule, accum_steps,
@@ -252,8 +242,8 @@ def make_vpt_train_step(model: nn.Module, optimizer: optax.GradientTransformatio
     g_pre_norm = value_lib.tree_norm(g_pre)
     cosine = value_lib.tree_vdot(g_down, g_pre) / jnp.maximum(value_lib.tree_norm(g_down) * g_pre_norm, 1e-30)
     last = dict(new_designer.last_meta)
-    last["cosine"] = jnp.where(is_meta, cosine, last["cosine"]).astype(jnp.float32)
-    last["g_pre_norm"] = jnp.where(is_meta, g_pre_norm, last["g_pre_norm"]).astype(jnp.float32)
+    last["cosine"] = jnp.where(meta, cosine, last["cosine"]).astype(jnp.float32)
+    last["g_pre_norm"] = jnp.where(meta, g_pre_norm, last["g_pre_norm"]).astype(jnp.float32)
     new_state = new_state.replace(designer=new_designer.replace(last_meta=last))
     metrics.update({f"meta/{k}": v for k, v in last.items()})
     return new_state, metrics

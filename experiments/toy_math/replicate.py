@@ -104,10 +104,8 @@ def interleaved_step_times(args, arms, base_dir, tokenizer, rounds: int = 5) -> 
     mesh = sharding.make_mesh(config.mesh)
     shardings = sharding.state_shardings(jax.eval_shape(init_fn), mesh, optimizer)
     state = jax.jit(init_fn, out_shardings=shardings)()
+    step = train.jit_train_step(config, model, optimizer, schedule, shardings, mesh)
     vpt_cfg = config.vpt
-    jit_step = lambda meta: train.jit_train_step(config, model, optimizer, schedule, shardings, mesh, meta=meta)
-    plain = jit_step(False)  # as the loop runs them: the meta program on the meta step, then plain steps
-    programs = ([jit_step(True)] if vpt_step.uses_designer(vpt_cfg) else [plain]) + [plain] * (vpt_cfg.meta_every - 1)
     # Start on a meta step, past the burn-in: every window then holds one meta step.
     first = -(-vpt_cfg.burn_in_steps // vpt_cfg.meta_every) * vpt_cfg.meta_every
     state = state.replace(step=jnp.asarray(first, state.step.dtype))
@@ -115,15 +113,15 @@ def interleaved_step_times(args, arms, base_dir, tokenizer, rounds: int = 5) -> 
                                                             global_batch_size=config.batch_size, seed=0)))
     fb = (jax.tree.map(jnp.asarray, next(make_feedback_iterator(config.feedback, tokenizer, seed=0)))
           if vpt_step.uses_designer(vpt_cfg) else None)
-    runners[arm] = {"state": state, "programs": programs, "batch": batch, "fb": fb}
+    runners[arm] = {"state": state, "step": step, "batch": batch, "fb": fb, "window": vpt_cfg.meta_every}
 
   def window(arm):
     r = runners[arm]
     t = time.perf_counter()
-    for program in r["programs"]:
-      r["state"], metrics = program(r["state"], r["batch"], r["fb"])
+    for _ in range(r["window"]):
+      r["state"], metrics = r["step"](r["state"], r["batch"], r["fb"])
     jax.block_until_ready(metrics)
-    return (time.perf_counter() - t) / len(r["programs"])
+    return (time.perf_counter() - t) / r["window"]
 
   for arm in arms:  # compile, and one warm window
     window(arm), window(arm)
