@@ -368,7 +368,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   batch_sh = sharding.batch_sharding(mesh)
   fb_sh = batch_sh if uses_designer else None
   # Two programs, picked on the host by the step count: the meta step runs as straight-line code
-  # (inside lax.cond XLA:CPU runs it 3–4× slower; BENCHMARKS.md). Each compiles on first use.
+  # (under lax.cond XLA:CPU ran it up to 2.6× slower; BENCHMARKS.md). Each compiles on first use.
   jit_step = lambda meta: jax.jit(vision_step.make_vision_train_step(config, meta=meta),
                                   in_shardings=(shardings, batch_sh, fb_sh, fb_sh, fb_sh),
                                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))

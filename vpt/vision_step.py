@@ -671,7 +671,7 @@ def make_vision_train_step(config, meta: bool | None = None) -> Callable:
 
   `meta=None`: one program that takes the meta step under `lax.cond` on `is_meta_step(state.step)`.
   `meta=True` / `False`: the meta step always / never (the caller dispatches on the host's step
-  count, as the training loop does). Same results; XLA:CPU runs the meta step 3–4× slower inside
+  count, as the training loop does). Same results; XLA:CPU ran the meta step up to 2.6× slower inside
   a conditional than as straight-line code (BENCHMARKS.md), so the loop compiles the two programs.
   """
   setup = VisionSetup.from_config(config)
