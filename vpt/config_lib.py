@@ -181,12 +181,30 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks values that types alone cannot; raises ValueError naming the field."""
+def requirement(config: ml_collections.ConfigDict):
+  """need(cond, field, expected): raises ValueError naming the field, its value and what was expected."""
 
   def need(cond, field, expected):
     if not cond:
       raise ValueError(f"config.{field}={_get(config, field)!r}: expected {expected}")
+
+  return need
+
+
+def validate_mesh_and_checkpoint(config: ml_collections.ConfigDict) -> None:
+  """The sub-configs every task shares (base_config's mesh and checkpoint)."""
+  need = requirement(config)
+  axes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
+  need(sum(a == -1 for a in axes) <= 1 and all(a == -1 or a >= 1 for a in axes), "mesh",
+       "positive axis sizes with at most one -1")
+  need(config.mesh.num_devices >= 0, "mesh.num_devices", ">= 0 (0 = all devices)")
+  need(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "> 0")
+  need(config.checkpoint.keep >= 1, "checkpoint.keep", ">= 1")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks values that types alone cannot; raises ValueError naming the field."""
+  need = requirement(config)
 
   m = config.model
   need(m.d_model > 0, "model.d_model", "> 0")
@@ -234,10 +252,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.grad_accum_steps >= 1, "grad_accum_steps", ">= 1")
   need(config.batch_size % config.grad_accum_steps == 0, "grad_accum_steps",
        f"a divisor of batch_size={config.batch_size}")
-  axes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
-  need(sum(a == -1 for a in axes) <= 1 and all(a == -1 or a >= 1 for a in axes), "mesh",
-       "positive axis sizes with at most one -1")
-  need(config.mesh.num_devices >= 0, "mesh.num_devices", ">= 0 (0 = all devices)")
+  validate_mesh_and_checkpoint(config)
   v = config.vpt
   need(v.mode in ("ntp", "value", "random_feedback", "uniform_topk", "self_distill"), "vpt.mode",
        "one of 'ntp', 'value', 'random_feedback', 'uniform_topk', 'self_distill'")
@@ -252,8 +267,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(0 <= v.meta_batch_size <= config.batch_size, "vpt.meta_batch_size", f"in [0, batch_size={config.batch_size}]")
   need(0 <= v.meta_seq_len <= d.seq_len, "vpt.meta_seq_len", f"in [0, data.seq_len={d.seq_len}]")
   need(v.designer.d_model % v.designer.n_heads == 0, "vpt.designer.n_heads", "a divisor of vpt.designer.d_model")
-  need(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "> 0")
-  need(config.checkpoint.keep >= 1, "checkpoint.keep", ">= 1")
 
 
 def _get(config, dotted):

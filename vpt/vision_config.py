@@ -2,7 +2,7 @@
 
 Experiments (experiments/vision_dino.py) start from `vision_base_config()` and override fields, so the
 valid fields are defined once, here; `task="vision"` is what routes `vpt.main` to `vpt.train_vision`.
-The shared sub-configs (optimizer, mesh, checkpoint) have the same fields as the LM's in config_lib.
+The shared sub-configs (optimizer, mesh, checkpoint) and their checks come from config_lib.
 """
 
 from __future__ import annotations
@@ -144,17 +144,9 @@ def vision_base_config() -> ml_collections.ConfigDict:
   c.vpt = vpt_config()
   c.eval = eval_config()
 
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.learning_rate = 5e-4
-  c.optimizer.warmup_steps = 100
-  c.optimizer.end_lr_fraction = 0.1
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.999
-  c.optimizer.eps = 1e-8
-  c.optimizer.weight_decay = 0.04
-  c.optimizer.grad_clip_norm = 1.0
-
   base = config_lib.base_config()
+  c.optimizer = base.optimizer  # the LM's fields; DINO's defaults (DINOv2: β2 0.999, weight decay 0.04)
+  c.optimizer.update(learning_rate=5e-4, b2=0.999, weight_decay=0.04)
   c.mesh = base.mesh
   c.multihost = False
   c.checkpoint = base.checkpoint
@@ -174,9 +166,7 @@ def uses_designer(config) -> bool:
 def validate_vision(config: ml_collections.ConfigDict) -> None:
   """Checks values that types alone cannot; raises ValueError naming the field."""
 
-  def need(cond, field, expected):
-    if not cond:
-      raise ValueError(f"config.{field}={config_lib._get(config, field)!r}: expected {expected}")  # pylint: disable=protected-access
+  need = config_lib.requirement(config)
 
   need(config.get("task") == "vision", "task", "'vision'")
   m = config.model
@@ -302,9 +292,4 @@ def validate_vision(config: ml_collections.ConfigDict) -> None:
   need(config.batch_size > 0, "batch_size", "> 0")
   need(config.num_steps > 0, "num_steps", "> 0")
   need(config.log_every_steps > 0, "log_every_steps", "> 0")
-  axes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
-  need(sum(a == -1 for a in axes) <= 1 and all(a == -1 or a >= 1 for a in axes), "mesh",
-       "positive axis sizes with at most one -1")
-  need(config.mesh.num_devices >= 0, "mesh.num_devices", ">= 0 (0 = all devices)")
-  need(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "> 0")
-  need(config.checkpoint.keep >= 1, "checkpoint.keep", ">= 1")
+  config_lib.validate_mesh_and_checkpoint(config)
