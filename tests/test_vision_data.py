@@ -355,6 +355,24 @@ def test_scene_config_and_missing_fashion_files(tmp_path):
     scenes.make_scene_source(cfg, "dev")
 
 
+def test_scene_appearance_knobs():
+  """object_size scales the objects, ground_color / object_tint bound the colours; bad values name the field."""
+  def object_share(**kw):
+    sc = scenes.ProceduralScenes("val", image_size=32, min_objects=1, max_objects=1, **kw)
+    return np.mean([(sc.render(i)["seg"] != scenes.BACKGROUND).mean() for i in range(40)])
+  assert object_share(object_size=1.2) > 2 * object_share(object_size=0.4)
+  sc = scenes.ProceduralScenes("val", image_size=32, ground_color=(0.0, 0.2), object_tint=(0.6, 1.0))
+  r = sc.render(0)
+  ground = r["image"][r["seg"] == scenes.BACKGROUND].astype(np.float64) / 255
+  assert ground.max() < 0.2 * 1.2 + 0.15  # the ground's colour range, its ±20 % stripes and texture noise
+  with pytest.raises(ValueError, match=r"object_size=0"):
+    scenes.ProceduralScenes("val", object_size=0)
+  with pytest.raises(ValueError, match=r"ground_color=\(0.5, 0.2\)"):
+    scenes.ProceduralScenes("val", ground_color=(0.5, 0.2))
+  with pytest.raises(ValueError, match=r"object_tint=\(0.0, 1.5\)"):
+    scenes.ProceduralScenes("val", object_tint=(0.0, 1.5))
+
+
 def test_scene_source_pickles_without_the_fashion_arrays():
   """grain worker processes receive the source pickled: it must stay small and identical."""
   src = scenes.SceneSource("labeled_train", 4, image_size=16)

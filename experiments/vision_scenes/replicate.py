@@ -36,7 +36,8 @@ sys.path.insert(0, REPO)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vpt import config_lib, metrics as metrics_lib, train_vision, vision_step  # noqa: E402
+from vpt import config_lib, metrics as metrics_lib, sharding, train_vision, vision_step  # noqa: E402
+from vpt.models.vit import ViT, ViTConfig  # noqa: E402
 
 ARMS = ("dino", "unet", "candidates", "random_feedback")
 METRICS = (  # (key, label, higher is better)
@@ -66,6 +67,30 @@ def arm_config(args, arm, seed, base_dir):
       "optimizer.learning_rate": args.lr, "optimizer.warmup_steps": max(1, args.steps // 20),
       "vpt.burn_in_steps": args.burn_in, "eval.num_train": 0,  # probed once, on test, after training
       "checkpoint.every_steps": args.steps, "log_every_steps": max(1, args.steps // 40)})
+
+
+GATE_METRICS = (("miou", True), ("linear_acc", True), ("rmse", False))  # (key, higher is better)
+
+
+def probe_random_init(config, split):
+  """The frozen-feature probes of a randomly initialised ViT of `config`'s shape on `split`: the floor a
+  pretrained base has to clear before continuing it can say anything."""
+  config = train_vision.resolve_config(config)
+  mesh = sharding.make_mesh(config.mesh)
+  size = config.data.image_size
+  params = ViT(ViTConfig.from_config(config.model)).init(jax.random.PRNGKey(config.seed), np.zeros((1, size, size, 3)))
+  return train_vision.Evaluator(config, mesh, split)(params["params"])
+
+
+def gate_verdict(random_init, base, margin):
+  """(passed, reasons): the base must beat the random-init ViT by `margin` on every GATE_METRICS entry
+  (absolute; RMSE in metres, lower is better) — otherwise the arms would compare noise around chance."""
+  reasons = []
+  for key, higher in GATE_METRICS:
+    gain = (base[key] - random_init[key]) * (1 if higher else -1)
+    if gain < margin:
+      reasons.append(f"{key}: base {base[key]:.4f} vs random init {random_init[key]:.4f} (needs {margin:+.4f} better)")
+  return not reasons, reasons
 
 
 def probe_on_test(workdir, config):
@@ -100,6 +125,9 @@ def main():
   ap.add_argument("--arms", default=",".join(ARMS))
   ap.add_argument("--xla_cache", default=os.path.join(tempfile.gettempdir(), "vpt_xla_cache"),
                   help="persistent compilation cache ('' = off)")
+  ap.add_argument("--gate_margin", type=float, default=0.01,
+                  help="the base must beat a random-init ViT by this much on val (mIoU, linear acc, RMSE)")
+  ap.add_argument("--ignore_gate", action="store_true", help="run the arms even if the base fails the gate")
   ap.add_argument("--smoke", action="store_true", help="nano model, 1 seed, a few steps: checks the wiring")
   args = ap.parse_args()
   if args.smoke:
@@ -121,6 +149,20 @@ def main():
   results = [{"arm": "base", "seed": 0, "final": _final(base, probe_on_test(base_dir, _experiment(f"{args.size},dino")),
                                                          base.get("throughput", {}).get("step_time_s"))}]
   log(f"base: {results[0]['final']}")
+  # The gate, on val (test is only scored after training): is the base a better start than random weights?
+  probes = {"eval.num_train": _experiment(f"{args.size},dino").eval.num_train}  # base_config has it off
+  gate = {"split": "val", "margin": args.gate_margin,
+          "random_init": probe_random_init(config_lib.with_overrides(base_config(args), probes), "val"),
+          "base": train_vision.evaluate_checkpoint(base_dir, "val", overrides=probes)}
+  gate["passed"], gate["reasons"] = gate_verdict(gate["random_init"], gate["base"], args.gate_margin)
+  log(f"gate on val: {'passed' if gate['passed'] else 'FAILED: ' + '; '.join(gate['reasons'])}")
+  if not gate["passed"] and not args.ignore_gate:
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+      json.dump({"args": vars(args), "seconds": time.perf_counter() - start, "gate": gate, "results": results}, f,
+                indent=1, default=float)
+    sys.exit(f"The base is not better than a randomly initialised ViT on val ({'; '.join(gate['reasons'])}): "
+             "continuing it cannot test the claim, so no arm was run. Pretrain a better base (--base_steps, "
+             "--base_lr) or pass --ignore_gate to run the arms anyway.")
 
   masks = {}
   for seed in range(args.seeds):
@@ -138,8 +180,9 @@ def main():
 
   elapsed = time.perf_counter() - start
   with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump({"args": vars(args), "seconds": elapsed, "results": results}, f, indent=1, default=float)
-  write_table(args, results, arms, elapsed)
+    json.dump({"args": vars(args), "seconds": elapsed, "gate": gate, "results": results}, f, indent=1,
+              default=float)
+  write_table(args, results, arms, elapsed, gate)
   write_plots(args, results, arms, masks)
   log(f"done in {elapsed / 60:.1f} min; see {args.out}/table.md")
 
@@ -156,7 +199,7 @@ def _rows(results, arm):
   return sorted((r for r in results if r["arm"] == arm), key=lambda r: r["seed"])
 
 
-def write_table(args, results, arms, elapsed):
+def write_table(args, results, arms, elapsed, gate):
   lines = [f"Measured {time.strftime('%Y-%m-%d')}: `{args.size}` ViT on procedural scenes, base {args.base_steps} DINO "
            f"steps, then {args.steps} learner updates per arm (matched), {args.seeds} seeds; whole sweep "
            f"{elapsed / 60:.1f} min on this machine. Mean ± std over seeds; last checkpoint probed on frozen "
@@ -181,6 +224,9 @@ def write_table(args, results, arms, elapsed):
                  if r["seed"] in base and k in r["final"] and k in base[r["seed"]]]
         cells.append(_mean_std(diffs, "{:+.4f}"))
       lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+  lines += ["", f"Gate (val split, margin {gate['margin']}): " + (
+      "passed" if gate["passed"] else "FAILED, arms run with --ignore_gate: " + "; ".join(gate["reasons"])) + ". "
+      + ", ".join(f"{k} random init {gate['random_init'][k]:.4f} / base {gate['base'][k]:.4f}" for k, _ in GATE_METRICS)]
   lines += ["", PAPER]
   with open(os.path.join(args.out, "table.md"), "w") as f:
     f.write("\n".join(lines) + "\n")

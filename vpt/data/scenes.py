@@ -54,7 +54,6 @@ _FASHION_SPLIT = {"test": "test", "val": "test", "labeled_meta": "train",
 OBJECT_DEPTH = (1.0, 4.0)
 GROUND_DEPTH_FAR = (7.0, 9.0)  # at the top row
 GROUND_DEPTH_NEAR = (4.5, 5.5)  # at the bottom row
-_SIZE_AT_1M = 0.6  # object side in image widths at 1 m (times a 0.8-1.2 physical size)
 _SILHOUETTE_THRESHOLD = 0.15  # of the Fashion item's max intensity (1.0)
 
 
@@ -65,6 +64,9 @@ def scene_config() -> ml_collections.ConfigDict:
   c.image_size = 32
   c.min_objects = 2
   c.max_objects = 5
+  c.object_size = 0.6  # object side in image widths at 1 m (times a 0.8-1.2 physical size)
+  c.ground_color = (0.1, 0.9)  # range of the ground's RGB channels (a gradient between two draws)
+  c.object_tint = (0.15, 1.0)  # range of an object's RGB tint
   c.fashion_dir = images_lib.FASHION_MNIST_DIR
   c.num_train = 1 << 30  # virtual: scenes are generated on demand.
   c.num_labeled_train = 2000  # paper: ADE20K 2,000 train + 512 meta.
@@ -74,13 +76,13 @@ def scene_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _ground(rng: np.random.Generator, s: int) -> tuple[np.ndarray, np.ndarray]:
+def _ground(rng: np.random.Generator, s: int, color_range: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
   """Background image [s, s, 3] float and its depth [s, s] (a plane: 1/depth linear in row)."""
   far, near = rng.uniform(*GROUND_DEPTH_FAR), rng.uniform(*GROUND_DEPTH_NEAR)
   t = np.arange(s, dtype=np.float64) / max(s - 1, 1)
   row_depth = 1.0 / ((1 - t) / far + t / near)
   depth = np.repeat(row_depth[:, None], s, axis=1)
-  top, bottom = rng.uniform(0.1, 0.9, 3), rng.uniform(0.1, 0.9, 3)
+  top, bottom = rng.uniform(*color_range, 3), rng.uniform(*color_range, 3)
   color = (1 - t)[:, None] * top + t[:, None] * bottom  # [s, 3] gradient
   # Stripes at a fixed spacing on the ground: they crowd together with distance.
   period, phase = rng.uniform(0.5, 1.0), rng.uniform(0, 2 * np.pi)
@@ -103,7 +105,9 @@ class ProceduralScenes:
   """The scene generator for one split: scenes[i] is a function of (seed, split, i)."""
 
   def __init__(self, split: str, *, seed: int = 0, image_size: int = 32, min_objects: int = 2,
-               max_objects: int = 5, fashion_dir: str = images_lib.FASHION_MNIST_DIR):
+               max_objects: int = 5, object_size: float = 0.6,
+               ground_color: tuple[float, float] = (0.1, 0.9), object_tint: tuple[float, float] = (0.15, 1.0),
+               fashion_dir: str = images_lib.FASHION_MNIST_DIR):
     if split not in SPLITS:
       raise ValueError(f"scenes split={split!r}: expected one of {SPLITS}")
     if seed < 0:
@@ -113,7 +117,14 @@ class ProceduralScenes:
     if not 1 <= min_objects <= max_objects:
       raise ValueError(f"scenes min_objects={min_objects}, max_objects={max_objects}: expected "
                        "1 <= min_objects <= max_objects")
+    if not object_size > 0:
+      raise ValueError(f"scenes object_size={object_size}: expected > 0 (image widths at 1 m)")
     self.split, self.seed, self.size = split, int(seed), int(image_size)
+    self.object_size = float(object_size)
+    for name, (lo, hi) in (("ground_color", ground_color), ("object_tint", object_tint)):
+      if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"scenes {name}=({lo}, {hi}): expected 0 <= low <= high <= 1")
+    self.ground_color, self.object_tint = tuple(map(float, ground_color)), tuple(map(float, object_tint))
     self.min_objects, self.max_objects = int(min_objects), int(max_objects)
     self.fashion_dir = fashion_dir
     self._load()
@@ -138,7 +149,7 @@ class ProceduralScenes:
 
   def _object(self, rng: np.random.Generator, cls: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(mask [n, n] bool, colour [n, n, 3]) of one object of class `cls`, n pixels wide."""
-    tint = rng.uniform(0.15, 1.0, 3)
+    tint = rng.uniform(*self.object_tint, 3)
     if cls in SHAPE_CLASSES.values():
       kind = next(k for k, v in SHAPE_CLASSES.items() if v == cls)
       mask = _shape_mask(kind, n)
@@ -160,13 +171,13 @@ class ProceduralScenes:
     g = self.global_index(i)
     rng = np.random.default_rng([self.seed, g])
     s = self.size
-    img, depth = _ground(rng, s)
+    img, depth = _ground(rng, s, self.ground_color)
     seg = np.full((s, s), BACKGROUND, np.uint8)
     objects = []
     for _ in range(int(rng.integers(self.min_objects, self.max_objects + 1))):
       cls = int(rng.integers(1, NUM_CLASSES))
       z = float(rng.uniform(*OBJECT_DEPTH))
-      n = int(round(_SIZE_AT_1M * s * rng.uniform(0.8, 1.2) / z))
+      n = int(round(self.object_size * s * rng.uniform(0.8, 1.2) / z))
       n = int(np.clip(n, max(4, round(0.15 * s)), s))
       cy, cx = rng.uniform(0, s, 2)
       top, left = int(round(cy - n / 2)), int(round(cx - n / 2))
@@ -235,4 +246,5 @@ def make_scene_source(cfg: ml_collections.ConfigDict, split: str) -> SceneSource
     raise ValueError(f"scenes split={split!r}: expected one of {SPLITS}")
   return SceneSource(split, int(sizes[split]), seed=cfg.seed, image_size=cfg.image_size,
                      min_objects=cfg.min_objects, max_objects=cfg.max_objects,
-                     fashion_dir=cfg.fashion_dir)
+                     object_size=cfg.object_size, ground_color=tuple(cfg.ground_color),
+                     object_tint=tuple(cfg.object_tint), fashion_dir=cfg.fashion_dir)
