@@ -146,20 +146,19 @@ def main():
 
   base_dir = os.path.join(args.out, "runs", "base")
   base = train_vision.run(base_config(args), base_dir)
-  results = [{"arm": "base", "seed": 0, "final": _final(base, probe_on_test(base_dir, _experiment(f"{args.size},dino")),
+  experiment = _experiment(f"{args.size},dino")
+  results = [{"arm": "base", "seed": 0, "final": _final(base, probe_on_test(base_dir, experiment),
                                                          base.get("throughput", {}).get("step_time_s"))}]
   log(f"base: {results[0]['final']}")
   # The gate, on val (test is only scored after training): is the base a better start than random weights?
-  probes = {"eval.num_train": _experiment(f"{args.size},dino").eval.num_train}  # base_config has it off
+  probes = {"eval.num_train": experiment.eval.num_train}  # base_config has it off
   gate = {"split": "val", "margin": args.gate_margin,
           "random_init": probe_random_init(config_lib.with_overrides(base_config(args), probes), "val"),
           "base": train_vision.evaluate_checkpoint(base_dir, "val", overrides=probes)}
   gate["passed"], gate["reasons"] = gate_verdict(gate["random_init"], gate["base"], args.gate_margin)
   log(f"gate on val: {'passed' if gate['passed'] else 'FAILED: ' + '; '.join(gate['reasons'])}")
   if not gate["passed"] and not args.ignore_gate:
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-      json.dump({"args": vars(args), "seconds": time.perf_counter() - start, "gate": gate, "results": results}, f,
-                indent=1, default=float)
+    write_results(args, time.perf_counter() - start, gate, results)
     sys.exit(f"The base is not better than a randomly initialised ViT on val ({'; '.join(gate['reasons'])}): "
              "continuing it cannot test the claim, so no arm was run. Pretrain a better base (--base_steps, "
              "--base_lr) or pass --ignore_gate to run the arms anyway.")
@@ -179,12 +178,15 @@ def main():
       log(f"{arm} seed {seed}: " + ", ".join(f"{k} {final[k]:.4f}" for k, _, _ in METRICS if k in final))
 
   elapsed = time.perf_counter() - start
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump({"args": vars(args), "seconds": elapsed, "gate": gate, "results": results}, f, indent=1,
-              default=float)
+  write_results(args, elapsed, gate, results)
   write_table(args, results, arms, elapsed, gate)
   write_plots(args, results, arms, masks)
   log(f"done in {elapsed / 60:.1f} min; see {args.out}/table.md")
+
+
+def write_results(args, seconds, gate, results):
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    json.dump({"args": vars(args), "seconds": seconds, "gate": gate, "results": results}, f, indent=1, default=float)
 
 
 def _mean_std(values, fmt="{:.4f}"):
