@@ -1,7 +1,7 @@
 """Vision V-Pretraining overhead, side by side in one run (prints Markdown tables for BENCHMARKS.md):
 
-1. learner-step throughput of V-Pretraining (U-Net designer views every step, feedback heads every step,
-   one meta step every `--meta_every`) and of the candidate-task designer ÷ the plain DINO step;
+1. learner-step throughput of V-Pretraining (U-Net designer views every step; one meta step — heads
+   refresh, g_down, designer step — every `--meta_every`) and of the candidate-task designer ÷ the plain DINO step;
 2. scoring the M candidate views: one `jax.vmap` over candidates of a forward-mode JVP (the step's path)
    vs one backward pass per candidate and a dot product (the explicit reference), and their agreement.
 
@@ -146,7 +146,7 @@ def main():
   print("|---|---|---|---|")
   for mode in modes:
     label = {"dino": "DINO step (baseline)", "unet": "V-Pretraining step, U-Net designer",
-             NO_META: "U-Net designer step without its meta step (views + heads only)",
+             NO_META: "U-Net designer step without its meta step (views only)",
              COND: "V-Pretraining step, U-Net designer, one program with the meta step under lax.cond",
              "candidates": "V-Pretraining step, candidate designer"}[mode]
     print(f"| {label} | {step_time[mode]:.3f} s | {c.batch_size / step_time[mode]:,.1f} | "
@@ -162,7 +162,7 @@ def main():
           f"{step_time['dino'] / step_time[mode]:.3f} | not reported for vision (language: 0.84 v1, 0.91 v2) |")
     print(f"| {mode} V-Pretraining ÷ DINO peak memory | {peak[mode] / peak['dino']:.3f} | |")
   meta_cost = args.meta_every * (step_time["unet"] - step_time[NO_META])
-  print(f"| U-Net per-step overhead (views + heads) ÷ DINO step | {step_time[NO_META] / step_time['dino'] - 1:+.3f} | |")
+  print(f"| U-Net per-step overhead (views) ÷ DINO step | {step_time[NO_META] / step_time['dino'] - 1:+.3f} | |")
   print(f"| U-Net meta step ÷ DINO step (from meta every {args.meta_every} vs never) | {meta_cost / step_time['dino']:.2f} | |")
   print(f"| U-Net, meta step under lax.cond ÷ two programs (step time) | {step_time[COND] / step_time['unet']:.2f}× | |")
   print(f"| backward per candidate ÷ vmap JVP time | {score_time['backward per candidate'] / score_time['vmap JVP']:.2f}× | |")

@@ -42,7 +42,7 @@ def vision_config(mode="unet", **overrides) -> ml_collections.ConfigDict:
                                                b2=0.999, grad_clip_norm=1.0))
   c.data = ml_collections.ConfigDict(dict(source="scenes"))
   c.feedback = ml_collections.ConfigDict(dict(alpha_seg=1.0, alpha_dep=2.0, batch_size=B, head_learning_rate=1e-2,
-                                              head_steps_per_learner_step=1, num_classes=NUM_CLASSES))
+                                              head_steps=1, num_classes=NUM_CLASSES))
   c.vpt = ml_collections.ConfigDict(dict(mode=mode, meta_every=2, burn_in_steps=0, align_last_n_layers=1,
                                          meta_batch_size=B, align="dot"))
   c.vpt.designer = ml_collections.ConfigDict(dict(base_channels=4, depth=2, learning_rate=1e-3, keep_ratio=0.6,
@@ -307,7 +307,7 @@ def test_learner_update_does_not_depend_on_labels_with_the_designer_fixed(unet_r
   s2, m2 = step(state, b_u, b_meta, _relabel(b_train), _relabel(b_fb))
   assert float(m1["meta/is_meta_step"]) == 1.0 and float(m1["learning_rate"]) > 0
   # The labels were read: the downstream loss, the value, φ's gradient and the heads all changed...
-  for k in ("meta/down_loss", "meta/value", "meta/designer_grad_norm", "heads/seg_loss", "heads/depth_l1"):
+  for k in ("meta/down_loss", "meta/value", "meta/designer_grad_norm", "meta/head_seg_loss", "meta/head_depth_l1"):
     assert float(m1[k]) != float(m2[k]), k
   assert not _leaves_equal(s1.heads, s2.heads)
   # ...yet with φ fixed (learning rate 0) the learner's update is bit-identical.
@@ -316,6 +316,25 @@ def test_learner_update_does_not_depend_on_labels_with_the_designer_fixed(unet_r
   for a, b in [(s1.student, s2.student), (s1.teacher, s2.teacher), (s1.center, s2.center),
                (s1.opt_state, s2.opt_state)]:
     assert _leaves_equal(a, b)
+
+
+def test_heads_refresh_only_in_the_meta_step_and_plain_steps_read_no_feedback_batch(unet_run):
+  """PAPER §5: the heads are refreshed inside the meta step. On a plain step (step 1, meta every 2)
+  the heads and designer stay as they were and the meta/labeled batches are not read: NaN batches
+  give a bit-identical step."""
+  cfg, state, step, _ = unet_run
+  state = state.replace(step=jnp.ones_like(state.step))
+  b_u, b_meta, b_train, b_fb = _batches(5)
+  nan = lambda b: jax.tree.map(lambda x: np.full_like(x, np.nan) if x.dtype.kind == "f" else x, b)
+  s1, m1 = step(state, b_u, b_meta, b_train, b_fb)
+  s2, m2 = step(state, b_u, nan(b_meta), nan(b_train), nan(b_fb))
+  assert float(m1["meta/is_meta_step"]) == 0.0
+  assert _leaves_equal(s1.heads, state.heads) and _leaves_equal(s1.designer.params, state.designer.params)
+  assert not _leaves_equal(s1.student, state.student)
+  assert _leaves_equal(s1, s2)
+  # The meta step refreshes them: `feedback.head_steps` head updates on the labeled-train batch.
+  s3, _ = step(state.replace(step=jnp.zeros_like(state.step)), b_u, b_meta, b_train, b_fb)
+  assert not _leaves_equal(s3.heads, state.heads)
 
 
 def test_learner_has_zero_derivative_with_respect_to_the_labels(unet_run):

@@ -9,9 +9,9 @@ The step itself (DINO learner step, feedback heads, meta step) lives in vpt/visi
 
 Data. Four grain iterators, all checkpointed: `data` (the unlabeled stream, images only — its labels,
 if the source has any, are dropped before the step), `meta_data` (the separate unlabeled meta-SSL
-batch), `labeled_train` (feedback heads) and `labeled_meta` (g_down). The two meta iterators advance
-only on meta steps (other steps pass the last batch again; the step reads them only under its meta
-branch), so their checkpointed positions are exact and a resumed run equals an uninterrupted one.
+batch), `labeled_train` (the heads' refresh) and `labeled_meta` (g_down). These three advance only on
+meta steps (other steps pass the last batches again; the step reads them only under its meta branch),
+so their checkpointed positions are exact and a resumed run equals an uninterrupted one.
 
 Evaluation, on frozen features of the learner's backbone: a linear probe and DINO's kNN on the cls
 feature (image labels), linear-BN segmentation and depth heads on the patch features (mIoU, depth
@@ -130,8 +130,9 @@ def _make_iterators(config, with_feedback: bool) -> dict:
 
 
 class _MetaFeed:
-  """The meta step's batches (unlabeled meta-SSL and labeled-meta): fresh on meta steps, the resident
-  previous batch otherwise — the jitted step reads them only under its meta branch."""
+  """The meta step's batches (unlabeled meta-SSL, labeled-train for the heads, labeled-meta for g_down):
+  fresh on meta steps, the resident previous batches otherwise — the jitted step reads them only under
+  its meta branch, so plain steps neither render nor transfer feedback data."""
 
   def __init__(self, iterators, config, mesh, labeled_like: dict):
     self.its, self.config, self.mesh = iterators, config, mesh
@@ -141,17 +142,25 @@ class _MetaFeed:
 
   def batches_for(self, step: int):
     if self.setup.is_meta_step(step):
-      meta_u = _images_only(next(self.its["meta_data"]))
-      meta_l = _labeled(next(self.its["labeled_meta"]))
-    elif self.current is None:  # a placeholder of the right shapes (never read: not a meta step).
+      batches = (_images_only(next(self.its["meta_data"])), _labeled(next(self.its["labeled_train"])),
+                 _labeled(next(self.its["labeled_meta"])))
+    elif self.current is None:  # placeholders of the right shapes (never read: not a meta step).
       c, pc = self.config, jax.process_count()
       size = c.data.image_size
-      meta_u = {"image": np.zeros((c.vpt.meta_batch_size // pc, size, size, 3), np.float32)}
-      meta_l = jax.tree.map(np.zeros_like, self.labeled_like)
+      labeled = jax.tree.map(np.zeros_like, self.labeled_like)
+      batches = ({"image": np.zeros((c.vpt.meta_batch_size // pc, size, size, 3), np.float32)}, labeled, labeled)
     else:
       return self.current
-    self.current = (sharding.global_batch(meta_u, self.mesh), sharding.global_batch(meta_l, self.mesh))
+    self.current = tuple(sharding.global_batch(b, self.mesh) for b in batches)
     return self.current
+
+
+def _peek(iterator) -> dict:
+  """The iterator's next batch, leaving its position where it was (the checkpointed state stays exact)."""
+  position = iterator.get_state()
+  batch = next(iterator)
+  iterator.set_state(position)
+  return batch
 
 
 # ----------------------------------------------------------------------------- state, shardings, init
@@ -340,7 +349,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   iterators = _make_iterators(config, uses_designer)
   train_iter = iterators["data"]
   first_batch = _images_only(next(train_iter))  # surfaces data errors now.
-  first_labeled = _labeled(next(iterators["labeled_train"])) if uses_designer else None
+  first_labeled = _labeled(_peek(iterators["labeled_train"])) if uses_designer else None
   evaluator = Evaluator(config, mesh, "val") if config.eval.num_train > 0 else None
 
   # The seed and the sample (the heads are shaped by the labeled images) are arguments, not constants:
@@ -359,7 +368,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
     state = jax.jit(init_fn, out_shardings=shardings)(*init_args)
     if config.init_from:
       state = _initialise_from(config, state, shardings)
-    pending = (first_batch, first_labeled)
+    pending = first_batch
   else:
     logging.info("Resumed from step %d", restored_step)
     print(f"Resuming from checkpoint at step {restored_step}", flush=True)
@@ -396,16 +405,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
     last_saved = None
     while step < end:
       if pending is not None:
-        batch_u, batch_lt = pending
-        pending = None
+        batch_u, pending = pending, None
       else:
         batch_u = _images_only(next(train_iter))
-        batch_lt = _labeled(next(iterators["labeled_train"])) if uses_designer else None
       args = [sharding.global_batch(batch_u, mesh), None, None, None]
       meta = uses_designer and setup.is_meta_step(step)
       if uses_designer:
-        meta_u, meta_l = meta_feed.batches_for(step)
-        args[1:] = [meta_u, sharding.global_batch(batch_lt, mesh), meta_l]
+        args[1:] = meta_feed.batches_for(step)
       first = meta not in compiled  # this call compiles its program: not timed
       compiled.add(meta)
       state, metrics = timer.step(programs[meta], state, *args, meta=meta and not first, first=first)

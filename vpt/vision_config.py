@@ -64,7 +64,7 @@ def feedback_config() -> ml_collections.ConfigDict:
   c.head_learning_rate = 1e-3
   c.head_weight_decay = 0.0
   c.head_grad_clip_norm = 1.0
-  c.head_steps_per_learner_step = 1
+  c.head_steps = 4  # AdamW steps of the heads on one labeled_train batch, at each meta step (PAPER §5)
   return c
 
 
@@ -239,7 +239,7 @@ def validate_vision(config: ml_collections.ConfigDict) -> None:
   need(fb.alpha_seg >= 0, "feedback.alpha_seg", ">= 0")
   need(fb.alpha_dep >= 0, "feedback.alpha_dep", ">= 0")
   need(fb.head_learning_rate > 0, "feedback.head_learning_rate", "> 0")
-  need(fb.head_steps_per_learner_step >= 0, "feedback.head_steps_per_learner_step", ">= 0")
+  need(fb.head_steps >= 0, "feedback.head_steps", ">= 0")
   need(fb.num_classes >= 0, "feedback.num_classes", ">= 0 (0 = from the labeled source)")
   need(fb.init_depth > 0, "feedback.init_depth", "> 0")
 

@@ -1,17 +1,20 @@
-"""The V-Pretraining step for vision: DINO continued SSL on designer-built views, feedback heads, and
-every `meta_every` steps (after a burn-in) one designer step that maximises the value.
+"""The V-Pretraining step for vision: DINO continued SSL on designer-built views, and every
+`meta_every` steps (after a burn-in) a meta step that refreshes the feedback heads and takes one
+designer step that maximises the value (PAPER §5, Algorithm 1).
 
 One jitted program per step, in this order:
-  1. feedback heads (seg + depth linear-BN on the student's frozen patch features) take
-     `feedback.head_steps_per_learner_step` AdamW steps on `batch_labeled_train`;
-  2. on meta steps (step ≥ burn-in and step % meta_every == 0; under `lax.cond`, or a separate
-     program the loop dispatches to, `make_vision_train_step(meta=…)`): g_down = sg ∇_S [α_seg·CE +
-     α_dep·L1] on `batch_labeled_meta` through the heads in eval mode (fixed affine maps), S = the
-     last K ViT blocks + final norm; then one designer step maximising
-         V(φ) = ⟨g_down, ∇_S L_DINO(θ; views_φ(batch_meta_u))⟩   (or its cosine)
-     on the separate unlabeled meta batch, minus the mask regularisers;
-  3. the learner takes an ordinary DINO step (AdamW, warmup-cosine) on `batch_u` with the views of
+  1. on meta steps (step ≥ burn-in and step % meta_every == 0; under `lax.cond`, or a separate
+     program the loop dispatches to, `make_vision_train_step(meta=…)`):
+     a. the feedback heads (seg + depth linear-BN on the student's frozen patch features) take
+        `feedback.head_steps` AdamW steps on `batch_labeled_train`;
+     b. g_down = sg ∇_S [α_seg·CE + α_dep·L1] on `batch_labeled_meta` through the refreshed heads in
+        eval mode (fixed affine maps), S = the last K ViT blocks + final norm;
+     c. one designer step maximising
+            V(φ) = ⟨g_down, ∇_S L_DINO(θ; views_φ(batch_meta_u))⟩   (or its cosine)
+        on the separate unlabeled meta batch, minus the mask regularisers;
+  2. the learner takes an ordinary DINO step (AdamW, warmup-cosine) on `batch_u` with the views of
      the UPDATED designer, detached (stop_gradient); EMA teacher (cosine momentum), centering.
+Plain steps read none of the labeled or meta batches: their cost over DINO is the designer's views.
 
 Views (PAPER §4). `multi_crop` (keyed by the state's rng) gives 2 global + n local crops; the
 designer replaces each global crop v by ṽ = μ⊙v + (1−μ)⊙Blur(v), which both the student and the
@@ -68,10 +71,11 @@ Params = Any
 MODES = ("dino", "unet", "candidates", "random_feedback")
 UNET_MODES = ("unet", "random_feedback")
 ALIGNS = ("dot", "cosine", "cosine_cheap")
+HEAD_METRICS = ("head_seg_loss", "head_depth_l1")  # the heads' training losses at their last refresh
 UNET_META_METRICS = ("value", "align", "ssl_loss", "down_loss", "g_down_norm", "g_pre_norm", "cosine",
-                     "designer_loss", "designer_grad_norm", "keep_ratio", "sparsity", "tv")
+                     "designer_loss", "designer_grad_norm", "keep_ratio", "sparsity", "tv") + HEAD_METRICS
 CAND_META_METRICS = ("value", "ssl_loss", "down_loss", "g_down_norm", "g_pre_norm", "cosine", "designer_loss",
-                     "designer_grad_norm", "entropy")
+                     "designer_grad_norm", "entropy") + HEAD_METRICS
 
 # ViT / DINO-head parameter sharding (regex on the '/'-joined path; see vpt.sharding.spec_for).
 VIT_RULES: tuple[tuple[str, tuple], ...] = (
@@ -158,7 +162,7 @@ class VisionSetup:
   alpha_dep: float = 1.0
   num_classes: int = 1
   init_depth: float = 1.0
-  head_steps: int = 1
+  head_steps: int = 4
   keep_ratio: float = 0.5
   lambda_sparsity: float = 0.0
   lambda_tv: float = 0.0
@@ -196,7 +200,7 @@ class VisionSetup:
         momentum_final=float(d.get("momentum_final", 1.0)),
         alpha_seg=float(fb.alpha_seg), alpha_dep=float(fb.alpha_dep),
         num_classes=_default_num_classes(config) if mode != "dino" else 1,
-        init_depth=float(fb.get("init_depth", 1.0)), head_steps=int(fb.get("head_steps_per_learner_step", 1)),
+        init_depth=float(fb.get("init_depth", 1.0)), head_steps=int(fb.get("head_steps", 4)),
         keep_ratio=float(des.get("keep_ratio", 0.5)), lambda_sparsity=float(des.get("lambda_sparsity", 0.0)),
         lambda_tv=float(des.get("lambda_tv", 0.0)), blur_sigma=float(des.get("blur_sigma", 1.0)),
         grad_through_teacher=bool(des.get("grad_through_teacher", True)))
@@ -442,7 +446,8 @@ def downstream_loss(setup: VisionSetup, heads: dict, patches: jax.Array, grid, b
 
 
 def head_update(setup: VisionSetup, head_opt, backbone, heads: dict, batch: dict) -> tuple[dict, dict]:
-  """`head_steps` AdamW steps of the seg / depth heads on frozen (stop-gradient) student features."""
+  """`head_steps` AdamW steps of the seg / depth heads on frozen (stop-gradient) student features of
+  one labeled-train batch (the backbone runs once)."""
   patches, grid = _backbone_patches(setup, jax.lax.stop_gradient(backbone), batch["image"])
   patches = jax.lax.stop_gradient(patches)
   names = [n for n, key in (("seg", "seg"), ("depth", "depth")) if key in batch]
@@ -464,7 +469,7 @@ def head_update(setup: VisionSetup, head_opt, backbone, heads: dict, batch: dict
     updates, opt_state = head_opt.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     variables = {n: {**variables[n], **new.get(n, {}), "params": params[n]} for n in ("seg", "depth")}
-    metrics = {f"heads/{'seg_loss' if n == 'seg' else 'depth_l1'}": v for n, v in parts.items()}
+    metrics = {f"head_{'seg_loss' if n == 'seg' else 'depth_l1'}": v for n, v in parts.items()}
   return {**variables, "opt_state": opt_state}, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
 
@@ -598,9 +603,11 @@ def candidate_meta_values(setup: VisionSetup, problem: SSLProblem, global_views:
   return cand, losses, values
 
 
-def meta_update(setup: VisionSetup, designer_opt, state: VisionState, heads: dict, batch_meta_u: dict,
-                batch_labeled_meta: dict, key: jax.Array) -> tuple[DesignerState, dict]:
-  """One designer step; returns (new DesignerState, g_down on S)."""
+def meta_update(setup: VisionSetup, head_opt, designer_opt, state: VisionState, batch_meta_u: dict,
+                batch_labeled_train: dict, batch_labeled_meta: dict,
+                key: jax.Array) -> tuple[dict, DesignerState, dict]:
+  """Refreshes the heads, then one designer step; returns (new heads, new DesignerState, g_down on S)."""
+  heads, head_metrics = head_update(setup, head_opt, state.student["backbone"], state.heads, batch_labeled_train)
   g_down, down_loss = downstream_grad(setup, state.student, heads, batch_labeled_meta)
   g_down = jax.lax.stop_gradient(g_down)  # the only place the labels are read
   if setup.mode == "random_feedback":
@@ -622,6 +629,7 @@ def meta_update(setup: VisionSetup, designer_opt, state: VisionState, heads: dic
   metrics = dict(dstate.last_meta)
   metrics.update({k: v for k, v in aux.items() if k in metrics})
   metrics.update(extra)
+  metrics.update(head_metrics)
   if setup.mode == "candidates":
     w = cand_lib.candidate_weights(params["logits"], setup.cand_cfg.temperature)
     for i, kind in enumerate(setup.cand_cfg.kinds):
@@ -629,7 +637,7 @@ def meta_update(setup: VisionSetup, designer_opt, state: VisionState, heads: dic
   metrics.update(down_loss=down_loss, g_down_norm=value_lib.tree_norm(g_down), designer_loss=loss,
                  designer_grad_norm=optax.tree.norm(grads))
   last = {k: jnp.asarray(metrics[k], jnp.float32) for k in dstate.last_meta}
-  return DesignerState(params=params, opt_state=opt_state, last_meta=last), g_down
+  return heads, DesignerState(params=params, opt_state=opt_state, last_meta=last), g_down
 
 
 # ----------------------------------------------------------------------------- state and step
@@ -689,16 +697,16 @@ def make_vision_train_step(config, meta: bool | None = None) -> Callable:
                     ("batch_labeled_meta", batch_labeled_meta)):
       if b is None:
         raise ValueError(f"vision step (mode {setup.mode!r}): {name} is required")
-    heads, head_metrics = head_update(setup, head_opt, state.student["backbone"], state.heads, batch_labeled_train)
-    zeros = lambda _: (state.designer, jax.tree.map(jnp.zeros_like, value_lib.split_params(
+    zeros = lambda _: (state.heads, state.designer, jax.tree.map(jnp.zeros_like, value_lib.split_params(
         state.student["backbone"], setup.vit_cfg.n_layers, setup.n_last)[0]))
-    run = lambda _: meta_update(setup, designer_opt, state, heads, batch_meta_u, batch_labeled_meta, keys["meta"])
+    run = lambda _: meta_update(setup, head_opt, designer_opt, state, batch_meta_u, batch_labeled_train,
+                                batch_labeled_meta, keys["meta"])
     if meta is None:
       is_meta = setup.is_meta_step(state.step)
-      designer, g_down = jax.lax.cond(is_meta, run, zeros, None)
+      heads, designer, g_down = jax.lax.cond(is_meta, run, zeros, None)
     else:
       is_meta = jnp.asarray(meta)
-      designer, g_down = (run if meta else zeros)(None)
+      heads, designer, g_down = (run if meta else zeros)(None)
     state = state.replace(heads=heads, designer=designer)
     new_state, metrics, grads = learner_update(setup, optimizer, schedule, state, batch_u, designer.params, keys)
     # cos(g_down, g_pre) with g_pre = the learner's own gradient on S (free here).
@@ -709,7 +717,6 @@ def make_vision_train_step(config, meta: bool | None = None) -> Callable:
     last["cosine"] = jnp.where(is_meta, cosine, last["cosine"]).astype(jnp.float32)
     last["g_pre_norm"] = jnp.where(is_meta, value_lib.tree_norm(g_pre), last["g_pre_norm"]).astype(jnp.float32)
     new_state = new_state.replace(designer=designer.replace(last_meta=last))
-    metrics.update(head_metrics)
     metrics.update({f"meta/{k}": v for k, v in last.items()})
     metrics["meta/is_meta_step"] = is_meta.astype(jnp.float32)
     return new_state, metrics
