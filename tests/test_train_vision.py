@@ -1,5 +1,6 @@
 """The vision loop end to end: frozen-feature evals, checkpoints, resume == uninterrupted, bad config, main."""
 
+import json
 import math
 import os
 import subprocess
@@ -111,6 +112,18 @@ def test_bad_config_field_is_named(field, value):
   config = nano_config(**{field: value})
   with pytest.raises(ValueError, match=f"config.{field}="):
     vision_config.validate_vision(config)
+
+
+def test_run_config_written_before_the_heads_moved_into_the_meta_step_still_loads(tmp_path):
+  old = nano_config("unet").to_dict()
+  del old["feedback"]["head_steps"]
+  old["feedback"]["head_steps_per_learner_step"] = 1
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(old, f)
+  config = train_vision.load_run_config(str(tmp_path))
+  assert "head_steps_per_learner_step" not in config.feedback
+  assert config.feedback.head_steps == vision_config.feedback_config().head_steps
+  vision_config.validate_vision(config)
 
 
 def test_bad_setups_fail_before_any_checkpoint(tmp_path):

@@ -501,6 +501,11 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(json.load(f))
   if config.get("task") != "vision":
     raise ValueError(f"{path}: task={config.get('task')!r}, not a vision run")
+  fb = config.get("feedback")
+  if fb is not None and "head_steps_per_learner_step" in fb:
+    # Written before the heads moved into the meta step: the field is gone (evaluation never reads it).
+    del fb["head_steps_per_learner_step"]
+    fb.head_steps = vision_config.feedback_config().head_steps
   return config
 
 
