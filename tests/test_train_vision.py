@@ -63,8 +63,9 @@ def test_nano_runs_end_to_end_with_evals_and_checkpoints(tmp_path):
   assert [r["step"] for r in records if "train/loss" in r] == [2, 4]
   assert all(math.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
   assert [r["eval/miou"] for r in records if "eval/miou" in r] == [ev["miou"]]
-  # The standalone evaluator reads the final student back from the checkpoint: same backbone, same probes.
-  again = train_vision.evaluate_checkpoint(str(tmp_path), "val")
+  # The standalone evaluator reads the final student back from the checkpoint: same backbone, same probes
+  # (given a relative workdir, as from a shell).
+  again = train_vision.evaluate_checkpoint(os.path.relpath(tmp_path), "val")
   assert again["step"] == 4
   for k, v in ev.items():
     np.testing.assert_allclose(again[k], v, rtol=1e-5, err_msg=k)

@@ -106,7 +106,7 @@ def load_learner_params(run_dir: str, abstract_params: Any, step: int | None = N
 def restore_state_fields(run_dir: str, abstract: dict, step: int | None = None, *, what: str = "") -> tuple[dict, int]:
   """The top-level fields of another run's checkpointed state that `abstract` names (partial restore;
   its newest checkpoint, or `step`), read straight into the shardings of `abstract` (ShapeDtypeStructs)."""
-  directory = os.path.join(run_dir, "checkpoints")
+  directory = os.path.join(os.path.abspath(run_dir), "checkpoints")  # orbax refuses relative paths
   steps = sorted(int(d) for d in (os.listdir(directory) if os.path.isdir(directory) else []) if d.isdigit())
   if not steps:
     raise FileNotFoundError(f"{what}{run_dir!r}: no checkpoint under {directory}")
