@@ -39,14 +39,16 @@ def peak_bytes(compiled) -> float:
 
 NO_META = "unet, no meta step"  # the U-Net step with the meta step never taken: the per-step overhead alone
 COND = "unet, lax.cond"  # the U-Net step as ONE program, the meta step under lax.cond (not what the loop runs)
+DETACHED = "unet, targets detached"  # ∇φV without the teacher's path (vpt.designer.grad_through_teacher=False)
 
 
 def config_for(args, mode):
   meta_every = 10**9 if mode == NO_META else args.meta_every
-  mode = "unet" if mode in (NO_META, COND) else mode
+  overrides = {"vpt.designer.grad_through_teacher": False} if mode == DETACHED else {}
+  mode = "unet" if mode in (NO_META, COND, DETACHED) else mode
   config = config_lib.load_config_file(os.path.join(REPO, "experiments", "vision_dino.py"), f"{args.size},{mode}")
   return config_lib.with_overrides(config, {"vpt.meta_every": meta_every, "vpt.burn_in_steps": 0,
-                                            "num_steps": 10_000})
+                                            "num_steps": 10_000, **overrides})
 
 
 def batches(config):
@@ -67,7 +69,7 @@ def main():
   args = ap.parse_args()
 
   # --- 1. training-step throughput ----------------------------------------------------------------
-  modes = ("dino", "unet", NO_META, COND, "candidates")
+  modes = ("dino", "unet", DETACHED, NO_META, COND, "candidates")
   configs = {m: config_for(args, m) for m in modes}
   bu, bmu, blt, blm = batches(configs["unet"])
   programs, holders = {}, {}  # mode -> (the compiled program of each step of a window, extra args)
@@ -78,7 +80,7 @@ def main():
     extra = (bmu, blt, blm) if mode != "dino" else (None, None, None)
     compile_for = lambda meta, c=config, s=state, e=extra: jax.jit(
         vision_step.make_vision_train_step(c, meta=meta), donate_argnums=(0,)).lower(s, bu, *e).compile()
-    if mode in ("unet", "candidates"):  # as the loop runs them: the meta program, then r − 1 plain steps
+    if mode in ("unet", DETACHED, "candidates"):  # as the loop runs them: the meta program, then r − 1 plain steps
       plain = compile_for(False)
       window_programs = [compile_for(True)] + [plain] * (args.meta_every - 1)
     else:  # dino, the U-Net without meta steps (plain steps only), and the single lax.cond program
@@ -146,6 +148,7 @@ def main():
   print("|---|---|---|---|")
   for mode in modes:
     label = {"dino": "DINO step (baseline)", "unet": "V-Pretraining step, U-Net designer",
+             DETACHED: "V-Pretraining step, U-Net designer, ∇φV with the teacher's targets detached",
              NO_META: "U-Net designer step without its meta step (views only)",
              COND: "V-Pretraining step, U-Net designer, one program with the meta step under lax.cond",
              "candidates": "V-Pretraining step, candidate designer"}[mode]
@@ -157,7 +160,7 @@ def main():
   print()
   print("| ratio | ours | paper |")
   print("|---|---|---|")
-  for mode in ("unet", "candidates"):
+  for mode in ("unet", DETACHED, "candidates"):
     print(f"| {mode} V-Pretraining ÷ DINO throughput (meta every {args.meta_every}) | "
           f"{step_time['dino'] / step_time[mode]:.3f} | not reported for vision (language: 0.84 v1, 0.91 v2) |")
     print(f"| {mode} V-Pretraining ÷ DINO peak memory | {peak[mode] / peak['dino']:.3f} | |")

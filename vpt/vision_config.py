@@ -92,6 +92,9 @@ def vpt_config() -> ml_collections.ConfigDict:
   c.designer.lambda_sparsity = 0.1
   c.designer.lambda_tv = 0.05
   c.designer.blur_sigma = 2.0  # of Blur(v) in ṽ = μ⊙v + (1−μ)⊙Blur(v), in pixels of the global crop
+  # ∇φV differentiates the teacher's targets on the designer's views too (exact); False detaches them,
+  # as PyTorch's DINOLoss does (likely the paper's code; cheaper meta step, BENCHMARKS.md).
+  c.designer.grad_through_teacher = True
   # Candidate tasks (vpt.tasks.vision_candidates): every CandidateConfig field, plus num (0 = len(kinds)).
   c.candidates = ml_collections.ConfigDict(dataclasses.asdict(CandidateConfig()))
   c.candidates.num = 0
