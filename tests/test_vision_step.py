@@ -202,6 +202,49 @@ def test_unet_designer_gradient_reverse_over_jvp_equals_double_backward_and_fini
     np.testing.assert_allclose(fd, analytic, rtol=1e-6)
 
 
+def test_detached_teacher_targets_keep_the_value_and_drop_the_teachers_path_from_the_designer_gradient(unet_run, x64):
+  """vpt.designer.grad_through_teacher=False (PyTorch DINOLoss's detach): same V(φ), and ∇φV equals the
+  exact gradient minus the part through the teacher's targets, i.e. the gradient with the teacher's
+  outputs held at their values (checked by giving the teacher's path a zero tangent: the student sees
+  views_φ, the teacher views_φ0)."""
+  setup, state = _math_state(unet_run)
+  gv, lv = _views(4)
+  subset, _ = value_lib.split_params(state.student["backbone"], 2, setup.n_last)
+  g_down = _random_like(subset, 5)
+  phi0 = state.designer.params
+
+  def value(setup, phi, teacher_phi):
+    problem, subset = vs.SSLProblem.build(setup, state.student, state.teacher, state.center, 0, lv)
+    views = vs.unet_views(setup, phi, gv)[0]
+    teacher_views = vs.unet_views(setup, teacher_phi, gv)[0]
+    # The same loss with separate views for the teacher: patch the teacher's input through `model.apply`.
+    teacher_out = setup.model.apply({"params": state.teacher}, vs.normalize(vs._flat(teacher_views)))
+    g, b = views.shape[:2]
+    h = problem.split.prefix(vs.normalize(vs._flat(views)))
+    grid = vs._grid(setup, vs._flat(views))
+    loss = lambda s: vs.dino_cross_entropy(jnp.concatenate(
+        [problem.split.dino_out(s, h, grid).reshape(g, b, -1),
+         problem.split.dino_out(s, problem.local_prefix, problem.local_grid).reshape(problem.n_local, b, -1)]),
+        teacher_out.reshape(g, b, -1), problem.center, setup.t_s, problem.t_t, g)
+    return jax.jvp(loss, (subset,), (g_down,))[1]
+
+  detached = dataclasses.replace(setup, grad_through_teacher=False)
+  grads = fast_jit(lambda p: (
+      jax.grad(lambda q: vs.unet_meta_objective(detached, vs.SSLProblem.build(
+          detached, state.student, state.teacher, state.center, 0, lv)[0], gv, subset, g_down, p)(q)[1]["value"])(p),
+      jax.grad(lambda q: vs.unet_meta_objective(setup, vs.SSLProblem.build(
+          setup, state.student, state.teacher, state.center, 0, lv)[0], gv, subset, g_down, p)(q)[1]["value"])(p),
+      jax.grad(lambda q: value(setup, q, jax.lax.stop_gradient(q)))(p),
+      value(setup, p, p),
+      vs.unet_meta_objective(detached, vs.SSLProblem.build(detached, state.student, state.teacher, state.center, 0,
+                                                           lv)[0], gv, subset, g_down, p)(p)[1]["value"]))
+  g_detached, g_exact, g_ref, v_ref, v_detached = grads(phi0)
+  np.testing.assert_allclose(v_detached, v_ref, rtol=1e-10)
+  for a, r in zip(jax.tree.leaves(g_detached), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, r, rtol=1e-8, atol=1e-14)
+  assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g_detached), jax.tree.leaves(g_exact))) > 1e-8
+
+
 # ----------------------------------------------------------------------------- DINO baseline
 
 
