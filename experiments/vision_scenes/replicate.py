@@ -1,6 +1,6 @@
 """CPU-scale replication of the paper's vision result (PAPER §4, §7.1): DINO continued SSL vs V-Pretraining.
 
-    python experiments/vision_scenes/replicate.py --out experiments/vision_scenes/results   # the sweep
+    python experiments/vision_scenes/replicate.py --out experiments/vision_scenes/results --ignore_gate   # the sweep
     python experiments/vision_scenes/replicate.py --out /tmp/vsmoke --smoke                 # wiring only
 
 1. A base ViT (`tiny` of experiments/vision_dino.py: 32 px procedural scenes — `SCENES` below: 1–3 larger
