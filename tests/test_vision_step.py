@@ -228,16 +228,14 @@ def test_detached_teacher_targets_keep_the_value_and_drop_the_teachers_path_from
         teacher_out.reshape(g, b, -1), problem.center, setup.t_s, problem.t_t, g)
     return jax.jvp(loss, (subset,), (g_down,))[1]
 
-  detached = dataclasses.replace(setup, grad_through_teacher=False)
-  grads = fast_jit(lambda p: (
-      jax.grad(lambda q: vs.unet_meta_objective(detached, vs.SSLProblem.build(
-          detached, state.student, state.teacher, state.center, 0, lv)[0], gv, subset, g_down, p)(q)[1]["value"])(p),
-      jax.grad(lambda q: vs.unet_meta_objective(setup, vs.SSLProblem.build(
-          setup, state.student, state.teacher, state.center, 0, lv)[0], gv, subset, g_down, p)(q)[1]["value"])(p),
-      jax.grad(lambda q: value(setup, q, jax.lax.stop_gradient(q)))(p),
-      value(setup, p, p),
-      vs.unet_meta_objective(detached, vs.SSLProblem.build(detached, state.student, state.teacher, state.center, 0,
-                                                           lv)[0], gv, subset, g_down, p)(p)[1]["value"]))
+  def designer_value(setup):  # φ ↦ V(φ) as the meta step computes it, for this setup's gradient path
+    problem, _ = vs.SSLProblem.build(setup, state.student, state.teacher, state.center, 0, lv)
+    return lambda phi: vs.unet_meta_objective(setup, problem, gv, subset, g_down, phi0)(phi)[1]["value"]
+
+  detached = designer_value(dataclasses.replace(setup, grad_through_teacher=False))
+  grads = fast_jit(lambda p: (jax.grad(detached)(p), jax.grad(designer_value(setup))(p),
+                              jax.grad(lambda q: value(setup, q, jax.lax.stop_gradient(q)))(p),
+                              value(setup, p, p), detached(p)))
   g_detached, g_exact, g_ref, v_ref, v_detached = grads(phi0)
   np.testing.assert_allclose(v_detached, v_ref, rtol=1e-10)
   for a, r in zip(jax.tree.leaves(g_detached), jax.tree.leaves(g_ref)):
