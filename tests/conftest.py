@@ -14,6 +14,13 @@ SHARED_DIR = os.environ.get(
 GSM8K_DIR = os.path.join(SHARED_DIR, "data", "gsm8k")
 
 
+# Fashion-MNIST for the vision tests without a manual install step: a generated stand-in in the real idx
+# layout, unless VPT_FASHION_MNIST_DIR already names a directory (e.g. the Debian package's, for the real images).
+if not os.environ.get("VPT_FASHION_MNIST_DIR"):
+  import fashion_stand_in  # noqa: E402
+  os.environ["VPT_FASHION_MNIST_DIR"] = fashion_stand_in.directory_for()  # before vpt.data.images reads it
+  fashion_stand_in.ensure(os.environ["VPT_FASHION_MNIST_DIR"])
+
 from vpt.data.tokenizer import Tokenizer  # noqa: E402 (after XLA_FLAGS; imports no JAX)
 
 

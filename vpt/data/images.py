@@ -16,7 +16,7 @@ float32 NHWC images in [0, 1] plus the label arrays, with a checkpointable itera
 
 Layouts (the public ones):
   Fashion-MNIST  <dir>/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
-                 (Debian `dataset-fashion-mnist`: FASHION_MNIST_DIR)
+                 (Debian `dataset-fashion-mnist`, or $VPT_FASHION_MNIST_DIR: FASHION_MNIST_DIR)
   ImageNet       <root>/{train,val}/<wnid>/*.JPEG; class = index of the wnid in the
                  sorted wnids of <root>/train (of the split's own folder if no train/)
   ADE20K         <root>/ADEChallengeData2016/{images,annotations}/{training,validation}/
@@ -42,7 +42,9 @@ import numpy as np
 from PIL import Image
 
 IGNORE_INDEX = 255
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+# The Debian package `dataset-fashion-mnist` installs the idx files here; VPT_FASHION_MNIST_DIR overrides
+# (the tests point it at a generated stand-in: tests/fashion_stand_in.py).
+FASHION_MNIST_DIR = os.environ.get("VPT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal",
                          "shirt", "sneaker", "bag", "ankle boot")
 ADE20K_NUM_CLASSES = 150
@@ -115,8 +117,8 @@ def _idx_path(directory: str, stem: str) -> str:
       return os.path.join(directory, name)
   raise FileNotFoundError(
       f"Fashion-MNIST file {stem}[.gz] not found in {directory!r}: install the Debian package "
-      f"dataset-fashion-mnist (files under {FASHION_MNIST_DIR}) or pass the directory holding "
-      "the idx files")
+      f"dataset-fashion-mnist (files under /usr/share/datasets/fashion-mnist), or set "
+      "VPT_FASHION_MNIST_DIR or pass the directory holding the idx files")
 
 
 @functools.lru_cache(maxsize=4)

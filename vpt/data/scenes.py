@@ -23,8 +23,8 @@ Splits are disjoint index ranges of one generator, so no scene is shared:
   labeled_train  [3*2^24, 2^26)   objects from Fashion-MNIST train (head training)
   train          [2^32, ...)      objects from Fashion-MNIST train (unlabeled SSL stream)
 Evaluation scenes (val/test) thus show Fashion items never seen in training scenes.
-The Fashion-MNIST idx files are required (Debian `dataset-fashion-mnist`); there is
-no fallback.
+The Fashion-MNIST idx files are required (Debian `dataset-fashion-mnist`, or the directory
+in $VPT_FASHION_MNIST_DIR); there is no fallback.
 """
 
 from __future__ import annotations
