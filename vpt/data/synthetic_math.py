@@ -12,10 +12,29 @@ model writes, see `extract_equations`) and not only the answer format.
 
 With probability `irrelevant_fraction` a record is instead off-domain filler
 prose, `{"text": str}`, standing in for irrelevant data in the stream.
+
+A `StreamStyle` makes the continued-pretraining stream *mismatch* the downstream
+task, as NuminaMath-CoT differs from GSM8K (V-Pretraining can only help where
+the stream's one-hot targets are not already the downstream's best targets):
+  - answer style: only `downstream_format_fraction` of solutions end `#### N`;
+    the rest end `The answer is N.` (the final-answer decision is the first
+    token of the last line);
+  - corrupted facts: each written result `c` of an `a op b = c` step whose op is
+    in `corrupt_ops` is wrong with probability `corrupt_fact_rate` — 'random'
+    (another number of the same digit count) or 'systematic' (c + 1, a rule a
+    learner can pick up); later steps still use the true value;
+  - a wrong final answer after correct steps (`wrong_final_fraction`): a copy
+    error the learner can tell apart from a right target, since the number to
+    copy stands one line above.
+Style draws come from their own random stream keyed by (seed, i), so a record's
+problem is the same under every style (paired comparisons), and the default
+style reproduces the clean records exactly. Feedback, validation and test sets
+always use the clean default.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -413,6 +432,59 @@ def _filler(d: _Draw) -> str:
   return " ".join(_FILL_RE.sub(lambda m: values[m.group(1)], s) for s in sentences[:n])
 
 
+# --- stream styles (mismatch with the downstream) ------------------------------------
+
+CORRUPT_MODES = ("random", "systematic")
+OTHER_ANSWER_STYLE = "The answer is {}."
+_STYLE_STREAM = 0x5757  # salt of the style draws' random stream (kept apart from the problem's).
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamStyle:
+  """How a stream departs from the clean downstream format; the default departs in nothing."""
+  downstream_format_fraction: float = 1.0  # share of solutions ending '#### N' (else 'The answer is N.')
+  corrupt_fact_rate: float = 0.0  # per written fact result, for ops in corrupt_ops
+  corrupt_ops: str = "+-*/"
+  corrupt_mode: str = "random"  # 'random' | 'systematic'
+  wrong_final_fraction: float = 0.0  # share of solutions whose final answer is not the last step's result
+
+  def __post_init__(self):
+    for name in ("downstream_format_fraction", "corrupt_fact_rate", "wrong_final_fraction"):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        raise ValueError(f"{name}={getattr(self, name)}: expected in [0, 1]")
+    if not set(self.corrupt_ops) <= set("+-*/"):
+      raise ValueError(f"corrupt_ops={self.corrupt_ops!r}: expected a subset of '+-*/'")
+    if self.corrupt_mode not in CORRUPT_MODES:
+      raise ValueError(f"corrupt_mode={self.corrupt_mode!r}: expected one of {CORRUPT_MODES}")
+
+  @property
+  def is_clean(self) -> bool:
+    return self == StreamStyle()
+
+
+def _wrong_number(d: _Draw, c: int) -> int:
+  """A number of the same digit count as c (and sign), never c."""
+  digits = len(str(abs(c)))
+  lo, hi = (0 if digits == 1 else 10 ** (digits - 1)), 10 ** digits - 1
+  w = d.int(lo, hi - 1)
+  w = w + 1 if w >= abs(c) else w  # uniform over [lo, hi] without |c|
+  return -w if c < 0 else w
+
+
+def _styled(lines: list[str], result: int, style: StreamStyle, d: _Draw) -> tuple[list[str], str]:
+  """(solution lines with corrupted facts, final line) under `style`."""
+  if style.corrupt_fact_rate > 0:
+    def corrupt(m: re.Match) -> str:
+      a, op, b, c = m.group(1), m.group(2), m.group(3), int(m.group(4))
+      if op in style.corrupt_ops and d.chance(style.corrupt_fact_rate):
+        c = c + 1 if style.corrupt_mode == "systematic" else _wrong_number(d, c)
+      return f"{a} {op} {b} = {c}"
+    lines = [_EQ_RE.sub(corrupt, line) for line in lines]
+  final = _wrong_number(d, result) if d.chance(style.wrong_final_fraction) else result
+  in_format = d.chance(style.downstream_format_fraction)
+  return lines, f"#### {final}" if in_format else OTHER_ANSWER_STYLE.format(final)
+
+
 # --- the dataset ------------------------------------------------------------------
 
 
@@ -429,7 +501,7 @@ class SyntheticMath:
   """
 
   def __init__(self, seed: int, size: int, irrelevant_fraction: float = 0.0,
-               partition: str = "all"):
+               partition: str = "all", style: StreamStyle = StreamStyle()):
     if seed < 0:
       raise ValueError(f"SyntheticMath seed={seed}: expected >= 0")
     if size <= 0:
@@ -441,6 +513,7 @@ class SyntheticMath:
     self.seed, self.size = int(seed), int(size)
     self.irrelevant_fraction = float(irrelevant_fraction)
     self.partition = partition
+    self.style = style
 
   def __len__(self) -> int:
     return self.size
@@ -457,7 +530,10 @@ class SyntheticMath:
         return {"text": _filler(d)}
       question, lines, result = d.choice(TEMPLATES)(d)
       if self.partition == "all" or (_bucket(question) == 0) == (self.partition == "eval"):
-        return {"question": question, "answer": "\n".join(lines) + f"\n#### {result}"}
+        final = f"#### {result}"
+        if not self.style.is_clean:
+          lines, final = _styled(lines, result, self.style, _Draw(np.random.default_rng(key + [_STYLE_STREAM])))
+        return {"question": question, "answer": "\n".join(lines) + "\n" + final}
       attempt += 1  # Rejected by the partition: redraw, still a function of (seed, i).
 
 
