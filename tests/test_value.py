@@ -16,6 +16,7 @@ from vpt.data.feedback import downstream_nll
 from vpt.models.designer import DesignerConfig, TaskDesigner
 from vpt.models.lm import LMConfig, Transformer
 from vpt.optim import make_optimizer
+from vpt import vpt_step
 from vpt.vpt_step import init_designer_state, make_designer_optimizer, meta_objective
 
 VOCAB, SEQ, LAYERS, K = 48, 10, 3, 6
@@ -209,3 +210,25 @@ def test_trust_region_penalty_matches_explicit_gradients():
   ref = jax.grad(lambda d: explicit(d)[0])(dparams)
   for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref)):
     np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-13)
+
+
+@pytest.mark.parametrize("n_last", [2, 0])
+def test_g_down_from_two_halves_equals_the_whole_batch_and_the_split_cosine_is_explicit(n_last):
+  # The feedback batch's g_down is assembled from its even and odd rows; one row has no answer tokens,
+  # so the halves hold different numbers of examples (the weighting must follow L_down's example mean).
+  model, params, *_ = _setup(_vpt_cfg())
+  fb = _batch(2, b=5)
+  fb["loss_mask"] = fb["loss_mask"].at[2].set(0.0)
+  g_down, split_cos = vpt_step.downstream_grad(model, params, fb, n_last)
+  subset, rest = value_lib.split_params(params, LAYERS, n_last)
+  full = lambda s, b: model.apply({"params": value_lib.merge_params(s, rest)}, b["inputs"], b["positions"],
+                                  b["segment_ids"])
+  grad_on = lambda b: jax.grad(lambda s: downstream_nll(full(s, b), b["targets"], b["loss_mask"]))(subset)
+  whole = grad_on(fb)
+  assert set(g_down) == set(whole)
+  for k in whole:
+    np.testing.assert_allclose(g_down[k], whole[k], rtol=1e-10, atol=1e-14)
+  even, odd = (grad_on(jax.tree.map(lambda x, i=i: x[i::2], fb)) for i in (0, 1))
+  explicit = value_lib.tree_vdot(even, odd) / (value_lib.tree_norm(even) * value_lib.tree_norm(odd))
+  np.testing.assert_allclose(split_cos, explicit, rtol=1e-10)
+  assert -1.0 < float(split_cos) < 1.0

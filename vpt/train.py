@@ -312,6 +312,7 @@ SUMMARY_ROWS = (  # (label, section, key, format)
     ("entropy of r", "train", "r_entropy", "{:.3f}"),
     ("value V (last meta step)", "train", "meta/value", "{:.3e}"),
     ("cos(g_down, g_pre)", "train", "meta/cosine", "{:.4f}"),
+    ("g_down split-half cos (signal quality)", "train", "meta/g_down_split_cos", "{:.4f}"),
     ("share of time in meta steps", "train", "meta_time_fraction", "{:.3f}"),
     ("tokens/s", "throughput", "tokens_per_sec", "{:,.0f}"),
 )

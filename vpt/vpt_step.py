@@ -38,7 +38,7 @@ from vpt.tasks.lm_soft_targets import (candidate_logprobs, candidates, soft_ce_s
 
 DESIGNER_MODES = ("value", "random_feedback")
 META_METRICS = ("value", "cosine", "g_down_norm", "g_pre_norm", "designer_loss", "designer_grad_norm",
-                "trust_region")
+                "trust_region", "g_down_split_cos")
 
 
 @flax.struct.dataclass
@@ -105,6 +105,30 @@ def soft_target_loss_fn(model: nn.Module, vpt_cfg, designer, designer_params) ->
   return loss_fn
 
 
+def downstream_grad(model, params, fb_batch: dict, n_last: int) -> tuple[dict, jax.Array]:
+  """(g_down, split-half cosine). g_down = sg ∇_S L_down(θ; B_fb) — the only place the feedback labels
+  are read — assembled from the even and the odd rows of the batch: L_down is a mean over the examples
+  that have answer tokens, so g_down = (n_even·g_even + n_odd·g_odd) / (n_even + n_odd) exactly.
+
+  cos(g_even, g_odd) is the signal-quality metric: how reproducible the feedback direction is
+  between two disjoint halves of one feedback batch (near 0: g_down is mostly sampling noise, the
+  designer's per-token signal is too; near 1: every half points the same way). Even/odd rows keep
+  each device's share of a data-sharded batch local.
+  """
+  grads, counts = [], []
+  for i in (0, 1):
+    half = jax.tree.map(lambda x: x[i::2], fb_batch)
+    aligned, subset = value_lib.Aligned.build(model, params, half, n_last)
+    grads.append(value_lib.subset_grad(
+        aligned, subset, lambda logits: downstream_nll(logits, half["targets"], half["loss_mask"])))
+    counts.append(jnp.sum(jnp.any(half["loss_mask"] > 0, axis=-1)).astype(jax.tree.leaves(grads[-1])[0].dtype))
+  total = jnp.maximum(counts[0] + counts[1], 1.0)
+  g_down = {k: (counts[0] * grads[0][k] + counts[1] * grads[1][k]) / total for k in grads[0]}
+  split_cos = value_lib.tree_vdot(grads[0], grads[1]) / jnp.maximum(
+      value_lib.tree_norm(grads[0]) * value_lib.tree_norm(grads[1]), 1e-30)
+  return jax.lax.stop_gradient(g_down), jax.lax.stop_gradient(split_cos)
+
+
 def meta_objective(params, learner_opt_state, designer_params, batch: dict, fb_batch: dict, rng: jax.Array, *,
                    model, designer, vpt_cfg, learner_opt_cfg):
   """The designer's loss φ ↦ −Align(g_down, g_pre(q_φ)) + λ·R(φ), everything learner-side precomputed.
@@ -116,11 +140,7 @@ def meta_objective(params, learner_opt_state, designer_params, batch: dict, fb_b
   mask = batch["loss_mask"]
   n_tokens = jnp.maximum(jnp.sum(mask), 1.0)
 
-  # g_down = ∇_S L_down(θ; B_fb), stop-gradient: the only place the feedback labels are read.
-  fb_aligned, fb_subset = value_lib.Aligned.build(model, params, fb_batch, n_last)
-  g_down = value_lib.subset_grad(
-      fb_aligned, fb_subset, lambda logits: downstream_nll(logits, fb_batch["targets"], fb_batch["loss_mask"]))
-  g_down = jax.lax.stop_gradient(g_down)
+  g_down, split_cos = downstream_grad(model, params, fb_batch, n_last)
   if vpt_cfg.mode == "random_feedback":
     g_down = value_lib.random_like(rng, g_down, value_lib.tree_norm(g_down))
   tangent = g_down
@@ -180,7 +200,7 @@ def meta_objective(params, learner_opt_state, designer_params, batch: dict, fb_b
       loss = loss + vpt_cfg.reg_trust_region * jax.nn.relu(trust)
     return loss, {"value": v, "trust_region": trust}
 
-  info = {"g_down": g_down, "tangent": tangent, "tangent_norm": tangent_norm,
+  info = {"g_down": g_down, "g_down_split_cos": split_cos, "tangent": tangent, "tangent_norm": tangent_norm,
           "cand_ids": cand_ids, "aligned": aligned, "subset": subset, "targets_of": targets_of}
   return objective, info
 
@@ -201,7 +221,8 @@ def meta_update(state: TrainState, batch: dict, fb_batch: dict, rng: jax.Array, 
   updates, opt_state = designer_opt.update(grads, dstate.opt_state, dstate.params)
   metrics = dict(dstate.last_meta)
   metrics.update(value=aux["value"], g_down_norm=value_lib.tree_norm(info["g_down"]), designer_loss=loss,
-                 designer_grad_norm=optax.tree.norm(grads), trust_region=aux["trust_region"])
+                 designer_grad_norm=optax.tree.norm(grads), trust_region=aux["trust_region"],
+                 g_down_split_cos=info["g_down_split_cos"])
   new = DesignerState(params=optax.apply_updates(dstate.params, updates), opt_state=opt_state,
                       last_meta={k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()})
   return new, info["g_down"]
