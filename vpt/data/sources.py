@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import collections
 import glob
-import gzip
 import hashlib
 import json
 import logging
@@ -628,35 +627,53 @@ def _process_index() -> int:
   return jax.process_index()
 
 
+def _decompressed_chunks(path: str):
+  """The bytes of a plain, gzip or zstd file in chunks; a truncated stream raises EOFError
+  (the streaming readers of both libraries end silently at a cut inside a frame)."""
+  with epath.Path(path).open("rb") as f:
+    raw = iter(lambda: f.read(1 << 20), b"")
+    if path.endswith(".gz"):
+      new = lambda: zlib.decompressobj(wbits=31)  # noqa: E731 — gzip; one per member.
+    elif path.endswith((".zst", ".zstd")):
+      import zstandard
+      new = zstandard.ZstdDecompressor().decompressobj  # One per frame.
+    else:
+      yield from raw
+      return
+    obj, open_frame = new(), False
+    for chunk in raw:
+      while chunk:
+        yield obj.decompress(chunk)
+        open_frame = True
+        if obj.eof:  # Concatenated members / frames: start the next on what is left.
+          chunk, obj, open_frame = obj.unused_data, new(), False
+        else:
+          chunk = b""
+    if open_frame:
+      raise EOFError("the compressed stream ends inside a frame")
+
+
 def _jsonl_lines(path: str, field: str):
   """(line number, raw line) of a plain, gzip or zstd jsonl file; decompression errors name it."""
-  f = epath.Path(path).open("rb")
-  try:
-    if path.endswith(".gz"):
-      stream = gzip.GzipFile(fileobj=f)
-    elif path.endswith((".zst", ".zstd")):
-      import io
-
-      import zstandard
-      stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(
-          f, read_across_frames=True))
-    else:
-      stream = f
-    lineno = 0
-    while True:
-      try:
-        line = stream.readline()
-      except Exception as e:  # gzip: BadGzipFile/EOFError/zlib.error; zstandard.ZstdError.
-        if isinstance(e, (OSError, EOFError, zlib.error)) or type(e).__name__ == "ZstdError":
-          raise ValueError(f"{field}: {path}: cannot decompress after line {lineno} "
-                           f"({type(e).__name__}: {e}); the file is corrupt or truncated") from e
-        raise
-      if not line:
-        return
+  lineno, rest = 0, b""
+  chunks = _decompressed_chunks(path)
+  while True:
+    try:
+      chunk = next(chunks, None)
+    except Exception as e:  # zlib.error, zstandard.ZstdError, EOFError.
+      if isinstance(e, (EOFError, zlib.error)) or type(e).__name__ == "ZstdError":
+        raise ValueError(f"{field}: {path}: cannot decompress after line {lineno} "
+                         f"({type(e).__name__}: {e}); the file is corrupt or truncated") from e
+      raise
+    if chunk is None:
+      if rest:
+        yield lineno + 1, rest
+      return
+    lines = (rest + chunk).split(b"\n")
+    rest = lines.pop()
+    for line in lines:
       lineno += 1
-      yield lineno, line
-  finally:
-    f.close()
+      yield lineno, line + b"\n"
 
 
 def _jsonl_cache_path(path: str, cache_dir: str) -> epath.Path:
@@ -796,8 +813,10 @@ def _path_stats(spec: str, field: str, allow_dirs: bool):
   stats = []
   for path in resolve_paths(spec, field, allow_dirs):
     files = [path]
-    if allow_dirs and epath.Path(path).is_dir():
-      files = sorted(str(f) for f in epath.Path(path).rglob("*") if f.is_file())
+    if allow_dirs and epath.Path(path).is_dir():  # A Dataset(Dict) directory: two levels.
+      entries = list(epath.Path(path).iterdir())
+      entries += [f for d in entries if d.is_dir() for f in d.iterdir()]
+      files = sorted(str(f) for f in entries if f.is_file())
     stats += [(f,) + _stamp(f) for f in files]
   return tuple(stats)
 
