@@ -330,6 +330,9 @@ def test_mixture_config_errors_name_the_entry(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"data.mixture\[1\].train_path=.*no file matches"):
     sources.make_source(cfg, "train")
   assert not sources.has_eval_split(cfg)
+  assert not sources.has_eval_split(_cfg(source="parquet", train_path=path))
+  assert sources.has_eval_split(_cfg(source="parquet", train_path=path, eval_path=path))
+  assert sources.has_eval_split(_cfg()) and sources.has_eval_split(_cfg(source="tfds"))
 
 
 # --- errors name the file and the field ----------------------------------------------------------
@@ -411,3 +414,37 @@ def test_sources_survive_pickling_for_worker_processes(tmp_path):
     src[3]
     copy = pickle.loads(pickle.dumps(src))
     assert [copy[i] for i in range(12)] == [{"text": r["problem"]} for r in rows], fmt
+
+
+# --- end to end -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_training_run_on_a_mixture_without_eval_split(tmp_path):
+  """A real run (nano) on parquet mixed with jsonl.zst, neither with an eval split: it trains,
+  skips the LM eval (before, a file source without data.eval_path only meant jsonl/text) and
+  records the mixture in config.json."""
+  from vpt import metrics, train
+  from vpt.data import tokenizer as tok_lib
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = config_lib.load_config_file(os.path.join(repo, "experiments", "lm_ntp.py"), "nano")
+  # A tokenizer trained on the embedded synthetic math (the 64 rows are too few for one).
+  tok_cfg = config_lib.data_config()
+  tok_cfg.vocab_size, tok_cfg.tokenizer_train_examples = 400, 1000
+  tok_lib.load_or_train_tokenizer(tok_cfg, str(tmp_path / "tok"))
+  rows = _rows(64)
+  config = config_lib.with_overrides(config, {
+      "progress_bar": False, "mesh.num_devices": 1, "num_steps": 2, "log_every_steps": 1,
+      "eval_every_steps": 2, "eval_batches": 1, "data.source": "mixture",
+      "data.vocab_size": 400, "data.tokenizer_path": str(tmp_path / "tok" / "tokenizer" / "spm.model"),
+      "data.prompt_field": "problem", "data.answer_field": "solution",
+      "data.mixture": ({"source": "parquet", "train_path": _write_parquet(tmp_path / "pq", rows),
+                        "weight": 2.0},
+                       {"source": "jsonl", "train_path": _write_zst(tmp_path / "z.jsonl.zst", rows),
+                        "weight": 1.0})})
+  summary = train.run(config, str(tmp_path / "run"))
+  records = metrics.read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
+  assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
+  assert "loss" not in summary["eval"]  # No LM eval (feedback losses only).
+  saved = json.load(open(tmp_path / "run" / "config.json"))["data"]["mixture"]
+  assert [(e["source"], e["weight"]) for e in saved] == [("parquet", 2.0), ("jsonl", 1.0)]

@@ -502,15 +502,18 @@ def arrow_files(path: str, split_name: str, field: str) -> list[str]:
 class ParquetSource(_PerProcess):
   """Parquet files read by row group; lengths come from the footers (no record is decoded).
 
-  A read decodes the wanted columns of its row group; the last `cached_row_groups` decoded
-  groups are kept (per process), so reads close in a file are cheap.
+  A read decodes the wanted columns of its row group; recently decoded groups are kept (per
+  process) up to `cache_bytes`, so reads close in a file are cheap. A shuffled read costs
+  about one row group's decode: files written with small row groups (datasets and the hub
+  use ~100-1000 rows) read fast; one huge row group per file does not (rewrite it, or
+  save it with datasets.save_to_disk and use data.source='arrow').
   """
 
   def __init__(self, files: Sequence[str], fields: _Fields, field: str, spec: str,
-               cached_row_groups: int = 4):
+               cache_bytes: int = 256 << 20):
     import pyarrow as pa
     self.files, self.fields, self._lock = list(files), fields, threading.Lock()
-    self.cached_row_groups = cached_row_groups
+    self.cache_bytes = cache_bytes
     self.rg_start = []  # per file: first row of each row group, then the file's row count
     handles = []
     for path in self.files:
@@ -559,7 +562,7 @@ class ParquetSource(_PerProcess):
       if table is None:
         table = files[k].read_row_group(g, columns=self.fields.columns)
         cache[(k, g)] = table
-        if len(cache) > self.cached_row_groups:
+        while len(cache) > 1 and sum(t.nbytes for t in cache.values()) > self.cache_bytes:
           cache.popitem(last=False)
       else:
         cache.move_to_end((k, g))
