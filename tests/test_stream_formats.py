@@ -249,6 +249,16 @@ def test_jsonl_cache_is_keyed_by_the_file_and_built_by_process_0(tmp_path, monke
   assert len(sources.make_source(other, "train")) == 7
   assert len(os.listdir(tmp_path / "host1")) == 1
   assert not [f for f in os.listdir(cache_dir) if ".tmp-" in f]
+  # With data.cache_dir set, plain jsonl is cached too: a restart no longer checks every line.
+  monkeypatch.undo()
+  plain = _cfg(source="jsonl", train_path=_write_jsonl(tmp_path / "p.jsonl", rows),
+               text_field="problem", cache_dir=str(tmp_path / "plain"))
+  sources.make_source(plain, "train")
+  sources._CACHE.clear()
+  before = sources.STATS["records_decoded"]
+  src = sources.make_source(plain, "train")
+  assert sources.STATS["records_decoded"] - before <= 1 and len(os.listdir(tmp_path / "plain")) == 1
+  assert [src[i] for i in range(20)] == [{"text": r["problem"]} for r in rows]
 
 
 # --- mixtures -------------------------------------------------------------------------------
@@ -318,6 +328,11 @@ def test_mixture_config_errors_name_the_entry(tmp_path):
   check(({"source": "parquet", "weight": 1},), r"data.mixture\[0\].train_path is empty")
   check(({"source": "jsonl", "train_path": path, "prompt_field": "q", "weight": 1},),
         r"data.mixture\[0\].answer_field")
+  c = config_lib.base_config()
+  c.data.mixture = ({"source": "synthetic_math", "weight": 1},)
+  with pytest.raises(ValueError, match=r"config.data.mixture=.*expected empty unless "
+                                       r"data.source='mixture'"):
+    config_lib.validate(c)
   base.data.source = "parquet"
   with pytest.raises(ValueError, match=r"config.data.train_path=''"):
     config_lib.validate(base)

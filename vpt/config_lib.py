@@ -237,6 +237,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f"a file or glob for data.source={d.source!r}")
   need(d.source != "mixture" or d.mixture, "data.mixture",
        "a non-empty list of {'weight': w, 'source': ..., ...} for data.source='mixture'")
+  need(d.source == "mixture" or not d.mixture, "data.mixture", "empty unless data.source='mixture'")
   if d.source == "mixture":
     for comp, _, prefix in sources.mixture_components(d):  # Raises naming data.mixture[k].key.
       if comp.source in sources.PATH_SOURCES and not comp.train_path:
