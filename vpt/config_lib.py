@@ -51,11 +51,19 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
 
 def data_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  # 'synthetic_math' (embedded, no download) | 'jsonl' | 'text' | 'tfds'.
+  # 'synthetic_math' (embedded, no download) | 'jsonl' (also .jsonl.gz / .jsonl.zst) | 'text'
+  # | 'tfds' | 'parquet' | 'arrow' (a datasets.save_to_disk directory) | 'array_record'
+  # (JSON records) | 'mixture' (data.mixture).
   c.source = "synthetic_math"
-  c.train_path = ""  # file or glob, for 'jsonl' / 'text'.
+  c.train_path = ""  # file, directory ('arrow') or glob, for the file sources.
   c.eval_path = ""
-  c.text_field = "text"  # jsonl: the field holding plain text...
+  # Entries {'weight': w, 'source': ..., 'train_path': ..., ...} (any of sources.MIXTURE_KEYS;
+  # the others come from data.*), sampled in proportion to w, for data.source='mixture'.
+  c.mixture = ()
+  # Where compressed jsonl is decompressed once (keyed by path, size, mtime); '' = a
+  # .vpt_cache directory next to each file. Set, it also caches plain jsonl (no per-start check).
+  c.cache_dir = ""
+  c.text_field = "text"  # the field / column holding plain text...
   c.prompt_field = ""  # ...or a prompt / answer pair: the loss is then on the answer only.
   c.answer_field = ""
   c.tfds_name = ""
@@ -223,10 +231,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(targets and set(targets) <= set(LORA_TARGETS), "model.lora_targets",
          f"a comma-separated non-empty subset of {','.join(LORA_TARGETS)}")
   d = config.data
-  need(d.source in ("synthetic_math", "jsonl", "text", "tfds"), "data.source",
-       "one of 'synthetic_math', 'jsonl', 'text', 'tfds'")
-  need(d.source not in ("jsonl", "text") or d.train_path, "data.train_path",
+  from vpt.data import sources  # Here, not at the top: config_lib stays import-light.
+  need(d.source in sources.SOURCES, "data.source", "one of " + ", ".join(map(repr, sources.SOURCES)))
+  need(d.source not in sources.PATH_SOURCES or d.train_path, "data.train_path",
        f"a file or glob for data.source={d.source!r}")
+  need(d.source != "mixture" or d.mixture, "data.mixture",
+       "a non-empty list of {'weight': w, 'source': ..., ...} for data.source='mixture'")
+  need(d.source == "mixture" or not d.mixture, "data.mixture", "empty unless data.source='mixture'")
+  if d.source == "mixture":
+    for comp, _, prefix in sources.mixture_components(d):  # Raises naming data.mixture[k].key.
+      if comp.source in sources.PATH_SOURCES and not comp.train_path:
+        raise ValueError(f"config.{prefix}.train_path is empty: expected a file or glob for "
+                         f"source={comp.source!r}")
+      if comp.source == "tfds" and not comp.tfds_name:
+        raise ValueError(f"config.{prefix}.tfds_name is empty: expected a TFDS dataset name")
+      if bool(comp.prompt_field) != bool(comp.answer_field):
+        raise ValueError(f"config.{prefix}.answer_field: set together with prompt_field "
+                         "(both or neither)")
   need(d.source != "tfds" or d.tfds_name, "data.tfds_name", "a TFDS dataset name for data.source='tfds'")
   need(bool(d.prompt_field) == bool(d.answer_field), "data.answer_field",
        "set together with data.prompt_field (both or neither)")

@@ -17,6 +17,7 @@ from vpt import checkpoint as ckpt_lib
 from vpt import config_lib, metrics as metrics_lib, sharding, vpt_step
 from vpt.data.feedback import make_feedback_iterator
 from vpt.data.pipeline import make_lm_iterator
+from vpt.data.sources import has_eval_split
 from vpt.data.tokenizer import load_or_train_tokenizer
 from vpt.evals.downstream import make_downstream_eval
 from vpt.models.designer import DesignerConfig, TaskDesigner
@@ -76,8 +77,8 @@ def _generation_eval(config, model, tokenizer):
 
 
 def _evaluate(config, tokenizer, eval_step, params, mesh) -> dict[str, float]:
-  if config.data.source in ("jsonl", "text") and not config.data.eval_path:
-    return {}  # such corpora have a held-out split only when data.eval_path names one.
+  if not has_eval_split(config.data):
+    return {}  # file corpora have a held-out split only when data.eval_path names one.
   it = make_lm_iterator(config.data, tokenizer, split="eval", global_batch_size=config.batch_size,
                         seq_len=config.data.seq_len, seed=config.seed,
                         process_index=jax.process_index(), process_count=jax.process_count())

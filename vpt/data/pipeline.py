@@ -133,22 +133,35 @@ def make_lm_dataset(data_cfg, tokenizer: Tokenizer, *, split: str, global_batch_
   if source is None:
     source = sources_lib.make_source(data_cfg, split)
 
-  # Indices, not records, go through shard/shuffle/repeat: the record index then
-  # names the example in errors, and index shuffling is free.
-  ds = grain.MapDataset.range(len(source))[process_index::process_count]
-  if not len(ds):
-    raise ValueError(f"{split} data has {len(source)} records, fewer than the "
-                     f"{process_count} processes: process {process_index} gets none")
-  if train:
-    # Both the run seed and data.shuffle_seed change the order. grain reshuffles
-    # every epoch (it seeds each epoch's permutation with shuffle seed + epoch).
-    shuffle_seed = np.random.SeedSequence([int(seed), int(data_cfg.get("shuffle_seed", 0))])
-    ds = ds.shuffle(seed=int(shuffle_seed.generate_state(1)[0]))
   # None: forever for train, one pass for eval (the last batch is padded).
   epochs = num_epochs if num_epochs is not None else (None if train else 1)
-  ds = ds.repeat(epochs)
-  ds = ds.map(_Tokenize(source, tokenizer, seq_len, bool(data_cfg.get("truncate_long_examples",
-                                                                          False)), split))
+  truncate = bool(data_cfg.get("truncate_long_examples", False))
+
+  def stream(src, name, extra_seed=()):
+    # Indices, not records, go through shard/shuffle/repeat: the record index then
+    # names the example in errors, and index shuffling is free.
+    ds = grain.MapDataset.range(len(src))[process_index::process_count]
+    if not len(ds):
+      raise ValueError(f"{name} has {len(src)} records, fewer than the "
+                       f"{process_count} processes: process {process_index} gets none")
+    if train:
+      # Both the run seed and data.shuffle_seed change the order. grain reshuffles
+      # every epoch (it seeds each epoch's permutation with shuffle seed + epoch).
+      shuffle_seed = np.random.SeedSequence([int(seed), int(data_cfg.get("shuffle_seed", 0)),
+                                             *extra_seed])
+      ds = ds.shuffle(seed=int(shuffle_seed.generate_state(1)[0]))
+    return ds.repeat(epochs).map(_Tokenize(src, tokenizer, seq_len, truncate, split))
+
+  if train and isinstance(source, sources_lib.MixtureSource):
+    # Each component is sharded, shuffled (its own seed) and repeated on its own, then
+    # grain interleaves them deterministically in proportion to the weights. The mixture
+    # is still a MapDataset, so the iterator state is one index: resume is exact. With
+    # num_epochs, the stream ends when the first component runs out.
+    ds = grain.MapDataset.mix(
+        [stream(c, f"{split} data {name}", (k + 1,))
+         for k, (c, name) in enumerate(zip(source.components, source.names))], source.weights)
+  else:
+    ds = stream(source, f"{split} data")
   threads = int(data_cfg.get("read_threads", 0))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                             prefetch_buffer_size=_PREFETCH if threads else 0))
