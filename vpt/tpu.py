@@ -192,6 +192,9 @@ def compile_only_devices(sl: Slice, *, echo: bool = True) -> list:
 
   if xla_bridge.get_tpu_library_path() is None:
     raise RuntimeError(f"--dry_run_topology needs libtpu (the TPU compiler) installed: {INSTALL_HINT}")
+  # libtpu takes /tmp/libtpu_lockfile so that one process owns the local chips; compile-only devices own
+  # none, and without this a second dry run (or a test worker) fails while another process holds it.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   kwargs = dict(chip_config_name="megacore" if sl.chip.cores_per_chip == 2 else "default")
   if sl.num_slices > 1:
     kwargs["num_slices"] = sl.num_slices
