@@ -32,7 +32,12 @@ setup(
                  # Hugging Face interop tests only; torch pinned exactly (unpinned pulls a multi-GB CUDA build).
                  "torch==2.13.0", "transformers>=4.45",
                  # Writes real datasets.save_to_disk directories in the stream-format tests.
-                 "datasets>=2.19,<6"],
+                 "datasets>=2.19,<6",
+                 # tests/test_tpu_compile.py compiles for TPU slices (libtpu pinned per jax version by jax).
+                 "jax[tpu]>=0.7,<0.11"],
         "experiments": ["matplotlib>=3.8"],
+        # libtpu, the TPU compiler: `--dry_run --dry_run_topology v5e-16` compiles TPU programs on any host.
+        # jax's own extra pins the libtpu release built for each jax version (jax 0.10: libtpu 0.0.42.*).
+        "tpu": ["jax[tpu]>=0.7,<0.11"],
     },
 )

@@ -6,6 +6,7 @@ The argument is `size[,variant]`. Sizes:
 
     nano   unit tests and CI: 16 px scenes, patch 4, d 32, 2 layers (seconds)
     tiny   the CPU replication: 32 px scenes, patch 4, d 96, 4 layers (minutes on 2 cores)
+    vitb   ViT-B/16 in the DINOv3 layout, the vitl recipe otherwise
     vitl   paper scale: ViT-L/16 in the DINOv3 layout at 224 px, ImageNet-1K unlabeled stream, ADE20K
            feedback, the selected ADE20K ViT-L hyperparameters of PAPER §6b (v2 Table 11). Set
            --config.data.root and --config.data.labeled.root, and --config.init_from to a Hugging Face
@@ -91,7 +92,17 @@ def _vitl(c):
   c.log_every_steps = 50
 
 
-SIZES = {"nano": _nano, "tiny": _tiny, "vitl": _vitl}
+def _vitb(c):
+  # DINOv3 ViT-B/16 (facebook/dinov3-vitb16-pretrain-lvd1689m): the ViT-L recipe on the base backbone
+  # (4 registers, 2-D RoPE, layer scale 1e-5); PAPER §6b selects hyperparameters on ViT-L, reused here.
+  _vitl(c)
+  c.model = vision_config.model_config(
+      "base", image_size=224, patch_size=16, d_ff=3072, n_registers=4, pos_embed="rope", rope_theta=100.0,
+      layer_scale_init=1e-5, ln_eps=1e-5, k_bias=False, dtype="bfloat16")
+  c.eval.update(num_train=512, num_eval=500)
+
+
+SIZES = {"nano": _nano, "tiny": _tiny, "vitb": _vitb, "vitl": _vitl}
 
 
 def get_config(arg: str = "tiny,dino"):

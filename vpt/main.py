@@ -1,7 +1,8 @@
 """Entry point: `python -m vpt.main --config experiments/<name>.py[:arg] --workdir DIR [--config.x=y]`.
 
 `--dry_run` compiles the train step for the config without allocating weights or reading data and
-prints the per-device memory (vpt/aot.py); `--dry_run_devices N` simulates N host devices for it.
+prints the per-device memory (vpt/aot.py); `--dry_run_devices N` simulates N host devices for it, and
+`--dry_run_topology v5e-16` compiles the real TPU program for that slice (libtpu, no TPU needed).
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ _DRY_RUN_DEVICES = flags.DEFINE_integer("dry_run_devices", 0, "With --dry_run: c
                                         "devices instead of the local ones (0: the local devices).")
 _DRY_RUN_HBM_GB = flags.DEFINE_float("dry_run_hbm_gb", 0.0, "With --dry_run: per-device memory budget in GB "
                                      "(GiB) to check the peak against (0: no check).")
+_DRY_RUN_TOPOLOGY = flags.DEFINE_string("dry_run_topology", "", "With --dry_run: compile for this TPU slice instead, "
+                                        "named as Cloud TPU names it (v4-32, v5p-64: TensorCores; v5e-16, v6e-8: "
+                                        "chips). Needs libtpu (pip install -e '.[tpu]'), not a TPU.")
+_DRY_RUN_TOPOLOGY_SHAPE = flags.DEFINE_string("dry_run_topology_shape", "", "With --dry_run_topology: the slice's "
+                                              "chip grid (4x4, 4x4x12) when it is not the standard one.")
+_DRY_RUN_SLICES = flags.DEFINE_integer("dry_run_slices", 1, "With --dry_run_topology: N such slices joined by "
+                                       "the data-center network (the mesh's data axis spans them).")
 flags.mark_flags_as_required(["config"])
 flags.register_validator("workdir", lambda v: bool(v) or flags.FLAGS["dry_run"].value,
                          message="--workdir is required (except with --dry_run)")
@@ -91,7 +99,7 @@ def _run_vision(config):
   except ValueError as e:
     sys.exit(f"Invalid config: {e}")
   if _DRY_RUN.value:
-    sys.exit("--dry_run supports the LM configs only")
+    return _dry_run(config)
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   if train_vision.run(config, _WORKDIR.value)["preempted"]:
@@ -100,6 +108,12 @@ def _run_vision(config):
 
 def _dry_run(config):
   n = _DRY_RUN_DEVICES.value
+  if n > 0 and _DRY_RUN_TOPOLOGY.value:
+    sys.exit("--dry_run_devices and --dry_run_topology name two different targets: set one of them")
+  if _DRY_RUN_TOPOLOGY.value:
+    # The TPU program is compiled by libtpu for compile-only devices; the process itself needs no
+    # accelerator, so JAX's default backend stays the host's (a TPU VM would otherwise claim its chips).
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
   if n > 0:
     if "jax" in sys.modules:  # the flag is read when the backend starts: too late once jax is in use.
       sys.exit("--dry_run_devices must be set before JAX is imported (run vpt.main as a program)")
@@ -110,8 +124,9 @@ def _dry_run(config):
   from vpt import aot  # after the device flags
   spec = flags.FLAGS["config"].config_filename if hasattr(flags.FLAGS["config"], "config_filename") else ""
   try:
-    aot.dry_run(config, hbm_gb=_DRY_RUN_HBM_GB.value, label=spec)
-  except ValueError as e:
+    aot.dry_run(config, hbm_gb=_DRY_RUN_HBM_GB.value, label=spec, topology=_DRY_RUN_TOPOLOGY.value,
+                topology_shape=_DRY_RUN_TOPOLOGY_SHAPE.value, num_slices=_DRY_RUN_SLICES.value)
+  except (ValueError, RuntimeError) as e:
     sys.exit(f"Dry run failed: {e}")
 
 

@@ -323,13 +323,13 @@ def lm_flops_per_token(*, n_params_nonembed: int, n_layers: int, d_model: int, s
 #    H100 SXM 67T).
 # Sources: cloud.google.com/tpu/docs/{v2,v3,v4,v5e,v5p,v6e}; NVIDIA A100/H100/H200/L4
 # datasheets (sparsity figures halved).
+from vpt import tpu as _tpu  # noqa: E402  (no JAX at import)
+
 PEAK_FLOPS_PER_DEVICE: dict[str, dict[str, float]] = {
     "TPU v2": {"bfloat16": 22.5e12, "float32": 22.5e12},  # per core (45T per chip).
     "TPU v3": {"bfloat16": 61.5e12, "float32": 61.5e12},  # per core (123T per chip).
-    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
-    "TPU v5e": {"bfloat16": 197e12, "float32": 197e12},
-    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
-    "TPU v6e": {"bfloat16": 918e12, "float32": 918e12},  # Trillium.
+    # TPU v4 and later: the chip table of vpt/tpu.py (peak bf16, HBM, ICI; one table, with sources).
+    **{f"TPU {c.name}": {"bfloat16": c.peak_bf16_flops, "float32": c.peak_bf16_flops} for c in _tpu.CHIPS.values()},
     "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12},
     "H100 SXM": {"bfloat16": 989.4e12, "float16": 989.4e12, "float32": 494.7e12},
     "H100 PCIe": {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12},

@@ -74,6 +74,16 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
       raise ValueError(f"config.mesh.num_devices={mesh_cfg.num_devices}, but only {len(devices)} devices exist")
     devices = devices[:mesh_cfg.num_devices]
   shape = mesh_shape(mesh_cfg, len(devices))
+  num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if num_slices > 1:
+    # Multi-slice (TPU slices joined by the data-center network): the `data` axis spans the slices
+    # (its data-parallel gradient reduction is the only traffic that crosses DCN), fsdp and tensor
+    # stay inside a slice, on ICI.
+    if shape[0] % num_slices:
+      raise ValueError(f"config.mesh.data={shape[0]}: the devices form {num_slices} slices and the data axis "
+                       f"spans them, so it must be a multiple of {num_slices}")
+    ici = (shape[0] // num_slices, shape[1], shape[2])
+    return Mesh(mesh_utils.create_hybrid_device_mesh(ici, (num_slices, 1, 1), devices=devices), AXES)
   try:
     grid = mesh_utils.create_device_mesh(shape, devices=devices)
   except (ValueError, NotImplementedError, AssertionError):

@@ -317,6 +317,20 @@ def _rates(steps: int, seconds: float, images_per_step: int) -> dict[str, float]
           "images_per_sec": steps * images_per_step / seconds if seconds > 0 else nan}
 
 
+def jit_step_programs(config: ml_collections.ConfigDict, shardings, mesh) -> dict[bool, Any]:
+  """{meta: the jitted step} (None for meta=True without a designer); also what `--dry_run` compiles.
+
+  Two programs, picked on the host by the step count: the meta step runs as straight-line code
+  (under lax.cond XLA:CPU ran it up to 2.6× slower; BENCHMARKS.md). Each compiles on first use."""
+  uses_designer = vision_config.uses_designer(config)
+  batch_sh = sharding.batch_sharding(mesh)
+  fb_sh = batch_sh if uses_designer else None
+  jit_step = lambda meta: jax.jit(vision_step.make_vision_train_step(config, meta=meta),
+                                  in_shardings=(shardings, batch_sh, fb_sh, fb_sh, fb_sh),
+                                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  return {False: jit_step(False), True: jit_step(True) if uses_designer else None}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
   """Trains to `config.num_steps` (resuming from `workdir` if it holds checkpoints).
 
@@ -374,14 +388,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
     print(f"Resuming from checkpoint at step {restored_step}", flush=True)
     pending = None  # the restored iterators continue where the checkpoint left them.
 
-  batch_sh = sharding.batch_sharding(mesh)
-  fb_sh = batch_sh if uses_designer else None
-  # Two programs, picked on the host by the step count: the meta step runs as straight-line code
-  # (under lax.cond XLA:CPU ran it up to 2.6× slower; BENCHMARKS.md). Each compiles on first use.
-  jit_step = lambda meta: jax.jit(vision_step.make_vision_train_step(config, meta=meta),
-                                  in_shardings=(shardings, batch_sh, fb_sh, fb_sh, fb_sh),
-                                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
-  programs = {False: jit_step(False), True: jit_step(True) if uses_designer else None}
+  programs = jit_step_programs(config, shardings, mesh)
   compiled = set()
   meta_feed = _MetaFeed(iterators, config, mesh, first_labeled) if uses_designer else None
 
