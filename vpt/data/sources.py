@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vpt import paths
 from vpt.data import synthetic_math
 
 # Virtual size of the synthetic training stream (records are generated on demand).
@@ -47,8 +48,14 @@ def resolve_paths(spec: str, field: str) -> list[str]:
   """Files for a path, a glob, or a comma-separated list of them (sorted per glob)."""
   files = []
   for part in [p.strip() for p in spec.split(",") if p.strip()]:
-    matches = sorted(glob.glob(os.path.expanduser(part)))
-    matches = [m for m in matches if os.path.isfile(m)]
+    if paths.is_remote(part):  # gs://bucket/dir/*.jsonl: the object store's listing, through etils.epath.
+      first = min([part.index(c) for c in "*?[" if c in part], default=len(part))
+      root = part[:part.rindex("/", 0, first)] if first < len(part) else None
+      matches = sorted(os.fspath(m) for m in paths.path(root).glob(part[len(root) + 1:])) if root else [part]
+      matches = [m for m in matches if paths.path(m).is_file()]
+    else:
+      matches = sorted(glob.glob(os.path.expanduser(part)))
+      matches = [m for m in matches if os.path.isfile(m)]
     if not matches:
       raise FileNotFoundError(f"{field}={spec!r}: no file matches {part!r}")
     files.extend(matches)
@@ -131,7 +138,7 @@ class _LineIndexedFiles:
     file_idx, starts, lengths, lines = [], [], [], []
     for k, path in enumerate(self.files):
       offset = 0
-      with open(path, "rb") as f:
+      with paths.path(path).open("rb") as f:
         for lineno, line in enumerate(f, 1):
           if line.strip():
             check_line(line, path, lineno)
@@ -156,9 +163,14 @@ class _LineIndexedFiles:
     if self._pid != os.getpid():
       with self._lock:
         if self._pid != os.getpid():
-          self._fds = [os.open(p, os.O_RDONLY) for p in self.files]
+          self._fds = [p if paths.is_remote(p) else os.open(p, os.O_RDONLY) for p in self.files]
           self._pid = os.getpid()
-    return os.pread(self._fds[self.file_idx[i]], int(self.lengths[i]), int(self.starts[i]))
+    fd = self._fds[self.file_idx[i]]
+    if isinstance(fd, str):  # an object store has no pread: a ranged read of the record's bytes.
+      with paths.path(fd).open("rb") as f:
+        f.seek(int(self.starts[i]))
+        return f.read(int(self.lengths[i]))
+    return os.pread(fd, int(self.lengths[i]), int(self.starts[i]))
 
   def __getstate__(self):
     state = self.__dict__.copy()
@@ -172,6 +184,8 @@ class _LineIndexedFiles:
   def __del__(self):
     if self._fds and self._pid == os.getpid():
       for fd in self._fds:
+        if isinstance(fd, str):
+          continue
         try:
           os.close(fd)
         except OSError:

@@ -35,7 +35,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +48,7 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from vpt import paths
 from vpt.models.lm import LMConfig, Transformer
 
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
@@ -76,8 +76,7 @@ _PRESETS = ("nano", "tiny", "small")
 def is_hf_dir(path: str) -> bool:
   """A Hugging Face model directory: its config.json names `architectures` or `model_type`."""
   try:
-    with open(os.path.join(path, "config.json")) as f:
-      data = json.load(f)
+    data = json.loads((paths.path(path) / "config.json").read_text())
   except (OSError, ValueError):
     return False
   return isinstance(data, dict) and ("architectures" in data or "model_type" in data)
@@ -95,11 +94,10 @@ def hf_files_dir(init_from: str) -> str | None:
 def read_config(hf_dir: str) -> tuple[dict, str]:
   """(config.json as a dict, its path)."""
   path = os.path.join(hf_dir, "config.json")
-  if not os.path.isfile(path):
+  if not paths.path(path).is_file():
     raise FileNotFoundError(f"{path}: no such file (expected a Hugging Face model directory)")
   try:
-    with open(path) as f:
-      data = json.load(f)
+    data = json.loads(paths.path(path).read_text())
   except ValueError as e:
     raise ValueError(f"{path}: not valid JSON ({e})") from e
   if not isinstance(data, dict):
@@ -258,15 +256,14 @@ def config_with_hf_model(config: ml_collections.ConfigDict, hf_dir: str) -> ml_c
 
 def copy_hf_files(src: str, dst: str, *, include_config: bool = True) -> None:
   """Copies an HF directory's files except its weights (config, tokenizer, generation config)."""
-  os.makedirs(dst, exist_ok=True)
-  for name in sorted(os.listdir(src)):
-    path = os.path.join(src, name)
-    if (not os.path.isfile(path) or name.startswith(".") or name.endswith(_WEIGHT_SUFFIXES)
+  src, dst = paths.path(src), paths.makedirs(dst)
+  for path in sorted(src.iterdir()):
+    name = path.name
+    if (not path.is_file() or name.startswith(".") or name.endswith(_WEIGHT_SUFFIXES)
         or name.endswith(".index.json") or (name == "config.json" and not include_config)):
       continue
-    target = os.path.join(dst, name)
-    if os.path.abspath(path) != os.path.abspath(target):
-      shutil.copy2(path, target)
+    if path != dst / name:
+      paths.copy_file(path, dst / name)
 
 
 # ----------------------------------------------------------------------------------------------
