@@ -273,7 +273,7 @@ def adopt_tokenizer(source: str | None, workdir: str, *, what: str) -> str | Non
     raise FileNotFoundError(f"{what}: {os.fspath(src)!r}: no such file (expected a sentencepiece .model file, "
                             f"or an HF tokenizer.json or its directory), and {os.fspath(dst_dir)} holds no copy")
   if own is not None:
-    if own.name != src.name or own.read_bytes() != src.read_bytes():
+    if own != dst or own.read_bytes() != src.read_bytes():
       raise ValueError(f"{what}: {os.fspath(src)!r} differs from the tokenizer this run started with "
                        f"({os.fspath(own)}); resume with the same tokenizer, or start a new workdir")
     return os.fspath(own)
