@@ -245,7 +245,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if is_main and start_step == 0:
     print(f"Learner: {n_params:,} params ({n_nonembed:,} non-embedding); mesh {dict(mesh.shape)}; "
           f"{config.num_steps} steps of {config.batch_size}×{config.data.seq_len} tokens", flush=True)
-  progress = metrics_lib.ProgressBar(config.num_steps, start_step, enabled=is_main and config.progress_bar)
+  progress = metrics_lib.ProgressBar(config.num_steps, start_step, enabled=is_main and config.progress_bar,
+                                     print_every=config.log_every_steps)  # logs: a line per logged step
   tokens_per_step = config.batch_size * config.data.seq_len
 
   summary: dict[str, Any] = {"preempted": False, "start_step": start_step}
