@@ -539,16 +539,14 @@ def _restore_params(run_dir: str, step: int | None) -> tuple[Any, int]:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from vpt import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
 
-  directory = os.path.join(run_dir, "checkpoints")
-  steps = sorted(int(d) for d in (os.listdir(directory) if os.path.isdir(directory) else []) if d.isdigit())
+  directory = paths.path(run_dir) / "checkpoints"
+  steps = sorted(int(d.name) for d in (directory.iterdir() if directory.is_dir() else []) if d.name.isdigit())
   if not steps:
     raise FileNotFoundError(f"{run_dir}: no checkpoint under {directory}")
   step = steps[-1] if step is None else step
-  manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.StandardCheckpointHandler()})
-  try:
-    tree = manager.item_metadata(step)["state"]["params"]
-  finally:
-    manager.close()
+  # The state item's own metadata: a CheckpointManager would also look at the step's other items
+  # (the data iterators) and warn once per item that it has no handler to restore them.
+  tree = ocp.StandardCheckpointHandler().metadata(directory / str(step) / "state")["params"]
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree,
                           is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
