@@ -564,10 +564,19 @@ def _lora_merge_fn(model_cfg, run_dir: str) -> Callable[[Any], Any]:
   return lambda params: merge(params, model_cfg)
 
 
+def source_dtype(template: dict | None) -> str:
+  """The export dtype matching a source checkpoint's config.json (`torch_dtype`, or `dtype` in newer
+  transformers): bfloat16 for a bf16 release, float32 for float32, for a dtype this export does not
+  write (float16: float32 holds it exactly) and for a run never imported from HF."""
+  value = (template or {}).get("torch_dtype") or (template or {}).get("dtype")
+  return value if value in DTYPES else "float32"
+
+
 def export_run(run_dir: str, out_dir: str, *, step: int | None = None, max_shard_size: int | str = "5GB",
-               dtype: str = "float32", architecture: str | None = None) -> list[str]:
+               dtype: str | None = None, architecture: str | None = None) -> list[str]:
   """A vpt run directory's learner (newest checkpoint, or `step`) -> an HF directory, with the
-  tokenizer and generation files of its `hf/` (if it was started from an HF checkpoint)."""
+  tokenizer and generation files of its `hf/` (if it was started from an HF checkpoint).
+  `dtype` defaults to the source checkpoint's (`source_dtype` of `hf/config.json`)."""
   from vpt import config_lib  # pylint: disable=g-import-not-at-top
 
   config_path = os.path.join(run_dir, "config.json")
@@ -583,6 +592,7 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None, max_shard
   lm_cfg = LMConfig.from_config(model_cfg, vocab)
   hf_dir = os.path.join(run_dir, HF_SUBDIR)
   template = read_config(hf_dir)[0] if is_hf_dir(hf_dir) else None
+  dtype = dtype or source_dtype(template)
   written = export_hf(params, lm_cfg, out_dir, merge_fn=merge_fn, architecture=architecture, template=template,
                       max_shard_size=max_shard_size, dtype=dtype)
   if template is not None and jax.process_index() == 0:
@@ -602,7 +612,8 @@ def main(argv: list[str] | None = None) -> str:
   exp.add_argument("--out", required=True, help="output HF directory")
   exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   exp.add_argument("--max_shard_size", default="5GB", help="shard the weights above this size (e.g. 5GB)")
-  exp.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+  exp.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="default: the source checkpoint's (its hf/config.json), else float32")
   exp.add_argument("--architecture", default=None, choices=sorted(ARCHITECTURES),
                    help="default: the source checkpoint's, else Qwen2 with q/k/v biases and Llama without")
   args = ap.parse_args(argv)
