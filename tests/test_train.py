@@ -160,7 +160,8 @@ def test_init_from_another_run_starts_from_its_params_and_tokenizer(tmp_path):
   cont = train.run(nano_config(num_steps=2, init_from=str(tmp_path / "base"), **{"optimizer.learning_rate": 0.0}),
                    str(tmp_path / "cont"))
   _assert_same_params(_params(base), _params(cont))  # lr 0: the continued run's params are the base's
-  assert not (tmp_path / "cont" / "tokenizer").exists()  # the base run's tokenizer was reused
+  assert ((tmp_path / "cont" / "tokenizer" / "spm.model").read_bytes()  # the base run's tokenizer, copied
+          == (tmp_path / "base" / "tokenizer" / "spm.model").read_bytes())
   with pytest.raises(FileNotFoundError, match="init_from"):
     train.run(nano_config(num_steps=2, init_from=str(tmp_path / "nowhere")), str(tmp_path / "bad"))
 

@@ -11,7 +11,6 @@ checkpoint still fails to restore (e.g. a corrupt file), it is reported, renamed
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import grain
@@ -21,12 +20,14 @@ from etils import epath
 from flax import traverse_util
 from absl import logging
 
+from vpt import paths
+
 
 class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int, async_save: bool = True,
                iterator_names: tuple[str, ...] = ("data",)):
-    self.directory = os.path.abspath(directory) if "://" not in directory else directory
+    self.directory = paths.norm(directory)  # orbax refuses relative paths; gs:// stays a URL
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True, cleanup_tmp_directories=True)
     self.iterator_names = tuple(iterator_names)
@@ -106,14 +107,14 @@ def load_learner_params(run_dir: str, abstract_params: Any, step: int | None = N
 def restore_state_fields(run_dir: str, abstract: dict, step: int | None = None, *, what: str = "") -> tuple[dict, int]:
   """The top-level fields of another run's checkpointed state that `abstract` names (partial restore;
   its newest checkpoint, or `step`), read straight into the shardings of `abstract` (ShapeDtypeStructs)."""
-  directory = os.path.join(os.path.abspath(run_dir), "checkpoints")  # orbax refuses relative paths
-  steps = sorted(int(d) for d in (os.listdir(directory) if os.path.isdir(directory) else []) if d.isdigit())
+  directory = paths.path(run_dir) / "checkpoints"  # absolute: orbax refuses relative paths
+  steps = sorted(int(d.name) for d in (directory.iterdir() if directory.is_dir() else []) if d.name.isdigit())
   if not steps:
     raise FileNotFoundError(f"{what}{run_dir!r}: no checkpoint under {directory}")
   step = steps[-1] if step is None else step
   restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
                                                              dtype=a.dtype), abstract)
   with ocp.PyTreeCheckpointer() as checkpointer:
-    restored = checkpointer.restore(os.path.join(directory, str(step), "state"), args=ocp.args.PyTreeRestore(
+    restored = checkpointer.restore(directory / str(step) / "state", args=ocp.args.PyTreeRestore(
         item=abstract, restore_args=restore_args, partial_restore=True))
   return restored, step

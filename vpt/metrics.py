@@ -22,6 +22,8 @@ from typing import Any, Mapping, TextIO
 
 import numpy as np
 
+from vpt import paths
+
 # --------------------------------------------------------------------------------------
 # Metric writer
 # --------------------------------------------------------------------------------------
@@ -65,19 +67,20 @@ class MetricWriter:
     self.workdir = workdir
     self.enabled = enabled
     self._tb = None
-    self._jsonl: TextIO | None = None
-    self._text: TextIO | None = None
+    self._jsonl: paths.AppendFile | None = None
+    self._text: paths.AppendFile | None = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it.
 
-    self._tb = SummaryWriter(logdir=os.path.join(workdir, "tb"), flush_secs=tb_flush_secs)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    # tensorboardX writes gs:// and s3:// itself (google-cloud-storage / boto3) when given the URL.
+    self._tb = SummaryWriter(logdir=os.fspath(paths.path(workdir) / "tb"), flush_secs=tb_flush_secs)
+    self._jsonl = paths.AppendFile(self.jsonl_path)
 
   @property
   def jsonl_path(self) -> str:
-    return os.path.join(self.workdir, "metrics.jsonl")
+    return os.fspath(paths.path(self.workdir) / "metrics.jsonl")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any], prefix: str = "") -> None:
     """Writes `scalars` at `step`; tags are `prefix/name` when a prefix is given."""
@@ -108,7 +111,7 @@ class MetricWriter:
     step = int(step)
     self._tb.add_text(name, text, global_step=step)
     if self._text is None:
-      self._text = open(os.path.join(self.workdir, "text.jsonl"), "a", encoding="utf-8")
+      self._text = paths.AppendFile(paths.path(self.workdir) / "text.jsonl")
     self._text.write(json.dumps({"step": step, "name": name, "text": text}) + "\n")
     self._text.flush()
 
@@ -144,8 +147,7 @@ def read_jsonl(path: str, *, decode_nonfinite: bool = True) -> list[dict]:
   that `MetricWriter` writes for non-finite values become floats again.
   """
   rows = []
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().split("\n")
+  lines = paths.path(path).read_text(encoding="utf-8").split("\n")
   for i, line in enumerate(lines):
     if not line.strip():
       continue

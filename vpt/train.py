@@ -14,9 +14,10 @@ import optax
 from absl import logging
 
 from vpt import checkpoint as ckpt_lib
-from vpt import config_lib, metrics as metrics_lib, sharding, vpt_step
+from vpt import config_lib, metrics as metrics_lib, paths, sharding, vpt_step
 from vpt.data.feedback import make_feedback_iterator
 from vpt.data.pipeline import make_lm_iterator
+from vpt.data import tokenizer as tokenizer_lib
 from vpt.data.sources import has_eval_split
 from vpt.data.tokenizer import load_or_train_tokenizer
 from vpt.evals.downstream import make_downstream_eval
@@ -55,8 +56,7 @@ class _FeedbackFeed:
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  paths.write_atomic(paths.path(workdir) / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def _generation_eval(config, model, tokenizer):
@@ -144,7 +144,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """
   config_lib.validate(config)
   sharding.maybe_initialize_distributed(config.multihost)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.norm(workdir)  # local paths absolute; gs:// and other URLs through etils.epath
+  paths.makedirs(workdir)
   is_main = jax.process_index() == 0
   if is_main:
     write_config(config, workdir)
@@ -155,16 +156,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   hf_dir = None
   if config.init_from:
     from vpt.interop import hf as hf_interop  # pylint: disable=g-import-not-at-top
-    hf_dir = hf_interop.hf_files_dir(config.init_from)  # an HF checkpoint, or a run imported from one
+    own_hf = os.path.join(workdir, hf_interop.HF_SUBDIR)  # copied at the first start: init_from may be gone.
+    hf_dir = own_hf if hf_interop.is_hf_dir(own_hf) else hf_interop.hf_files_dir(config.init_from)
     if hf_dir:  # its config.json sets the learner's shape; its files make this run self-contained.
       config = hf_interop.config_with_hf_model(config, hf_dir)
       if is_main:
         write_config(config, workdir)
-        hf_interop.copy_hf_files(hf_dir, os.path.join(workdir, hf_interop.HF_SUBDIR))
-  if config.init_from and not data_cfg.tokenizer_path:  # continue with the base run's tokenizer.
+        hf_interop.copy_hf_files(hf_dir, own_hf)
+  # The run keeps its own copy of the tokenizer (WORKDIR/tokenizer/), so a restart needs neither
+  # data.tokenizer_path nor init_from to exist; without either it trains one there.
+  if data_cfg.tokenizer_path:
+    source, what = data_cfg.tokenizer_path, "data.tokenizer_path"
+  elif config.init_from:  # continue with the base run's tokenizer.
+    init = config.init_from
+    source = (init if hf_interop.is_hf_dir(init) else tokenizer_lib.run_dir_tokenizer(init)) or os.path.join(
+        init, "tokenizer", "spm.model")
+    what = f"the tokenizer of config.init_from={init!r}"
+  else:
+    source = what = None
+  own_tokenizer = tokenizer_lib.adopt_tokenizer(source, workdir, what=what)
+  if own_tokenizer:
     data_cfg = copy.deepcopy(data_cfg)
     with data_cfg.unlocked():
-      data_cfg.tokenizer_path = hf_dir or os.path.join(config.init_from, "tokenizer", "spm.model")
+      data_cfg.tokenizer_path = own_tokenizer
   tokenizer = load_or_train_tokenizer(data_cfg, workdir)
   model_cfg = LMConfig.from_config(config.model, tokenizer.vocab_size)
   if hf_dir and tokenizer.vocab_size > model_cfg.vocab_size:
@@ -232,7 +246,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if is_main and start_step == 0:
     print(f"Learner: {n_params:,} params ({n_nonembed:,} non-embedding); mesh {dict(mesh.shape)}; "
           f"{config.num_steps} steps of {config.batch_size}×{config.data.seq_len} tokens", flush=True)
-  progress = metrics_lib.ProgressBar(config.num_steps, start_step, enabled=is_main and config.progress_bar)
+  progress = metrics_lib.ProgressBar(config.num_steps, start_step, enabled=is_main and config.progress_bar,
+                                     print_every=config.log_every_steps)  # logs: a line per logged step
   tokens_per_step = config.batch_size * config.data.seq_len
 
   summary: dict[str, Any] = {"preempted": False, "start_step": start_step}
@@ -293,8 +308,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     summary["throughput"] = rates(timer.steps, timer.seconds)
   if is_main:
     _print_summary(summary)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2, default=float)
+    paths.write_atomic(paths.path(workdir) / "summary.json", json.dumps(summary, indent=2, default=float))
   summary["state"] = state
   return summary
 

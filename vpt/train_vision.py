@@ -400,7 +400,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
     print(f"Learner: ViT {n_params:,} params (d {m.d_model}, {m.n_layers} layers, patch {m.patch_size}); "
           f"mode {config.vpt.mode}; mesh {dict(mesh.shape)}; {config.num_steps} steps of {config.batch_size} "
           f"images", flush=True)
-  progress = metrics_lib.ProgressBar(config.num_steps, start_step, enabled=is_main and config.progress_bar)
+  progress = metrics_lib.ProgressBar(config.num_steps, start_step, enabled=is_main and config.progress_bar,
+                                     print_every=config.log_every_steps)  # logs: a line per logged step
 
   summary: dict[str, Any] = {"preempted": False, "start_step": start_step, "mode": config.vpt.mode}
   timer = StepTimer()

@@ -21,7 +21,6 @@ positions), but are not packed: one example per row, right-padded.
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import grain
@@ -29,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vpt import paths
 from vpt.data import pipeline
 from vpt.data import synthetic_math
 from vpt.data.tokenizer import Tokenizer
@@ -64,11 +64,11 @@ def load_gsm8k_jsonl(path: str, *, strip_calculator: bool = True) -> list[dict]:
   Blank lines are skipped. `final` is the text after the last line's '####' without
   commas, '$' and spaces. Errors name the file, the 1-based line and the reason.
   """
-  if not os.path.isfile(path):
+  if not paths.path(path).is_file():
     raise FileNotFoundError(f"feedback file {path!r}: no such file (expected GSM8K-format "
                             'jsonl: one {"question": ..., "answer": ...} object per line)')
   records = []
-  with open(path, "rb") as f:
+  with paths.path(path).open("rb") as f:
     for lineno, raw in enumerate(f, 1):
       where = f"{path}:{lineno}"
       try:

@@ -49,6 +49,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from etils import epath
 
+from vpt import paths
 from vpt.data import synthetic_math
 
 # Virtual size of the synthetic training stream (records are generated on demand).
@@ -85,13 +86,9 @@ def answer_separator(prompt: str, answer: str) -> str:
   return synthetic_math.ANSWER_SEP
 
 
-def _is_local(path: str) -> bool:
-  return "://" not in str(path)
-
-
 def _glob(pattern: str) -> list[str]:
   """Sorted matches of a local or URL (gs://...) glob."""
-  if _is_local(pattern):
+  if not paths.is_remote(pattern):
     return sorted(glob.glob(os.path.expanduser(pattern)))
   if not any(c in pattern for c in "*?["):
     return [pattern] if epath.Path(pattern).exists() else []
@@ -119,7 +116,7 @@ def resolve_paths(spec: str, field: str, allow_dirs: bool = False) -> list[str]:
 
 def _stamp(path: str) -> tuple[int, int]:
   """(size, mtime in ns) of a file: what cached derivatives of it are keyed by."""
-  if _is_local(path):
+  if not paths.is_remote(path):
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns
   st = epath.Path(path).stat()
@@ -220,7 +217,7 @@ class _LineIndexedFiles:
     file_idx, starts, lengths, lines = [], [], [], []
     for k, path in enumerate(self.files):
       offset = 0
-      with open(path, "rb") as f:
+      with paths.path(path).open("rb") as f:
         for lineno, line in enumerate(f, 1):
           if line.strip():
             check_line(line, path, lineno)
@@ -245,9 +242,14 @@ class _LineIndexedFiles:
     if self._pid != os.getpid():
       with self._lock:
         if self._pid != os.getpid():
-          self._fds = [os.open(p, os.O_RDONLY) for p in self.files]
+          self._fds = [p if paths.is_remote(p) else os.open(p, os.O_RDONLY) for p in self.files]
           self._pid = os.getpid()
-    return os.pread(self._fds[self.file_idx[i]], int(self.lengths[i]), int(self.starts[i]))
+    fd = self._fds[self.file_idx[i]]
+    if isinstance(fd, str):  # an object store has no pread: a ranged read of the record's bytes.
+      with paths.path(fd).open("rb") as f:
+        f.seek(int(self.starts[i]))
+        return f.read(int(self.lengths[i]))
+    return os.pread(fd, int(self.lengths[i]), int(self.starts[i]))
 
   def __getstate__(self):
     state = self.__dict__.copy()
@@ -261,6 +263,8 @@ class _LineIndexedFiles:
   def __del__(self):
     if self._fds and self._pid == os.getpid():
       for fd in self._fds:
+        if isinstance(fd, str):
+          continue
         try:
           os.close(fd)
         except OSError:
@@ -399,7 +403,7 @@ def _open_arrow(path: str):
   import pyarrow as pa
 
   def source():
-    if _is_local(path):
+    if not paths.is_remote(path):
       return pa.memory_map(path)
     return pa.BufferReader(epath.Path(path).read_bytes())  # No mmap for remote files.
 
@@ -536,7 +540,7 @@ class ParquetSource(_PerProcess):
   @staticmethod
   def _open_one(path: str):
     import pyarrow.parquet as pq
-    if _is_local(path):
+    if not paths.is_remote(path):
       return pq.ParquetFile(path, memory_map=True)
     return pq.ParquetFile(epath.Path(path).open("rb"))
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import sentencepiece as spm
 from etils import epath
 
+from vpt import paths
 from vpt.data import sources as sources_lib
 
 CACHE_SUBDIR = "tokenizer"
@@ -109,14 +110,13 @@ class HFTokenizer(Tokenizer):
   """
 
   def __init__(self, path: str):
-    file = os.path.join(path, HF_TOKENIZER_NAME) if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-      raise FileNotFoundError(f"tokenizer {file!r}: no such file (expected a Hugging Face tokenizer.json; "
+    file = _hf_tokenizer_file(path)
+    if not file.is_file():
+      raise FileNotFoundError(f"tokenizer {os.fspath(file)!r}: no such file (expected a Hugging Face tokenizer.json; "
                               "set data.tokenizer_path to one)")
-    self.path = file
-    with open(file) as f:
-      self._json = f.read()
-    self._special = _hf_special_tokens(os.path.dirname(file))
+    self.path = os.fspath(file)
+    self._json = file.read_text()
+    self._special = _hf_special_tokens(file.parent)
     self._init()
 
   def _init(self):
@@ -168,19 +168,25 @@ class HFTokenizer(Tokenizer):
     self._init()
 
 
-def _hf_special_tokens(directory: str) -> dict:
+def _hf_tokenizer_file(path: str) -> epath.Path:
+  """The tokenizer.json that `path` names: itself, or the one in the directory `path`."""
+  p = paths.path(path)
+  return p / HF_TOKENIZER_NAME if p.is_dir() else p
+
+
+def _hf_special_tokens(directory) -> dict:
   """{'bos'|'eos'|'pad': (token string or id, source file), 'eos_ids': (ids, file)}, first file wins."""
   found: dict = {}
 
   def read(name):
-    path = os.path.join(directory, name)
-    if not os.path.isfile(path):
+    file = paths.path(directory) / name
+    path = os.fspath(file)
+    if not file.is_file():
       return {}, path
-    with open(path) as f:
-      try:
-        data = json.load(f)
-      except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    try:
+      data = json.loads(file.read_text())
+    except ValueError as e:
+      raise ValueError(f"{path}: not valid JSON ({e})") from e
     return (data if isinstance(data, dict) else {}), path
 
   for name in ("tokenizer_config.json", "special_tokens_map.json"):
@@ -205,7 +211,7 @@ def _hf_special_tokens(directory: str) -> dict:
 
 def is_hf_tokenizer_path(path: str) -> bool:
   """A tokenizer.json, or a directory (an HF checkpoint's, which must hold one)."""
-  return path.endswith(".json") or os.path.isdir(path)
+  return os.fspath(path).endswith(".json") or paths.path(path).is_dir()
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -215,15 +221,69 @@ def load_tokenizer(path: str) -> Tokenizer:
   return SentencePieceTokenizer(path)
 
 
+# Files beside a tokenizer.json that HFTokenizer reads its special tokens from.
+HF_TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                           "config.json")
+
+
+def run_dir_tokenizer(run_dir: str) -> str | None:
+  """The tokenizer file a vpt run directory holds, or None: the copy made at its first start (or
+  the sentencepiece model it trained), WORKDIR/tokenizer/{tokenizer.json,spm.model}; else the
+  Hugging Face files an import copied into WORKDIR/hf."""
+  root = paths.path(run_dir)
+  for file in (root / CACHE_SUBDIR / HF_TOKENIZER_NAME, root / CACHE_SUBDIR / CACHE_NAME,
+               root / "hf" / HF_TOKENIZER_NAME):  # hf/: vpt.interop.hf.HF_SUBDIR
+    if file.is_file():
+      return os.fspath(file)
+  return None
+
+
 def run_tokenizer(workdir: str, data_cfg) -> Tokenizer:
-  """The tokenizer a vpt run trained with: data.tokenizer_path, else the Hugging Face files an HF
-  init copied into WORKDIR/hf, else the sentencepiece model cached in WORKDIR/tokenizer."""
+  """The tokenizer a vpt run trained with: its own copy in the run directory (`run_dir_tokenizer`),
+  else data.tokenizer_path (runs from before the run directory kept a copy)."""
+  own = run_dir_tokenizer(workdir)
+  if own:
+    return load_tokenizer(own)
   if data_cfg.get("tokenizer_path"):
     return load_tokenizer(data_cfg.tokenizer_path)
-  hf_dir = os.path.join(workdir, "hf")  # vpt.interop.hf.HF_SUBDIR
-  if is_hf_tokenizer_path(hf_dir):
-    return HFTokenizer(hf_dir)
-  return SentencePieceTokenizer(os.path.join(workdir, CACHE_SUBDIR, CACHE_NAME))
+  return SentencePieceTokenizer(os.fspath(paths.path(workdir) / CACHE_SUBDIR / CACHE_NAME))
+
+
+def adopt_tokenizer(source: str | None, workdir: str, *, what: str) -> str | None:
+  """The path of the run's own copy of the tokenizer at `source`, so that a restart needs nothing
+  outside the run directory (`source` may be on a VM that is gone, or deleted).
+
+  The first start copies `source` (a sentencepiece .model, or an HF tokenizer.json or its
+  directory, with the side files that name its special tokens) into WORKDIR/tokenizer/; a restart
+  uses that copy, and refuses to go on if `source` still exists but differs from it. Every host
+  may call this: each publishes identical bytes atomically. None when `source` is None (the run
+  trains its own sentencepiece model). `what` names the setting `source` came from, for errors.
+  """
+  if not source:
+    return None
+  hf = is_hf_tokenizer_path(source) if paths.path(source).exists() else os.fspath(source).endswith(".json")
+  src = _hf_tokenizer_file(source) if hf else paths.path(source)
+  dst_dir = paths.path(workdir) / CACHE_SUBDIR
+  dst = dst_dir / (HF_TOKENIZER_NAME if hf else CACHE_NAME)
+  own = run_dir_tokenizer(workdir)
+  own = paths.path(own) if own and paths.path(own).parent == dst_dir else None
+  if not src.is_file():
+    if own is not None:
+      return os.fspath(own)  # a restart: the run's copy stands in for a source that is gone.
+    raise FileNotFoundError(f"{what}: {os.fspath(src)!r}: no such file (expected a sentencepiece .model file, "
+                            f"or an HF tokenizer.json or its directory), and {os.fspath(dst_dir)} holds no copy")
+  if own is not None:
+    if own != dst or own.read_bytes() != src.read_bytes():
+      raise ValueError(f"{what}: {os.fspath(src)!r} differs from the tokenizer this run started with "
+                       f"({os.fspath(own)}); resume with the same tokenizer, or start a new workdir")
+    return os.fspath(own)
+  if hf:
+    for name in HF_TOKENIZER_SIDE_FILES:
+      side = src.parent / name
+      if side.is_file():
+        paths.copy_file(side, dst_dir / name)
+  paths.copy_file(src, dst)  # last: its presence marks a complete copy.
+  return os.fspath(dst)
 
 
 def trained_vocab_size(model_proto: bytes) -> int:
@@ -266,14 +326,6 @@ def train_sentencepiece(texts: Sequence[str], vocab_size: int) -> bytes:
   return out.getvalue()
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)  # Concurrent writers (several hosts) each publish a whole file.
-
-
 def load_or_train_tokenizer(data_cfg, workdir: str) -> Tokenizer:
   """data.tokenizer_path if set (sentencepiece .model, or an HF tokenizer.json or the directory
   holding one); else the sentencepiece model cached in workdir, trained on first use.
@@ -289,8 +341,8 @@ def load_or_train_tokenizer(data_cfg, workdir: str) -> Tokenizer:
       return HFTokenizer(data_cfg.tokenizer_path)
     return SentencePieceTokenizer(data_cfg.tokenizer_path)
 
-  path = os.path.join(workdir, CACHE_SUBDIR, CACHE_NAME)
-  if os.path.exists(path):
+  path = os.fspath(paths.path(workdir) / CACHE_SUBDIR / CACHE_NAME)
+  if paths.path(path).exists():
     tok = SentencePieceTokenizer(path)
     trained = trained_vocab_size(tok.proto)
     if trained != data_cfg.vocab_size:
@@ -307,5 +359,5 @@ def load_or_train_tokenizer(data_cfg, workdir: str) -> Tokenizer:
   texts = [sources_lib.record_text(source[i]) for i in range(n)]
   logging.info("Training a %d-piece sentencepiece model on %d records", data_cfg.vocab_size, n)
   proto = train_sentencepiece(texts, data_cfg.vocab_size)
-  _write_atomic(path, proto)
+  paths.write_atomic(path, proto)  # concurrent writers (several hosts) each publish a whole file.
   return SentencePieceTokenizer(path)

@@ -35,7 +35,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +48,7 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from vpt import paths
 from vpt.models.lm import LMConfig, Transformer
 
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
@@ -76,8 +76,7 @@ _PRESETS = ("nano", "tiny", "small")
 def is_hf_dir(path: str) -> bool:
   """A Hugging Face model directory: its config.json names `architectures` or `model_type`."""
   try:
-    with open(os.path.join(path, "config.json")) as f:
-      data = json.load(f)
+    data = json.loads((paths.path(path) / "config.json").read_text())
   except (OSError, ValueError):
     return False
   return isinstance(data, dict) and ("architectures" in data or "model_type" in data)
@@ -95,11 +94,10 @@ def hf_files_dir(init_from: str) -> str | None:
 def read_config(hf_dir: str) -> tuple[dict, str]:
   """(config.json as a dict, its path)."""
   path = os.path.join(hf_dir, "config.json")
-  if not os.path.isfile(path):
+  if not paths.path(path).is_file():
     raise FileNotFoundError(f"{path}: no such file (expected a Hugging Face model directory)")
   try:
-    with open(path) as f:
-      data = json.load(f)
+    data = json.loads(paths.path(path).read_text())
   except ValueError as e:
     raise ValueError(f"{path}: not valid JSON ({e})") from e
   if not isinstance(data, dict):
@@ -258,15 +256,14 @@ def config_with_hf_model(config: ml_collections.ConfigDict, hf_dir: str) -> ml_c
 
 def copy_hf_files(src: str, dst: str, *, include_config: bool = True) -> None:
   """Copies an HF directory's files except its weights (config, tokenizer, generation config)."""
-  os.makedirs(dst, exist_ok=True)
-  for name in sorted(os.listdir(src)):
-    path = os.path.join(src, name)
-    if (not os.path.isfile(path) or name.startswith(".") or name.endswith(_WEIGHT_SUFFIXES)
+  src, dst = paths.path(src), paths.makedirs(dst)
+  for path in sorted(src.iterdir()):
+    name = path.name
+    if (not path.is_file() or name.startswith(".") or name.endswith(_WEIGHT_SUFFIXES)
         or name.endswith(".index.json") or (name == "config.json" and not include_config)):
       continue
-    target = os.path.join(dst, name)
-    if os.path.abspath(path) != os.path.abspath(target):
-      shutil.copy2(path, target)
+    if path != dst / name:
+      paths.copy_file(path, dst / name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -542,16 +539,14 @@ def _restore_params(run_dir: str, step: int | None) -> tuple[Any, int]:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from vpt import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
 
-  directory = os.path.join(run_dir, "checkpoints")
-  steps = sorted(int(d) for d in (os.listdir(directory) if os.path.isdir(directory) else []) if d.isdigit())
+  directory = paths.path(run_dir) / "checkpoints"
+  steps = sorted(int(d.name) for d in (directory.iterdir() if directory.is_dir() else []) if d.name.isdigit())
   if not steps:
     raise FileNotFoundError(f"{run_dir}: no checkpoint under {directory}")
   step = steps[-1] if step is None else step
-  manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.StandardCheckpointHandler()})
-  try:
-    tree = manager.item_metadata(step)["state"]["params"]
-  finally:
-    manager.close()
+  # The state item's own metadata: a CheckpointManager would also look at the step's other items
+  # (the data iterators) and warn once per item that it has no handler to restore them.
+  tree = ocp.StandardCheckpointHandler().metadata(directory / str(step) / "state")["params"]
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree,
                           is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
@@ -569,10 +564,19 @@ def _lora_merge_fn(model_cfg, run_dir: str) -> Callable[[Any], Any]:
   return lambda params: merge(params, model_cfg)
 
 
+def source_dtype(template: dict | None) -> str:
+  """The export dtype matching a source checkpoint's config.json (`torch_dtype`, or `dtype` in newer
+  transformers): bfloat16 for a bf16 release, float32 for float32, for a dtype this export does not
+  write (float16: float32 holds it exactly) and for a run never imported from HF."""
+  value = (template or {}).get("torch_dtype") or (template or {}).get("dtype")
+  return value if value in DTYPES else "float32"
+
+
 def export_run(run_dir: str, out_dir: str, *, step: int | None = None, max_shard_size: int | str = "5GB",
-               dtype: str = "float32", architecture: str | None = None) -> list[str]:
+               dtype: str | None = None, architecture: str | None = None) -> list[str]:
   """A vpt run directory's learner (newest checkpoint, or `step`) -> an HF directory, with the
-  tokenizer and generation files of its `hf/` (if it was started from an HF checkpoint)."""
+  tokenizer and generation files of its `hf/` (if it was started from an HF checkpoint).
+  `dtype` defaults to the source checkpoint's (`source_dtype` of `hf/config.json`)."""
   from vpt import config_lib  # pylint: disable=g-import-not-at-top
 
   config_path = os.path.join(run_dir, "config.json")
@@ -588,6 +592,7 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None, max_shard
   lm_cfg = LMConfig.from_config(model_cfg, vocab)
   hf_dir = os.path.join(run_dir, HF_SUBDIR)
   template = read_config(hf_dir)[0] if is_hf_dir(hf_dir) else None
+  dtype = dtype or source_dtype(template)
   written = export_hf(params, lm_cfg, out_dir, merge_fn=merge_fn, architecture=architecture, template=template,
                       max_shard_size=max_shard_size, dtype=dtype)
   if template is not None and jax.process_index() == 0:
@@ -607,7 +612,8 @@ def main(argv: list[str] | None = None) -> str:
   exp.add_argument("--out", required=True, help="output HF directory")
   exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   exp.add_argument("--max_shard_size", default="5GB", help="shard the weights above this size (e.g. 5GB)")
-  exp.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+  exp.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="default: the source checkpoint's (its hf/config.json), else float32")
   exp.add_argument("--architecture", default=None, choices=sorted(ARCHITECTURES),
                    help="default: the source checkpoint's, else Qwen2 with q/k/v biases and Llama without")
   args = ap.parse_args(argv)
