@@ -39,3 +39,25 @@ class CharTokenizer(Tokenizer):
 
   def decode(self, ids):
     return "".join(self._chars.get(int(i), "") for i in ids)
+
+
+def packed_segments(batches):
+  """(inputs, targets, loss_mask) of every packed example of grain LM batches, in row order."""
+  out = []
+  for b in batches:
+    for r in range(b["inputs"].shape[0]):
+      seg = b["segment_ids"][r]
+      for s in range(1, seg.max() + 1):
+        m = seg == s
+        out.append((b["inputs"][r][m], b["targets"][r][m], b["loss_mask"][r][m]))
+  return out
+
+
+def assert_batches_equal(xs, ys):
+  """Two lists of host batches (dicts of numpy arrays) are identical, dtypes included."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  assert len(xs) == len(ys)
+  for x, y in zip(xs, ys):
+    assert x.keys() == y.keys()
+    for k in x:
+      assert x[k].dtype == y[k].dtype and np.array_equal(x[k], y[k]), k

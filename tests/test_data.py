@@ -9,6 +9,7 @@ import grain
 import numpy as np
 import pytest
 
+from conftest import assert_batches_equal, packed_segments
 from vpt import config_lib
 from vpt.data import pipeline, sources, synthetic_math as sm, tokenizer as tok_lib
 
@@ -58,26 +59,6 @@ def _take(it, n):
 
 def _all(it):
   return list(it)
-
-
-def _segments(batches):
-  """(inputs, targets, loss_mask) of every packed example, in row order."""
-  out = []
-  for b in batches:
-    for r in range(b["inputs"].shape[0]):
-      seg = b["segment_ids"][r]
-      for s in range(1, seg.max() + 1):
-        m = seg == s
-        out.append((b["inputs"][r][m], b["targets"][r][m], b["loss_mask"][r][m]))
-  return out
-
-
-def _assert_batches_equal(xs, ys):
-  assert len(xs) == len(ys)
-  for x, y in zip(xs, ys):
-    assert x.keys() == y.keys()
-    for k in x:
-      assert x[k].dtype == y[k].dtype and np.array_equal(x[k], y[k]), k
 
 
 # --- synthetic generator ---------------------------------------------------------------
@@ -288,7 +269,7 @@ def test_packing_invariants(qa_corpus, tokenizer):
     assert tokenizer.decode(toks) == sources.record_text(rec)
     expected[tuple(toks)] = flags
   seen = []
-  for inp, tgt, mask in _segments(batches):
+  for inp, tgt, mask in packed_segments(batches):
     toks = tuple(np.concatenate([inp, tgt[-1:]]))
     assert toks[0] == tokenizer.bos_id and toks[-1] == tokenizer.eos_id
     assert np.array_equal(mask, expected[toks][1:])
@@ -307,7 +288,7 @@ def test_text_records_have_loss_everywhere(tmp_path, tokenizer):
   cfg = _cfg(source="text", train_path=str(tmp_path / "d.txt"), eval_path=str(tmp_path / "d.txt"))
   batches = _all(pipeline.make_lm_iterator(cfg, tokenizer, split="eval", global_batch_size=2,
                                            seq_len=64, seed=0))
-  segs = _segments(batches)
+  segs = packed_segments(batches)
   assert sorted(tokenizer.decode(np.concatenate([i, t[-1:]])) for i, t, _ in segs) == sorted(docs)
   assert all((m == 1).all() for _, _, m in segs)
   for b in batches:
@@ -327,7 +308,7 @@ def test_too_long_example(tmp_path, tokenizer):
   cfg.truncate_long_examples = True
   batches = _all(pipeline.make_lm_iterator(cfg, tokenizer, split="eval", global_batch_size=2,
                                            seq_len=16, seed=0))
-  lengths = sorted(len(i) for i, _, _ in _segments(batches))
+  lengths = sorted(len(i) for i, _, _ in packed_segments(batches))
   assert lengths[-1] == 16 and len(lengths) == 3
 
 
@@ -343,10 +324,10 @@ def test_iterator_state_round_trip(tokenizer):
   state = json.loads(json.dumps(it.get_state()))  # JSON-serialisable.
   after = _take(it, 3)
   fresh = make()
-  _assert_batches_equal(_take(fresh, 3), first)  # Deterministic from the start too.
+  assert_batches_equal(_take(fresh, 3), first)  # Deterministic from the start too.
   restored = make()
   restored.set_state(state)
-  _assert_batches_equal(_take(restored, 3), after)
+  assert_batches_equal(_take(restored, 3), after)
   # Another seed gives another order.
   other = pipeline.make_lm_iterator(cfg, tokenizer, split="train", global_batch_size=8,
                                     seq_len=256, seed=1)
@@ -364,11 +345,11 @@ def test_state_round_trip_across_epochs_and_reshuffle(qa_corpus, tokenizer):
   after = _take(it, 12)  # Crosses into the next epochs (40 short records per epoch).
   restored = make()
   restored.set_state(state)
-  _assert_batches_equal(_take(restored, 12), after)
+  assert_batches_equal(_take(restored, 12), after)
   # Each epoch is a new permutation of the same records.
   ds = pipeline.make_lm_dataset(cfg, tokenizer, split="train", global_batch_size=2, seq_len=64,
                                 seed=3, num_epochs=2)
-  segs = [tuple(np.concatenate([i, t[-1:]])) for i, t, _ in _segments(list(ds))]
+  segs = [tuple(np.concatenate([i, t[-1:]])) for i, t, _ in packed_segments(list(ds))]
   assert len(segs) == 80
   assert sorted(segs[:40]) == sorted(segs[40:]) and segs[:40] != segs[40:]
 
@@ -392,7 +373,7 @@ def test_orbax_checkpoint_of_iterator(tmp_path, tokenizer):
   out = mgr.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore({"w": jnp.zeros(3)}),
                                                data=grain.checkpoint.CheckpointRestore(fresh)))
   assert out["data"] is fresh
-  _assert_batches_equal(_take(fresh, 3), after)
+  assert_batches_equal(_take(fresh, 3), after)
   assert os.path.exists(tmp_path / "ckpt" / "2" / "data" / "process_0-of-1.json")
   mgr.close()
 
@@ -407,7 +388,7 @@ def test_process_sharding(qa_corpus, tokenizer):
                                              process_count=2))
     assert all(b["inputs"].shape == (3, 96) for b in batches)
     per_process.append({tokenizer.decode(np.concatenate([i, t[-1:]]))
-                        for i, t, _ in _segments(batches)})
+                        for i, t, _ in packed_segments(batches)})
   assert not per_process[0] & per_process[1]
   assert per_process[0] | per_process[1] == {r["q"] + " " + r["a"] for r in rows}
   train = pipeline.make_lm_iterator(cfg, tokenizer, split="train", global_batch_size=6, seq_len=96,
@@ -422,7 +403,7 @@ def test_synthetic_eval_is_one_padded_pass(tokenizer):
   cfg = _cfg(synthetic__num_eval=37)
   batches = _all(pipeline.make_lm_iterator(cfg, tokenizer, split="eval", global_batch_size=4,
                                            seq_len=256, seed=0))
-  segs = _segments(batches)
+  segs = packed_segments(batches)
   assert len(segs) == 37
   src = sources.make_source(cfg, "eval")
   assert sorted(tokenizer.decode(np.concatenate([i, t[-1:]])) for i, t, _ in segs) == sorted(
@@ -456,7 +437,7 @@ def test_worker_processes(tokenizer):
   it.close()
   restored = make()
   restored.set_state(state)
-  _assert_batches_equal(_take(restored, 2), after)
+  assert_batches_equal(_take(restored, 2), after)
   restored.close()
   # Workers split the stream differently from a single process, but each batch is whole.
   assert all(b["inputs"].shape == (4, 256) and (b["segment_ids"][:, 0] == 1).all()
@@ -505,7 +486,7 @@ def test_tfds_source(tmp_path, tokenizer):
   assert {sources.record_text(r) for r in recs} == expected
   batches = _all(pipeline.make_lm_iterator(cfg, tokenizer, split="train", global_batch_size=4,
                                            seq_len=64, seed=0, num_epochs=1))
-  assert {tokenizer.decode(np.concatenate([i, t[-1:]])) for i, t, _ in _segments(batches)} == expected
+  assert {tokenizer.decode(np.concatenate([i, t[-1:]])) for i, t, _ in packed_segments(batches)} == expected
 
   with pytest.raises(ValueError, match=r"tfds vpt_tiny_qa\[train\] record 0: missing field 'text'"):
     sources.make_source(_cfg(source="tfds", tfds_name="vpt_tiny_qa", tfds_data_dir=data_dir), "train")

@@ -16,7 +16,7 @@ from vpt import config_lib
 from vpt.data import feedback as fb
 from vpt.data import pipeline, synthetic_math as sm, tokenizer as tok_lib
 
-from conftest import GSM8K_DIR
+from conftest import GSM8K_DIR, assert_batches_equal
 
 GSM8K_TRAIN = os.path.join(GSM8K_DIR, "train.jsonl")
 
@@ -47,14 +47,6 @@ def _fb_cfg(**overrides):
 
 def _take(it, n):
   return [next(it) for _ in range(n)]
-
-
-def _assert_batches_equal(xs, ys):
-  assert len(xs) == len(ys)
-  for x, y in zip(xs, ys):
-    assert x.keys() == y.keys()
-    for k in x:
-      assert x[k].dtype == y[k].dtype and np.array_equal(x[k], y[k]), k
 
 
 def _rows(batches):
@@ -246,10 +238,10 @@ def test_iterator_state_round_trip_and_reshuffle(tokenizer):
   first = _take(it, 2)
   state = json.loads(json.dumps(it.get_state()))  # JSON-serialisable.
   after = _take(it, 2)
-  _assert_batches_equal(_take(make(), 2), first)
+  assert_batches_equal(_take(make(), 2), first)
   restored = make()
   restored.set_state(state)
-  _assert_batches_equal(_take(restored, 2), after)
+  assert_batches_equal(_take(restored, 2), after)
   # Infinite; every epoch (2 batches) is a new permutation of the 10 examples.
   epochs = [_rows(b) for b in (first, after, _take(it, 2))]
   assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(epochs[2]) and len(set(epochs[0])) == 10
@@ -270,7 +262,7 @@ def test_iterator_orbax_checkpoint(tmp_path, tokenizer):
     after = _take(it, 3)
     fresh = make()
     mgr.restore(3, args=ocp.args.Composite(feedback=grain.checkpoint.CheckpointRestore(fresh)))
-  _assert_batches_equal(_take(fresh, 3), after)
+  assert_batches_equal(_take(fresh, 3), after)
 
 
 def test_process_sharding(tokenizer):

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from conftest import CharTokenizer
+from conftest import CharTokenizer, assert_batches_equal, packed_segments
 
 from vpt import config_lib
 from vpt.data import pipeline, sources
@@ -96,27 +96,8 @@ def _write_format(fmt, tmp_path, rows):
   return "jsonl", _write_zst(tmp_path / "r.jsonl.zst", rows)
 
 
-def _segments(batches):
-  out = []
-  for b in batches:
-    for r in range(b["inputs"].shape[0]):
-      seg = b["segment_ids"][r]
-      for s in range(1, seg.max() + 1):
-        m = seg == s
-        out.append((b["inputs"][r][m], b["targets"][r][m], b["loss_mask"][r][m]))
-  return out
-
-
 def _texts(tok, batches):
-  return [tok.decode(np.concatenate([i, t[-1:]])[1:-1]) for i, t, _ in _segments(batches)]
-
-
-def _assert_batches_equal(xs, ys):
-  assert len(xs) == len(ys)
-  for x, y in zip(xs, ys):
-    assert x.keys() == y.keys()
-    for k in x:
-      assert x[k].dtype == y[k].dtype and np.array_equal(x[k], y[k]), k
+  return [tok.decode(np.concatenate([i, t[-1:]])[1:-1]) for i, t, _ in packed_segments(batches)]
 
 
 def _iter(cfg, split="train", batch=2, seq_len=128, seed=0, **kw):
@@ -148,8 +129,8 @@ def test_format_yields_the_batches_of_plain_jsonl(fmt, tmp_path):
                                          for r in rows]
   # Shuffled training batches (across epochs) and the one padded eval pass are identical.
   ours, theirs = _iter(cfg), _iter(ref)
-  _assert_batches_equal([next(ours) for _ in range(25)], [next(theirs) for _ in range(25)])
-  _assert_batches_equal(list(_iter(cfg, "eval")), list(_iter(ref, "eval")))
+  assert_batches_equal([next(ours) for _ in range(25)], [next(theirs) for _ in range(25)])
+  assert_batches_equal(list(_iter(cfg, "eval")), list(_iter(ref, "eval")))
   # Text mode reads the same column from every format.
   text = sources.make_source(_cfg(source=kind, train_path=path, text_field="problem",
                                   cache_dir=str(tmp_path / "cache")), "train")
@@ -284,9 +265,9 @@ def test_mixture_follows_its_weights_and_is_deterministic(tmp_path):
   assert abs(n_a - 0.75 * n) <= 3 * np.sqrt(n * 0.75 * 0.25), (n_a, n)
   # Both components really are shuffled and repeated (more draws than records).
   assert len({t for t in texts if t.startswith("A")}) == 50 and n_a > 50
-  _assert_batches_equal([next(_iter(cfg, batch=4, seq_len=48)) for _ in range(1)], batches[:1])
+  assert_batches_equal([next(_iter(cfg, batch=4, seq_len=48)) for _ in range(1)], batches[:1])
   again = _iter(cfg, batch=4, seq_len=48)
-  _assert_batches_equal([next(again) for _ in range(60)], batches)
+  assert_batches_equal([next(again) for _ in range(60)], batches)
   # The source itself (the tokenizer's training sample) draws in the same proportions.
   src = sources.make_source(cfg, "train")
   drawn = [sources.record_text(src[i])[0] for i in range(400)]
@@ -306,7 +287,7 @@ def test_mixture_resumes_exactly(tmp_path):
   after = [next(it) for _ in range(30)]  # Crosses epochs of both components.
   restored = _iter(cfg, batch=4, seq_len=40, process_index=1, process_count=2)
   restored.set_state(state)
-  _assert_batches_equal([next(restored) for _ in range(30)], after)
+  assert_batches_equal([next(restored) for _ in range(30)], after)
 
 
 def test_mixture_config_errors_name_the_entry(tmp_path):
