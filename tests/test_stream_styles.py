@@ -80,3 +80,19 @@ def test_wrong_final_answer_after_correct_steps():
 def test_bad_styles_name_the_field(kwargs, field):
   with pytest.raises(ValueError, match=field):
     sm.StreamStyle(**kwargs)
+
+
+def test_the_configured_training_stream_has_the_style_and_eval_stays_clean():
+  from vpt import config_lib
+  from vpt.data import sources
+  config = config_lib.with_overrides(config_lib.base_config(), {
+      "data.synthetic.downstream_format_fraction": 0.0, "data.synthetic.wrong_final_fraction": 1.0})
+  config_lib.validate(config)
+  train = sources.make_source(config.data, "train")
+  answers = [train[i]["answer"] for i in range(50) if "answer" in train[i]]
+  assert answers and all(a.rpartition("\n")[2].startswith("The answer is ") for a in answers)
+  heldout = sources.make_source(config.data, "eval")
+  assert all(heldout[i]["answer"].rpartition("\n")[2].startswith("#### ") for i in range(50))
+  bad = config_lib.with_overrides(config_lib.base_config(), {"data.synthetic.corrupt_mode": "often"})
+  with pytest.raises(ValueError, match=r"config\.data\.synthetic\.corrupt_mode='often'"):
+    config_lib.validate(bad)

@@ -12,6 +12,8 @@ import os
 
 import ml_collections
 
+from vpt.data.synthetic_math import StreamStyle
+
 # The projections LoRA can adapt (Hugging Face / PEFT module names); all of them by default, as in the
 # paper's reference branch.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -85,6 +87,14 @@ def data_config() -> ml_collections.ConfigDict:
   c.synthetic.num_train = 0  # 0: a virtual 10**9 records (generated on demand).
   c.synthetic.irrelevant_fraction = 0.0  # share of non-math filler text in the stream.
   c.synthetic.num_eval = 512
+  # How the stream departs from the downstream format (vpt/data/synthetic_math.py, StreamStyle; the
+  # defaults depart in nothing). Only the training stream: feedback, eval and test stay clean.
+  style = StreamStyle()
+  c.synthetic.downstream_format_fraction = style.downstream_format_fraction  # else 'The answer is N.'
+  c.synthetic.corrupt_fact_rate = style.corrupt_fact_rate  # per written 'a op b = c' result
+  c.synthetic.corrupt_ops = style.corrupt_ops  # which ops' results may be corrupted
+  c.synthetic.corrupt_mode = style.corrupt_mode  # 'random' | 'systematic' (c + 1)
+  c.synthetic.wrong_final_fraction = style.wrong_final_fraction  # final answer ≠ the last step's result
   return c
 
 
@@ -259,6 +269,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
        "in [0, 1]")
   need(d.synthetic.num_eval > 0, "data.synthetic.num_eval", "> 0")
   need(d.synthetic.num_train >= 0, "data.synthetic.num_train", ">= 0")
+  try:
+    StreamStyle.from_config(d.synthetic)
+  except ValueError as e:
+    raise ValueError(f"config.data.synthetic.{e}") from None
   f = config.feedback
   need(f.source in ("synthetic", "gsm8k_jsonl"), "feedback.source",
        "one of 'synthetic', 'gsm8k_jsonl'")

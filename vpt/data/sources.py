@@ -127,8 +127,8 @@ class SyntheticMathSource:
   """SyntheticMath records as prompt/answer (math) or text (filler) records."""
 
   def __init__(self, seed: int, size: int, irrelevant_fraction: float = 0.0,
-               partition: str = "all"):
-    self.data = synthetic_math.SyntheticMath(seed, size, irrelevant_fraction, partition)
+               partition: str = "all", style: synthetic_math.StreamStyle = synthetic_math.StreamStyle()):
+    self.data = synthetic_math.SyntheticMath(seed, size, irrelevant_fraction, partition, style)
 
   def __len__(self) -> int:
     return len(self.data)
@@ -916,7 +916,8 @@ def _make_source(data_cfg, split: str, prefix: str = "data"):
     syn = data_cfg.synthetic
     if split == "train":
       size = syn.get("num_train", 0) or SYNTHETIC_TRAIN_SIZE
-      return SyntheticMathSource(syn.seed, size, syn.irrelevant_fraction, partition="train")
+      return SyntheticMathSource(syn.seed, size, syn.irrelevant_fraction, partition="train",
+                                 style=synthetic_math.StreamStyle.from_config(syn))
     # Eval is pure math: it measures the target domain, not the filler.
     return SyntheticMathSource(syn.seed + _SYNTHETIC_EVAL_SEED_OFFSET, syn.num_eval,
                                partition="eval")

@@ -457,6 +457,12 @@ class StreamStyle:
     if self.corrupt_mode not in CORRUPT_MODES:
       raise ValueError(f"corrupt_mode={self.corrupt_mode!r}: expected one of {CORRUPT_MODES}")
 
+  @classmethod
+  def from_config(cls, synthetic) -> "StreamStyle":
+    """The style of a config's `data.synthetic` (fields a config written before them lacks keep their
+    defaults, the ones above)."""
+    return cls(**{f.name: synthetic[f.name] for f in dataclasses.fields(cls) if f.name in synthetic})
+
   @property
   def is_clean(self) -> bool:
     return self == StreamStyle()
