@@ -1,6 +1,7 @@
 """Hugging Face interop: tiny transformers models in and out of vpt (logits, greedy tokens, bit-exact
 round trips, sharded import, broken checkpoints, the CLI, training from an HF directory, tokenizers)."""
 
+import dataclasses
 import json
 import os
 import pickle
@@ -366,3 +367,56 @@ def test_cli_round_trip_and_training_from_an_hf_directory(tmp_path):
   assert os.path.isfile(os.path.join(out, "tokenizer.json")) and os.path.isfile(os.path.join(out, "generation_config.json"))
   ids = _tokens(300)
   np.testing.assert_allclose(_hf_logits(loaded.eval(), ids), _hf_logits(model, ids), atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def imported_run(tmp_path_factory):
+  """(HF directory with a tokenizer.json, the vpt run `hf import` made of it, the HF model)."""
+  root = tmp_path_factory.mktemp("imported")
+  hf_dir = str(root / "qwen")
+  model = _build("qwen2", hidden_size=48, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                 vocab_size=320, tie_word_embeddings=True)
+  model.save_pretrained(hf_dir)
+  _write_tokenizer(hf_dir, 300)
+  run_dir = str(root / "run")
+  hf.import_to_run(hf_dir, run_dir)
+  return hf_dir, run_dir, model
+
+
+def test_lora_run_initialised_from_an_imported_run(imported_run, tmp_path):
+  """The path `hf import` recommends, with LoRA: the base weights are the imported ones, the adapters
+  (absent from the imported checkpoint) keep their LoRA initialisation (lr 0 keeps everything)."""
+  hf_dir, run_dir, _ = imported_run
+  config = _nano(num_steps=2, init_from=run_dir, eval_every_steps=1000,
+                 **{"optimizer.learning_rate": 0.0, "model.lora_rank": 2})
+  summary = train.run(config, str(tmp_path / "lora"))
+  assert np.isfinite(summary["train"]["loss"])
+  trained = jax.device_get(summary["state"].params)
+  adapters, base = lora_lib.split_lora(trained)
+  direct, _ = hf.import_params(hf_dir)
+  assert set(base) == {"/".join(p) for p in hf._flat(direct)}
+  for path, x in hf._flat(direct).items():
+    np.testing.assert_array_equal(np.asarray(x), base["/".join(path)])
+  # The adapters are those of the run's own initialisation: A random, B zero.
+  run_config = hf.config_with_hf_model(config, hf_dir)
+  model_cfg = LMConfig.from_config(run_config.model, 320)
+  init = jax.jit(train.make_init_fn(run_config, Transformer(model_cfg), train.make_learner_optimizer(
+      run_config, model_cfg)[0]))()
+  init_adapters = lora_lib.split_lora(jax.device_get(init.params))[0]
+  assert adapters.keys() == init_adapters.keys() and adapters
+  for k, v in adapters.items():
+    np.testing.assert_array_equal(v, init_adapters[k], err_msg=k)
+    assert np.any(v) == k.endswith("lora_a"), k
+
+
+def test_init_from_a_run_that_does_not_match_names_the_parameter(imported_run):
+  _, run_dir, _ = imported_run
+  cfg = hf.lm_config_from_hf(hf.read_config(os.path.join(run_dir, "hf"))[0])
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  place = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
+  wider = place(hf.abstract_params(dataclasses.replace(cfg, d_ff=128)))
+  with pytest.raises(ValueError, match=r"layers_0/mlp/down_proj/kernel' has shape \[96, 48\] .* this model's is \[128, 48\]"):
+    ckpt_lib.load_learner_params(run_dir, wider)
+  untied = place(hf.abstract_params(dataclasses.replace(cfg, tie_embeddings=False)))
+  with pytest.raises(ValueError, match=r"'lm_head/kernel' is one of 1 leaves this model has but the checkpoint lacks"):
+    ckpt_lib.load_learner_params(run_dir, untied)

@@ -539,23 +539,9 @@ def import_to_run(hf_dir: str, out: str, *, mesh: jax.sharding.Mesh | None = Non
 
 def _restore_params(run_dir: str, step: int | None) -> tuple[Any, int]:
   """The params item of a run's checkpoint, whatever its tree (LoRA leaves included), on one device."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from vpt import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
 
-  directory = os.path.join(run_dir, "checkpoints")
-  steps = sorted(int(d) for d in (os.listdir(directory) if os.path.isdir(directory) else []) if d.isdigit())
-  if not steps:
-    raise FileNotFoundError(f"{run_dir}: no checkpoint under {directory}")
-  step = steps[-1] if step is None else step
-  manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.StandardCheckpointHandler()})
-  try:
-    tree = manager.item_metadata(step)["state"]["params"]
-  finally:
-    manager.close()
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree,
-                          is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-  return ckpt_lib.load_learner_params(run_dir, abstract, step)
+  return ckpt_lib.restore_learner_params(run_dir, step, what="--checkpoint=")
 
 
 def _lora_merge_fn(model_cfg, run_dir: str) -> Callable[[Any], Any]:
