@@ -62,6 +62,10 @@ def dry_run(config: ml_collections.ConfigDict, *, hbm_gb: float = 0.0, devices=N
             echo: bool = True) -> dict[str, Any]:
   """Compiles the train step for `config` without allocating it; returns (and prints) the memory report."""
   config_lib.validate(config)
+  if config.init_from:  # an HF checkpoint (or a run imported from one) sets the shape, as in training.
+    from vpt.interop import hf as hf_interop  # pylint: disable=g-import-not-at-top
+    if hf_dir := hf_interop.hf_files_dir(config.init_from):
+      config = hf_interop.config_with_hf_model(config, hf_dir)
   model_cfg = LMConfig.from_config(config.model, vocab_size_for_dry_run(config))
   mesh = sharding.make_mesh(config.mesh, devices)
   model = Transformer(model_cfg, batch_sharding=sharding.batch_sharding(mesh))
