@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 import shutil
 
 import jax
@@ -420,3 +421,26 @@ def test_init_from_a_run_that_does_not_match_names_the_parameter(imported_run):
   untied = place(hf.abstract_params(dataclasses.replace(cfg, tie_embeddings=False)))
   with pytest.raises(ValueError, match=r"'lm_head/kernel' is one of 1 leaves this model has but the checkpoint lacks"):
     ckpt_lib.load_learner_params(run_dir, untied)
+
+
+def test_truncated_weights_and_unsafe_shard_names_fail_naming_the_file(hf_dirs, tmp_path):
+  src = hf_dirs["llama_gqa_nobias"][1]
+  for i, keep in enumerate([0.5, 8 / 1000]):  # into the data, into the header
+    bad = _broken_copy(src, str(tmp_path / f"t{i}"))
+    weights = os.path.join(bad, "model.safetensors")
+    with open(weights, "r+b") as f:
+      f.truncate(max(int(os.path.getsize(weights) * keep), 8))
+    with pytest.raises(ValueError, match=rf"{weights}: not a readable safetensors file"):
+      hf.import_params(bad)
+  sharded = hf_dirs["qwen2_untied_gqa42"][1]
+  for shard in ("../x.safetensors", "/abs/x.safetensors", "sub/x.safetensors", "sub\\x.safetensors", "..", ""):
+    bad = str(tmp_path / f"idx{abs(hash(shard))}")
+    shutil.copytree(sharded, bad)
+    index = os.path.join(bad, hf.INDEX_NAME)
+    with open(index) as f:
+      data = json.load(f)
+    data["weight_map"]["lm_head.weight"] = shard
+    with open(index, "w") as f:
+      json.dump(data, f)
+    with pytest.raises(ValueError, match=rf"{index}: tensor 'lm_head\.weight' is in shard {re.escape(repr(shard))}"):
+      hf.import_params(bad)

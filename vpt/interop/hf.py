@@ -46,7 +46,7 @@ import ml_collections
 import ml_dtypes  # registers bfloat16 with numpy: safetensors then reads bf16 checkpoints.
 import numpy as np
 from flax import traverse_util
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from vpt.models.lm import LMConfig, Transformer
@@ -325,6 +325,16 @@ def _check_leaves(flat: dict, names: dict, what: str, hint: str = "") -> None:
 # Import.
 
 
+def open_safetensors(path: str):
+  """safe_open (memory-mapped, header parsed) with errors that name the file: safetensors' own
+  (e.g. 'incomplete metadata' for a truncated download) do not."""
+  try:
+    return safe_open(path, framework="numpy")
+  except (SafetensorError, OSError) as e:
+    raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); a truncated or "
+                     "interrupted download looks like this: download or save it again") from e
+
+
 def tensor_files(hf_dir: str) -> dict[str, str]:
   """HF tensor name -> the safetensors file holding it (from the index, or every *.safetensors)."""
   index = os.path.join(hf_dir, INDEX_NAME)
@@ -334,6 +344,14 @@ def tensor_files(hf_dir: str) -> dict[str, str]:
         weight_map = json.load(f)["weight_map"]
     except (ValueError, KeyError, TypeError) as e:
       raise ValueError(f"{index}: expected a JSON object with a 'weight_map' ({e})") from e
+    if not isinstance(weight_map, dict):
+      raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    for name, shard in weight_map.items():
+      # A shard is a file beside the index: a path could read anything on the machine.
+      if (not isinstance(shard, str) or not shard or shard in (".", "..") or os.path.isabs(shard)
+          or "/" in shard or "\\" in shard or os.sep in shard):
+        raise ValueError(f"{index}: tensor {name!r} is in shard {shard!r}, which is not a file name in {hf_dir} "
+                         "(absolute paths, '..' and directory separators are refused)")
     files = {name: os.path.join(hf_dir, shard) for name, shard in weight_map.items()}
     for path in sorted(set(files.values())):
       if not os.path.isfile(path):
@@ -346,7 +364,7 @@ def tensor_files(hf_dir: str) -> dict[str, str]:
   files = {}
   for shard in shards:
     path = os.path.join(hf_dir, shard)
-    with safe_open(path, framework="numpy") as f:
+    with open_safetensors(path) as f:
       for name in f.keys():
         if name in files:
           raise ValueError(f"{path}: tensor {name!r} is also in {files[name]}")
@@ -390,7 +408,7 @@ def load_params(hf_dir: str, abstract: Any, *, cfg: LMConfig | None = None) -> A
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   out = {}
   with contextlib.ExitStack() as stack:
-    handles = {path: stack.enter_context(safe_open(path, framework="numpy")) for path in sorted(set(files.values()))
+    handles = {path: stack.enter_context(open_safetensors(path)) for path in sorted(set(files.values()))
                if any(files.get(n) == path for n in names)}
     for name, (path, transpose) in names.items():
       leaf, handle = flat[path], handles[files[name]]
