@@ -444,3 +444,60 @@ def test_truncated_weights_and_unsafe_shard_names_fail_naming_the_file(hf_dirs, 
       json.dump(data, f)
     with pytest.raises(ValueError, match=rf"{index}: tensor 'lm_head\.weight' is in shard {re.escape(repr(shard))}"):
       hf.import_params(bad)
+
+
+def _hf_copy(src, dst, **config_updates):
+  """A copy of an HF directory's config and tokenizer files (no weights), config.json edited."""
+  hf.copy_hf_files(src, dst)
+  path = os.path.join(dst, "config.json")
+  with open(path) as f:
+    c = json.load(f)
+  c.update(config_updates)
+  with open(path, "w") as f:
+    json.dump(c, f)
+  return dst
+
+
+def test_training_with_another_models_smaller_tokenizer_fails_naming_both_files(imported_run, tmp_path):
+  hf_dir, _, _ = imported_run
+  other = str(tmp_path / "other_tok")
+  _write_tokenizer(other, 280)  # smaller than the model's 320 rows, merges of its own
+  with pytest.raises(ValueError, match=rf"tokenizer {other}/tokenizer\.json and the checkpoint's {hf_dir}/tokenizer\.json "
+                                       r"encode 'Question: .* differently"):
+    train.run(_nano(num_steps=1, init_from=hf_dir, **{"data.tokenizer_path": other}), str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_check_tokenizer_size_and_special_tokens(imported_run, tmp_path):
+  hf_dir, _, _ = imported_run
+  tok = tok_lib.HFTokenizer(hf_dir)
+  hf.check_tokenizer(tok, hf_dir)  # its own tokenizer: fine (300 ids in 320 rows)
+  copy = str(tmp_path / "copy")
+  shutil.copytree(hf_dir, copy)
+  hf.check_tokenizer(tok_lib.HFTokenizer(copy), hf_dir)  # an identical copy elsewhere encodes alike
+  endoftext = tok.eos_id
+  hf.check_tokenizer(tok, _hf_copy(hf_dir, str(tmp_path / "ok"), eos_token_id=endoftext, bos_token_id=endoftext))
+  cases = [
+      (dict(vocab_size=4096), r"has 300 ids but .*/big/config\.json has vocab_size=4,096: .* not by 3,796 \(> 1,024"),
+      (dict(vocab_size=290), r"\(300 ids\) outgrows the vocabulary of .*/small/config\.json \(vocab_size=290\)"),
+      (dict(eos_token_id=7), r"ends documents with eos id \d+, but .*/eos/config\.json has eos_token_id=7"),
+  ]
+  for (edits, pattern), name in zip(cases, ("big", "small", "eos")):
+    target = _hf_copy(hf_dir, str(tmp_path / name), **edits)
+    if name == "eos":
+      os.remove(os.path.join(target, "generation_config.json"))  # else its stop ids are accepted too
+    with pytest.raises(ValueError, match=pattern):
+      hf.check_tokenizer(tok, target)
+  # Without a bos of its own the tokenizer starts documents with eos, which any bos_token_id accepts;
+  # an explicit bos (or pad, when it is not eos) must be the config's.
+  hf.check_tokenizer(tok, _hf_copy(hf_dir, str(tmp_path / "bos0"), bos_token_id=9, pad_token_id=5))
+  with open(os.path.join(copy, "tokenizer_config.json"), "w") as f:
+    json.dump({"bos_token": "<|im_start|>", "eos_token": "<|endoftext|>", "pad_token": "<|im_end|>"}, f)
+  explicit = tok_lib.HFTokenizer(copy)
+  assert len({explicit.bos_id, explicit.eos_id, explicit.pad_id}) == 3
+  with pytest.raises(ValueError, match=r"has bos id \d+, but .*/bos/config\.json has bos_token_id=9"):
+    hf.check_tokenizer(explicit, _hf_copy(hf_dir, str(tmp_path / "bos"), bos_token_id=9))
+  with pytest.raises(ValueError, match=r"has pad id \d+, but .*/pad/config\.json has pad_token_id=5"):
+    hf.check_tokenizer(explicit, _hf_copy(hf_dir, str(tmp_path / "pad"), pad_token_id=5))
+  hf.check_tokenizer(explicit, _hf_copy(hf_dir, str(tmp_path / "both"), bos_token_id=explicit.bos_id,
+                                        pad_token_id=explicit.pad_id, eos_token_id=[explicit.eos_id, 2]))
