@@ -1,7 +1,15 @@
 """GSM8K evaluation by generation: answer extraction, k-shot prompts, Pass@k, a CLI.
 
     python -m vpt.evals.gsm8k --workdir RUN_DIR [--step N] --data /path/test.jsonl \
-        [--limit N] [--shots 0] [--samples 1 --k 1] [--out preds.json]
+        [--limit N] [--shots 0] [--samples 1 --k 1] [--mesh data=1,fsdp=-1,tensor=1] [--out preds.json]
+
+`--workdir` is a vpt run directory or a Hugging Face model directory (config.json, safetensors,
+tokenizer.json: `--workdir /models/Qwen2.5-0.5B` scores the base model before training). Only the
+learner's parameters are read (a partial restore of the checkpointed state's `params`: the
+optimizer and designer stay on disk), sharded over a mesh by vpt.sharding's rules, and the batch
+of prompts is split over its data axes (vpt.generate): a 7B model evaluates on a pod, every host
+running the same command. The mesh is the run's `config.mesh` (an HF directory: fsdp over all
+devices) unless `--mesh` overrides it.
 
 Prompts follow the training layout: the model learned `format_prompt(q) + ' ' + solution`, so
 the prompt ends at 'Answer:' and the generated text (which starts with the separator) is
@@ -154,12 +162,13 @@ def evaluate(model, params, tokenizer, records: Sequence[dict], *, shots: int = 
              ks: Sequence[int] = (1,), temperature: float = 0.0, top_p: float = 1.0,
              max_new_tokens: int = 256, seed: int = 0, batch_size: int = 16,
              stop: Sequence[str] = generate_lib.DEFAULT_STOP, out_path: str | None = None,
-             ) -> dict[str, Any]:
+             mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
   """Generates n_samples answers per record and scores them (see the module docstring).
 
   Returns {'pass@k', 'strict_pass@k' for k in ks, 'lenient_pass@1', 'strict_pass@1',
   'format_rate', 'n_items', 'n_samples', ...}; writes those scores with per-item predictions to
-  `out_path` (JSON) when given. Greedy Pass@1: n_samples=1, temperature=0.
+  `out_path` (JSON) when given. Greedy Pass@1: n_samples=1, temperature=0. With `mesh`, generation
+  runs sharded over it (vpt.generate); only process 0 writes `out_path`.
   """
   if not records:
     raise ValueError("no records to evaluate")
@@ -174,7 +183,7 @@ def evaluate(model, params, tokenizer, records: Sequence[dict], *, shots: int = 
   texts = generate_lib.generate(
       model, params, tokenizer, [p for p in prompts for _ in range(n_samples)],
       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop,
-      rng=jax.random.PRNGKey(seed), batch_size=batch_size)
+      rng=jax.random.PRNGKey(seed), batch_size=batch_size, mesh=mesh)
   predictions, counts, strict_counts, formatted = [], [], [], 0
   for i, record in enumerate(records):
     gold = gold_answer(record)
@@ -202,7 +211,7 @@ def evaluate(model, params, tokenizer, records: Sequence[dict], *, shots: int = 
   scores.update(n_items=len(records), n_samples=n_samples, shots=shots, temperature=temperature,
                 top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
                 seconds=time.perf_counter() - start)
-  if out_path:
+  if out_path and jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w") as f:
       json.dump({"scores": scores, "predictions": predictions}, f, indent=1)
@@ -236,51 +245,74 @@ def latest_step(workdir: str) -> int | None:
   return max(steps) if steps else None
 
 
-def restore_params(workdir: str, step: int | None = None):
+def restore_params(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None):
   """(learner params, step) from `WORKDIR/checkpoints/<step>/state` (newest unless `step`).
 
-  The saved TrainState is read as a raw pytree onto one device (the optimizer and its state
-  need not be known), and its `params` entry is returned.
+  Only the state's `params` are read (their tree from the checkpoint's metadata, so neither the
+  optimizer nor LoRA need be known): sharded over `mesh` by vpt.sharding's rules, or onto this
+  process's first device.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from vpt import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
 
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  step = latest_step(workdir) if step is None else int(step)
-  if step is None:
-    raise FileNotFoundError(f"{directory}: no checkpoints (is {workdir!r} a vpt run directory?)")
-  manager = ocp.CheckpointManager(directory, item_names=("state",))
-  try:
-    if step not in manager.all_steps():
-      raise FileNotFoundError(f"{directory}: no checkpoint for step {step} "
-                              f"(have {sorted(manager.all_steps())})")
-    # Read onto this process's first device whatever sharding the run saved with.
-    metadata = manager.item_metadata(step)["state"]
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata,
-                          is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  finally:
-    manager.close()
-  state = restored["state"]
-  params = state["params"] if isinstance(state, dict) else state.params
-  return params, step
+  return ckpt_lib.restore_learner_params(workdir, step, mesh=mesh, what="--workdir=")
 
 
-def load_run(workdir: str, step: int | None = None):
-  """(model, params, tokenizer, step) of a vpt run directory."""
+def load_run(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None):
+  """(model, params, tokenizer, step) of a vpt run directory, or of a Hugging Face model directory
+  (its weights and tokenizer.json; step 0). Params are sharded over `mesh` (else on one device)."""
   from vpt import config_lib  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from vpt.data.tokenizer import run_tokenizer
+  from vpt.data.tokenizer import HFTokenizer, run_tokenizer
+  from vpt.interop import hf
   from vpt.models.lm import LMConfig, Transformer
 
+  if hf.is_hf_dir(workdir):
+    if step not in (None, 0):
+      raise ValueError(f"--step={step}: {workdir} is a Hugging Face directory (one set of weights, step 0)")
+    tokenizer = HFTokenizer(workdir)
+    hf.check_tokenizer(tokenizer, workdir)
+    params, cfg = hf.import_params(workdir, mesh=mesh)
+    return Transformer(cfg), params, tokenizer, 0
   with open(os.path.join(workdir, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
   default = config_lib.model_config()
   default.update(config.model.to_dict())  # fields added since the run keep their defaults.
   tokenizer = run_tokenizer(workdir, config.data)
   model = Transformer(LMConfig.from_config(default, tokenizer.vocab_size))
-  params, step = restore_params(workdir, step)
+  params, step = restore_params(workdir, step, mesh=mesh)
   return model, params, tokenizer, step
+
+
+def parse_mesh(text: str, base=None):
+  """A mesh config from 'data=1,fsdp=-1,tensor=1[,num_devices=N]' (unnamed axes keep `base`'s
+  values, else config_lib's defaults)."""
+  from vpt import config_lib  # pylint: disable=g-import-not-at-top
+
+  mesh_cfg = config_lib.base_config().mesh
+  if base is not None:
+    mesh_cfg.update({k: int(v) for k, v in dict(base).items() if k in mesh_cfg})
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    key, _, value = part.partition("=")
+    key = key.strip()
+    if key not in mesh_cfg or not value.strip().lstrip("-").isdigit():
+      raise ValueError(f"--mesh={text!r}: expected comma-separated AXIS=N with AXIS in {sorted(mesh_cfg)} "
+                       "(one axis may be -1: the remaining devices)")
+    mesh_cfg[key] = int(value)
+  return mesh_cfg
+
+
+def eval_mesh(workdir: str, override: str = "") -> jax.sharding.Mesh:
+  """The mesh to evaluate `workdir` on: its config.mesh (an HF directory: fsdp over all devices),
+  with the axes `override` ('data=2,fsdp=4') names replaced."""
+  from vpt import sharding  # pylint: disable=g-import-not-at-top
+  from vpt.interop import hf  # pylint: disable=g-import-not-at-top
+
+  base = {"data": 1, "fsdp": -1, "tensor": 1, "num_devices": 0}
+  config_path = os.path.join(workdir, "config.json")
+  if not hf.is_hf_dir(workdir) and os.path.isfile(config_path):
+    with open(config_path) as f:
+      base = json.load(f).get("mesh") or base
+  return sharding.make_mesh(parse_mesh(override, base))
 
 
 def _default_train_path(data: str) -> str | None:
@@ -292,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   from vpt.data.feedback import load_gsm8k_jsonl  # pylint: disable=g-import-not-at-top
 
   ap = argparse.ArgumentParser(prog="python -m vpt.evals.gsm8k", description=__doc__.split("\n")[0])
-  ap.add_argument("--workdir", required=True, help="vpt run directory (config.json, checkpoints/)")
+  ap.add_argument("--workdir", required=True,
+                  help="vpt run directory (config.json, checkpoints/), or a Hugging Face model directory")
   ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   ap.add_argument("--data", required=True, help="GSM8K-format jsonl to evaluate (e.g. test.jsonl)")
   ap.add_argument("--train-data", default=None,
@@ -308,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   ap.add_argument("--batch-size", type=int, default=16)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--out", default=None, help="write scores and per-item predictions (JSON) here")
+  ap.add_argument("--mesh", default="", help="mesh axes overriding the run's config.mesh, e.g. "
+                  "'data=1,fsdp=-1,tensor=1' or 'num_devices=1' (an HF directory: fsdp over all devices)")
   args = ap.parse_args(argv)
 
   records = load_gsm8k_jsonl(args.data)
@@ -322,15 +357,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       ap.error("--train-data is the evaluated file: demonstrations must come from the training split")
     train_records = load_gsm8k_jsonl(train_path)
   temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 0.8)
-  model, params, tokenizer, step = load_run(args.workdir, args.step)
+  try:
+    mesh = eval_mesh(args.workdir, args.mesh)
+  except ValueError as e:
+    ap.error(str(e))
+  model, params, tokenizer, step = load_run(args.workdir, args.step, mesh=mesh)
   print(f"GSM8K: {len(records)} problems from {args.data}, {args.shots}-shot, {args.samples} "
-        f"sample(s) at temperature {temperature}; {args.workdir} step {step}", flush=True)
+        f"sample(s) at temperature {temperature}; {args.workdir} step {step}; mesh {dict(mesh.shape)}", flush=True)
   scores = evaluate(model, params, tokenizer, records, shots=args.shots, train_records=train_records,
                     n_samples=args.samples, ks=args.k, temperature=temperature, top_p=args.top_p,
                     max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
-                    out_path=args.out)
+                    out_path=args.out, mesh=mesh)
   scores["step"] = step
-  if args.out:  # record which checkpoint produced the predictions.
+  if args.out and jax.process_index() == 0:  # record which checkpoint produced the predictions.
     with open(args.out) as f:
       written = json.load(f)
     written["scores"]["step"] = step
