@@ -501,3 +501,26 @@ def test_check_tokenizer_size_and_special_tokens(imported_run, tmp_path):
     hf.check_tokenizer(explicit, _hf_copy(hf_dir, str(tmp_path / "pad"), pad_token_id=5))
   hf.check_tokenizer(explicit, _hf_copy(hf_dir, str(tmp_path / "both"), bos_token_id=explicit.bos_id,
                                         pad_token_id=explicit.pad_id, eos_token_id=[explicit.eos_id, 2]))
+
+
+@pytest.mark.slow
+def test_gsm8k_eval_of_an_hf_directory_equals_its_imported_run_and_sharded_eval(imported_run, tmp_path):
+  """`--workdir` an HF directory scores the base model: the same predictions as its imported run, and
+  the same again with the params and the batch sharded over 8 devices (data 2 × fsdp 2 × tensor 2)."""
+  from conftest import GSM8K_DIR
+  from vpt.evals import gsm8k
+  hf_dir, run_dir, _ = imported_run
+  common = ["--data", os.path.join(GSM8K_DIR, "test.jsonl"), "--limit", "5", "--max-new-tokens", "12",
+            "--batch-size", "4"]
+  runs = {"hf": (hf_dir, "num_devices=1"), "run": (run_dir, "num_devices=1"),
+          "run_8": (run_dir, "data=2,fsdp=2,tensor=2,num_devices=0")}
+  predictions = {}
+  for name, (workdir, mesh) in runs.items():
+    out = str(tmp_path / f"{name}.json")
+    scores = gsm8k.main(["--workdir", workdir, "--mesh", mesh, "--out", out] + common)
+    assert scores["step"] == 0 and scores["n_items"] == 5
+    predictions[name] = [p["generated"] for p in json.load(open(out))["predictions"]]
+  assert sum(len(p) for p in predictions["hf"]) > 20  # real continuations, not empty strings
+  for name in runs:
+    assert predictions[name] == predictions["hf"], name
+  assert dict(gsm8k.eval_mesh(hf_dir).shape) == {"data": 1, "fsdp": 8, "tensor": 1}  # HF default: fsdp over all
