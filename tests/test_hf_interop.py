@@ -384,6 +384,7 @@ def imported_run(tmp_path_factory):
   return hf_dir, run_dir, model
 
 
+@pytest.mark.slow
 def test_lora_run_initialised_from_an_imported_run(imported_run, tmp_path):
   """The path `hf import` recommends, with LoRA: the base weights are the imported ones, the adapters
   (absent from the imported checkpoint) keep their LoRA initialisation (lr 0 keeps everything)."""
