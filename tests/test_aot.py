@@ -119,3 +119,19 @@ def test_7b_dry_run_on_8_simulated_devices_never_holds_the_weights():
   assert re.search(r"budget 80 GB per device: (fits|does not fit)", out)
   maxrss_gb = int(re.search(r"MAXRSS_KB (\d+)", out).group(1)) / 1024 ** 2
   assert maxrss_gb < 4.0, maxrss_gb
+
+
+def test_dry_run_from_an_hf_directory_compiles_the_checkpoints_shape(tmp_path):
+  """The learner's shape comes from the HF config.json (as training takes it), not from the preset."""
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  hf_cfg = transformers.Qwen2Config(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                                    num_hidden_layers=3, vocab_size=320, tie_word_embeddings=False)
+  model = transformers.Qwen2ForCausalLM(hf_cfg)
+  model.save_pretrained(str(tmp_path / "qwen"))
+  n_hf = sum(p.numel() for p in model.parameters())
+  config = _nano(**{"model.vocab_size": 0, "vpt.mode": "ntp", "init_from": str(tmp_path / "qwen")})
+  report = aot.dry_run(config, echo=False)
+  assert report["num_params"] == n_hf
+  assert report["num_params"] != aot.dry_run(_nano(**{"vpt.mode": "ntp"}), echo=False)["num_params"]

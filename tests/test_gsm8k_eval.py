@@ -178,18 +178,38 @@ def _nano_config(**overrides):
   return config_lib.with_overrides(config, {"progress_bar": False, "mesh.num_devices": 1, **overrides})
 
 
-def test_cli_on_a_tiny_run_directory(tmp_path):
+def test_cli_on_a_tiny_run_directory(tmp_path, monkeypatch, caplog, capfd):
+  """The CLI on a run: the run's final params, read alone (the restore names only `params`, and
+  orbax warns of no item it could not restore)."""
+  import logging
+  import orbax.checkpoint as ocp
   from vpt import train
   workdir = str(tmp_path / "run")
   summary = train.run(_nano_config(num_steps=3, log_every_steps=1, eval_batches=1), workdir)
+  restored_items = []
+  original = ocp.PyTreeCheckpointer.restore
+
+  def spy(self, directory, *args, **kwargs):
+    restored_items.append(sorted(kwargs["args"].item))
+    return original(self, directory, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", spy)
+  capfd.readouterr()
+  caplog.clear()
   out = tmp_path / "preds.json"
-  scores = gsm8k.main(["--workdir", workdir, "--data", os.path.join(GSM8K_DIR, "test.jsonl"),
-                       "--limit", "3", "--shots", "1", "--max-new-tokens", "8", "--out", str(out)])
+  with caplog.at_level(logging.WARNING):
+    scores = gsm8k.main(["--workdir", workdir, "--data", os.path.join(GSM8K_DIR, "test.jsonl"),
+                         "--limit", "3", "--shots", "1", "--max-new-tokens", "8", "--out", str(out)])
+    params, step = gsm8k.restore_params(workdir)
+  assert restored_items == [["params"], ["params"]]
+  printed = capfd.readouterr()
+  assert "could not be restored" not in caplog.text + printed.out + printed.err
   assert scores["step"] == 3 and scores["n_items"] == 3 and scores["shots"] == 1
   written = json.load(open(out))
   assert len(written["predictions"]) == 3 and "pass@1" in written["scores"]
   # The restored params are the run's final params.
-  params, step = gsm8k.restore_params(workdir)
   assert step == 3
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(jax.device_get(summary["state"].params))):
     assert (jax.device_get(a) == b).all()
+  with pytest.raises(SystemExit):
+    gsm8k.main(["--workdir", workdir, "--data", os.path.join(GSM8K_DIR, "test.jsonl"), "--mesh", "fsdp=x"])

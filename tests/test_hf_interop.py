@@ -1,9 +1,11 @@
 """Hugging Face interop: tiny transformers models in and out of vpt (logits, greedy tokens, bit-exact
 round trips, sharded import, broken checkpoints, the CLI, training from an HF directory, tokenizers)."""
 
+import dataclasses
 import json
 import os
 import pickle
+import re
 import shutil
 
 import jax
@@ -366,3 +368,160 @@ def test_cli_round_trip_and_training_from_an_hf_directory(tmp_path):
   assert os.path.isfile(os.path.join(out, "tokenizer.json")) and os.path.isfile(os.path.join(out, "generation_config.json"))
   ids = _tokens(300)
   np.testing.assert_allclose(_hf_logits(loaded.eval(), ids), _hf_logits(model, ids), atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def imported_run(tmp_path_factory):
+  """(HF directory with a tokenizer.json, the vpt run `hf import` made of it, the HF model)."""
+  root = tmp_path_factory.mktemp("imported")
+  hf_dir = str(root / "qwen")
+  model = _build("qwen2", hidden_size=48, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                 vocab_size=320, tie_word_embeddings=True)
+  model.save_pretrained(hf_dir)
+  _write_tokenizer(hf_dir, 300)
+  run_dir = str(root / "run")
+  hf.import_to_run(hf_dir, run_dir)
+  return hf_dir, run_dir, model
+
+
+@pytest.mark.slow
+def test_lora_run_initialised_from_an_imported_run(imported_run, tmp_path):
+  """The path `hf import` recommends, with LoRA: the base weights are the imported ones, the adapters
+  (absent from the imported checkpoint) keep their LoRA initialisation (lr 0 keeps everything)."""
+  hf_dir, run_dir, _ = imported_run
+  config = _nano(num_steps=2, init_from=run_dir, eval_every_steps=1000,
+                 **{"optimizer.learning_rate": 0.0, "model.lora_rank": 2})
+  summary = train.run(config, str(tmp_path / "lora"))
+  assert np.isfinite(summary["train"]["loss"])
+  trained = jax.device_get(summary["state"].params)
+  adapters, base = lora_lib.split_lora(trained)
+  direct, _ = hf.import_params(hf_dir)
+  assert set(base) == {"/".join(p) for p in hf._flat(direct)}
+  for path, x in hf._flat(direct).items():
+    np.testing.assert_array_equal(np.asarray(x), base["/".join(path)])
+  # The adapters are those of the run's own initialisation: A random, B zero.
+  run_config = hf.config_with_hf_model(config, hf_dir)
+  model_cfg = LMConfig.from_config(run_config.model, 320)
+  init = jax.jit(train.make_init_fn(run_config, Transformer(model_cfg), train.make_learner_optimizer(
+      run_config, model_cfg)[0]))()
+  init_adapters = lora_lib.split_lora(jax.device_get(init.params))[0]
+  assert adapters.keys() == init_adapters.keys() and adapters
+  for k, v in adapters.items():
+    np.testing.assert_array_equal(v, init_adapters[k], err_msg=k)
+    assert np.any(v) == k.endswith("lora_a"), k
+
+
+def test_init_from_a_run_that_does_not_match_names_the_parameter(imported_run):
+  _, run_dir, _ = imported_run
+  cfg = hf.lm_config_from_hf(hf.read_config(os.path.join(run_dir, "hf"))[0])
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  place = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
+  wider = place(hf.abstract_params(dataclasses.replace(cfg, d_ff=128)))
+  with pytest.raises(ValueError, match=r"layers_0/mlp/down_proj/kernel' has shape \[96, 48\] .* this model's is \[128, 48\]"):
+    ckpt_lib.load_learner_params(run_dir, wider)
+  untied = place(hf.abstract_params(dataclasses.replace(cfg, tie_embeddings=False)))
+  with pytest.raises(ValueError, match=r"'lm_head/kernel' is one of 1 leaves this model has but the checkpoint lacks"):
+    ckpt_lib.load_learner_params(run_dir, untied)
+
+
+def test_truncated_weights_and_unsafe_shard_names_fail_naming_the_file(hf_dirs, tmp_path):
+  src = hf_dirs["llama_gqa_nobias"][1]
+  for i, keep in enumerate([0.5, 8 / 1000]):  # into the data, into the header
+    bad = _broken_copy(src, str(tmp_path / f"t{i}"))
+    weights = os.path.join(bad, "model.safetensors")
+    with open(weights, "r+b") as f:
+      f.truncate(max(int(os.path.getsize(weights) * keep), 8))
+    with pytest.raises(ValueError, match=rf"{weights}: not a readable safetensors file"):
+      hf.import_params(bad)
+  sharded = hf_dirs["qwen2_untied_gqa42"][1]
+  for shard in ("../x.safetensors", "/abs/x.safetensors", "sub/x.safetensors", "sub\\x.safetensors", "..", ""):
+    bad = str(tmp_path / f"idx{abs(hash(shard))}")
+    shutil.copytree(sharded, bad)
+    index = os.path.join(bad, hf.INDEX_NAME)
+    with open(index) as f:
+      data = json.load(f)
+    data["weight_map"]["lm_head.weight"] = shard
+    with open(index, "w") as f:
+      json.dump(data, f)
+    with pytest.raises(ValueError, match=rf"{index}: tensor 'lm_head\.weight' is in shard {re.escape(repr(shard))}"):
+      hf.import_params(bad)
+
+
+def _hf_copy(src, dst, **config_updates):
+  """A copy of an HF directory's config and tokenizer files (no weights), config.json edited."""
+  hf.copy_hf_files(src, dst)
+  path = os.path.join(dst, "config.json")
+  with open(path) as f:
+    c = json.load(f)
+  c.update(config_updates)
+  with open(path, "w") as f:
+    json.dump(c, f)
+  return dst
+
+
+def test_training_with_another_models_smaller_tokenizer_fails_naming_both_files(imported_run, tmp_path):
+  hf_dir, _, _ = imported_run
+  other = str(tmp_path / "other_tok")
+  _write_tokenizer(other, 280)  # smaller than the model's 320 rows, merges of its own
+  with pytest.raises(ValueError, match=rf"tokenizer {other}/tokenizer\.json and the checkpoint's {hf_dir}/tokenizer\.json "
+                                       r"encode 'Question: .* differently"):
+    train.run(_nano(num_steps=1, init_from=hf_dir, **{"data.tokenizer_path": other}), str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_check_tokenizer_size_and_special_tokens(imported_run, tmp_path):
+  hf_dir, _, _ = imported_run
+  tok = tok_lib.HFTokenizer(hf_dir)
+  hf.check_tokenizer(tok, hf_dir)  # its own tokenizer: fine (300 ids in 320 rows)
+  copy = str(tmp_path / "copy")
+  shutil.copytree(hf_dir, copy)
+  hf.check_tokenizer(tok_lib.HFTokenizer(copy), hf_dir)  # an identical copy elsewhere encodes alike
+  endoftext = tok.eos_id
+  hf.check_tokenizer(tok, _hf_copy(hf_dir, str(tmp_path / "ok"), eos_token_id=endoftext, bos_token_id=endoftext))
+  cases = [
+      (dict(vocab_size=4096), r"has 300 ids but .*/big/config\.json has vocab_size=4,096: .* not by 3,796 \(> 1,024"),
+      (dict(vocab_size=290), r"\(300 ids\) outgrows the vocabulary of .*/small/config\.json \(vocab_size=290\)"),
+      (dict(eos_token_id=7), r"ends documents with eos id \d+, but .*/eos/config\.json has eos_token_id=7"),
+  ]
+  for (edits, pattern), name in zip(cases, ("big", "small", "eos")):
+    target = _hf_copy(hf_dir, str(tmp_path / name), **edits)
+    if name == "eos":
+      os.remove(os.path.join(target, "generation_config.json"))  # else its stop ids are accepted too
+    with pytest.raises(ValueError, match=pattern):
+      hf.check_tokenizer(tok, target)
+  # Without a bos of its own the tokenizer starts documents with eos, which any bos_token_id accepts;
+  # an explicit bos (or pad, when it is not eos) must be the config's.
+  hf.check_tokenizer(tok, _hf_copy(hf_dir, str(tmp_path / "bos0"), bos_token_id=9, pad_token_id=5))
+  with open(os.path.join(copy, "tokenizer_config.json"), "w") as f:
+    json.dump({"bos_token": "<|im_start|>", "eos_token": "<|endoftext|>", "pad_token": "<|im_end|>"}, f)
+  explicit = tok_lib.HFTokenizer(copy)
+  assert len({explicit.bos_id, explicit.eos_id, explicit.pad_id}) == 3
+  with pytest.raises(ValueError, match=r"has bos id \d+, but .*/bos/config\.json has bos_token_id=9"):
+    hf.check_tokenizer(explicit, _hf_copy(hf_dir, str(tmp_path / "bos"), bos_token_id=9))
+  with pytest.raises(ValueError, match=r"has pad id \d+, but .*/pad/config\.json has pad_token_id=5"):
+    hf.check_tokenizer(explicit, _hf_copy(hf_dir, str(tmp_path / "pad"), pad_token_id=5))
+  hf.check_tokenizer(explicit, _hf_copy(hf_dir, str(tmp_path / "both"), bos_token_id=explicit.bos_id,
+                                        pad_token_id=explicit.pad_id, eos_token_id=[explicit.eos_id, 2]))
+
+
+@pytest.mark.slow
+def test_gsm8k_eval_of_an_hf_directory_equals_its_imported_run_and_sharded_eval(imported_run, tmp_path):
+  """`--workdir` an HF directory scores the base model: the same predictions as its imported run, and
+  the same again with the params and the batch sharded over 8 devices (data 2 × fsdp 2 × tensor 2)."""
+  from conftest import GSM8K_DIR
+  from vpt.evals import gsm8k
+  hf_dir, run_dir, _ = imported_run
+  common = ["--data", os.path.join(GSM8K_DIR, "test.jsonl"), "--limit", "5", "--max-new-tokens", "12",
+            "--batch-size", "4"]
+  runs = {"hf": (hf_dir, "num_devices=1"), "run": (run_dir, "num_devices=1"),
+          "run_8": (run_dir, "data=2,fsdp=2,tensor=2,num_devices=0")}
+  predictions = {}
+  for name, (workdir, mesh) in runs.items():
+    out = str(tmp_path / f"{name}.json")
+    scores = gsm8k.main(["--workdir", workdir, "--mesh", mesh, "--out", out] + common)
+    assert scores["step"] == 0 and scores["n_items"] == 5
+    predictions[name] = [p["generated"] for p in json.load(open(out))["predictions"]]
+  assert sum(len(p) for p in predictions["hf"]) > 20  # real continuations, not empty strings
+  for name in runs:
+    assert predictions[name] == predictions["hf"], name
+  assert dict(gsm8k.eval_mesh(hf_dir).shape) == {"data": 1, "fsdp": 8, "tensor": 1}  # HF default: fsdp over all

@@ -189,6 +189,10 @@ def dry_run(config: ml_collections.ConfigDict, *, hbm_gb: float = 0.0, devices=N
     return vision_dry_run(config, hbm_gb=hbm_gb, devices=devices, label=label, echo=echo, topology=topology,
                           topology_shape=topology_shape, num_slices=num_slices, estimate=estimate)
   config_lib.validate(config)
+  if config.init_from:  # an HF checkpoint (or a run imported from one) sets the shape, as in training.
+    from vpt.interop import hf as hf_interop  # pylint: disable=g-import-not-at-top
+    if hf_dir := hf_interop.hf_files_dir(config.init_from):
+      config = hf_interop.config_with_hf_model(config, hf_dir)
   model_cfg = LMConfig.from_config(config.model, vocab_size_for_dry_run(config))
   devices, sl = resolve_target(devices, topology, topology_shape, num_slices, echo)
   _check_num_devices(config, devices)

@@ -9,6 +9,10 @@ the same tokens as recomputing the whole prefix every step (`generate_tokens_unc
 The decode loop is a `lax.while_loop` run in chunks of `chunk_size` steps: between chunks the
 host checks stop strings and marks finished rows, and the loop exits early once every row is done.
 
+Under a mesh (`mesh=`), the batch rows (prompts, KV cache, outputs) are split over the data axes
+(`data` × `fsdp`) and the params laid out by vpt.sharding's rules (fsdp/tensor), so a model too
+large for one device generates on a pod; every process passes the same prompts and gets all rows.
+
 The cached forward below is a pure function of the params pytree, written against the layout of
 `vpt.models.lm.Transformer` (same ops, same dtypes, `rope` and `grouped_query_attention` reused);
 the uncached reference calls `Transformer.apply` itself, so the tests compare the two.
@@ -24,6 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vpt import sharding as sharding_lib
 from vpt.models.lm import LMConfig, Transformer, grouped_query_attention, rope
 from vpt.models.lora import merge_lora
 
@@ -43,6 +50,14 @@ class _Spec:
   max_new_tokens: int
   greedy: bool
   nucleus: bool
+  mesh: Mesh | None = None  # rows split over its data axes (the cache too).
+
+
+def _rows(spec: _Spec, x):
+  """x with its leading (row) dimension split over the mesh's data axes (no-op without a mesh)."""
+  if spec.mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(spec.mesh, P(sharding_lib.BATCH_AXES)))
 
 
 def _cfg_of(model) -> LMConfig:
@@ -165,10 +180,10 @@ def _prefill(params, tokens, lengths, active, rng, knobs, *, spec: _Spec):
   mask = (jnp.tril(jnp.ones((p, p), bool))[None] & valid[:, None, :])[:, None]
   logits, kvs = _forward(cfg, params, tokens, positions, mask, None, 0)
   length = p + spec.max_new_tokens
-  cache = [tuple(jnp.zeros((b, length) + x.shape[2:], x.dtype).at[:, :p].set(x) for x in kv)
+  cache = [tuple(_rows(spec, jnp.zeros((b, length) + x.shape[2:], x.dtype).at[:, :p].set(x)) for x in kv)
            for kv in kvs]
   tok, done = _pick(spec, logits, rng, 0, knobs, ~active)
-  out = jnp.full((b, spec.max_new_tokens), knobs[3], jnp.int32).at[:, 0].set(tok)
+  out = _rows(spec, jnp.full((b, spec.max_new_tokens), knobs[3], jnp.int32).at[:, 0].set(tok))
   return {"cache": cache, "out": out, "t": jnp.int32(1), "done": done, "pad": pad, "lengths": lengths}
 
 
@@ -210,7 +225,7 @@ def _layout(prompts: Sequence[Sequence[int]], prompt_len: int | None, pad_id: in
   return tokens, lengths
 
 
-def _spec(model, max_new_tokens, temperature, top_p, eos_id, pad_id):
+def _spec(model, max_new_tokens, temperature, top_p, eos_id, pad_id, mesh=None):
   """(static spec, traced (temperature, top_p, eos_id, pad_id))."""
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1")
@@ -218,46 +233,80 @@ def _spec(model, max_new_tokens, temperature, top_p, eos_id, pad_id):
     raise ValueError(f"temperature={temperature}, top_p={top_p}: expected temperature >= 0 and "
                      "0 < top_p <= 1")
   greedy = temperature == 0
-  spec = _Spec(_cfg_of(model), int(max_new_tokens), greedy=greedy, nucleus=top_p < 1 and not greedy)
+  spec = _Spec(_cfg_of(model), int(max_new_tokens), greedy=greedy, nucleus=top_p < 1 and not greedy, mesh=mesh)
   # temperature is only divided by when sampling; the floor keeps the greedy program NaN-free.
   knobs = (jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.int32(eos_id), jnp.int32(pad_id))
   return spec, knobs
+
+
+def _host(x) -> np.ndarray:
+  """A (possibly multi-host) array as NumPy, every row on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def _place(x, sharding):
+  """`x` (NumPy, the same on every process, or a jax.Array) laid out by `sharding`."""
+  if isinstance(x, jax.Array):
+    return x if x.sharding == sharding else jax.device_put(x, sharding)
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def shard_params(params, mesh: Mesh):
+  """The params laid out on `mesh` by vpt.sharding's rules (arrays already so placed are kept)."""
+  params = _unwrap(params)
+  return jax.tree.map(_place, params, sharding_lib.param_shardings(params, mesh))
 
 
 def generate_tokens(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                     eos_id: int, pad_id: int, temperature: float = 0.0, top_p: float = 1.0,
                     rng: jax.Array | None = None, prompt_len: int | None = None,
                     active: Sequence[bool] | None = None, chunk_size: int | None = None,
-                    should_stop: Callable[[int, np.ndarray], bool] | None = None) -> np.ndarray:
+                    should_stop: Callable[[int, np.ndarray], bool] | None = None,
+                    mesh: Mesh | None = None) -> np.ndarray:
   """KV-cached generation for one batch of token prompts (each including bos).
 
   Returns [B, max_new_tokens] int32: the new tokens, with eos kept and pad_id after it (and after
   a row that `should_stop(row, tokens_so_far)` ended between chunks, or an inactive row).
-  `model` is a Transformer or its LMConfig; temperature 0 is greedy.
+  `model` is a Transformer or its LMConfig; temperature 0 is greedy. With `mesh`, the rows are
+  split over its data axes (B must be a multiple of data × fsdp) and the params sharded by
+  vpt.sharding's rules.
   """
-  spec, knobs = _spec(model, max_new_tokens, temperature, top_p, eos_id, pad_id)
+  spec, knobs = _spec(model, max_new_tokens, temperature, top_p, eos_id, pad_id, mesh)
   params = _unwrap(params)
-  if spec.cfg.lora_rank > 0:  # the cached forward runs the plain layout: fold the LoRA adapters in.
-    params = merge_lora(params, spec.cfg)
   tokens, lengths = _layout(prompts, prompt_len, pad_id)
   act = np.ones(len(prompts), bool) if active is None else np.asarray(active, bool)
+  if mesh is not None:
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if len(prompts) % dp:
+      raise ValueError(f"{len(prompts)} prompts cannot be split over the mesh's data axes (data × fsdp = {dp}): "
+                       "pass a multiple of it (inactive rows fill a batch)")
+    params = shard_params(params, mesh)
+    rows = NamedSharding(mesh, P(sharding_lib.BATCH_AXES))
+    tokens, lengths, act = (_place(x, rows) for x in (tokens, lengths, act))
+  if spec.cfg.lora_rank > 0:  # the cached forward runs the plain layout: fold the LoRA adapters in.
+    params = merge_lora(params, spec.cfg)
   rng = jax.random.PRNGKey(0) if rng is None else rng
   state = _prefill(params, tokens, lengths, act, rng, knobs, spec=spec)
   chunk = chunk_size or spec.max_new_tokens
   t = 1
   while t < spec.max_new_tokens:
     state = _decode(params, state, jnp.int32(min(t + chunk, spec.max_new_tokens)), rng, knobs, spec=spec)
-    t, done = int(state["t"]), np.asarray(state["done"])
+    t, done = int(state["t"]), _host(state["done"])
     if done.all():
       break
     if should_stop is not None and t < spec.max_new_tokens:
-      out = np.asarray(state["out"])
+      out = _host(state["out"])
       stopped = np.array([d or should_stop(i, out[i, :t]) for i, d in enumerate(done)])
       if stopped.all():
         break
       if (stopped != done).any():
-        state = {**state, "done": jnp.asarray(stopped)}
-  return np.asarray(state["out"])
+        new_done = jnp.asarray(stopped) if mesh is None else _place(stopped, state["done"].sharding)
+        state = {**state, "done": new_done}
+  return _host(state["out"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,20 +382,27 @@ def _round_up(n: int, multiple: int) -> int:
 def generate(model, params, tokenizer, prompts: list[str], *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = DEFAULT_STOP,
              rng: jax.Array | None = None, batch_size: int = 16, prompt_bucket: int = PROMPT_BUCKET,
-             chunk_size: int | None = DEFAULT_CHUNK, use_cache: bool = True) -> list[str]:
+             chunk_size: int | None = DEFAULT_CHUNK, use_cache: bool = True,
+             mesh: Mesh | None = None) -> list[str]:
   """Continuations of `prompts` (fed as [bos] + encode(prompt)), cut at eos and at stop strings.
 
   The text is returned as decoded (a model trained on prompt + ' ' + answer starts with the
   separator: strip it). Prompts are batched longest-first; the last batch is filled with inactive
-  rows so every batch of a bucket has the same shape.
+  rows so every batch of a bucket has the same shape. With `mesh` (cached generation), batches are
+  split over its data axes: the batch size is rounded up to a multiple of data × fsdp.
   """
   if not prompts:
     return []
+  if mesh is not None and not use_cache:
+    raise ValueError("generate(mesh=...) runs the cached generation (use_cache=True)")
   stop = tuple(s for s in (stop or ()) if s)
   rng = jax.random.PRNGKey(0) if rng is None else rng
   encoded = [[tokenizer.bos_id] + list(tokenizer.encode(p)) for p in prompts]
   order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
   b = min(batch_size, len(prompts))
+  if mesh is not None:
+    b = _round_up(b, mesh.shape["data"] * mesh.shape["fsdp"])
+    params = shard_params(params, mesh)  # once, not per batch.
   results: list[str] = [""] * len(prompts)
   for n, start in enumerate(range(0, len(order), b)):
     rows = order[start:start + b]
@@ -360,7 +416,7 @@ def generate(model, params, tokenizer, prompts: list[str], *, max_new_tokens: in
       if stop:
         stopper = lambda i, ids: any(s in _row_text(tokenizer, ids, tokenizer.eos_id) for s in stop)
       out = generate_tokens(model, params, batch, chunk_size=chunk_size if stop else None,
-                            should_stop=stopper, **kw)
+                            should_stop=stopper, mesh=mesh, **kw)
     else:
       out = generate_tokens_uncached(model, params, batch, **kw)
     for j, i in enumerate(rows):

@@ -181,9 +181,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       data_cfg.tokenizer_path = own_tokenizer
   tokenizer = load_or_train_tokenizer(data_cfg, workdir)
   model_cfg = LMConfig.from_config(config.model, tokenizer.vocab_size)
-  if hf_dir and tokenizer.vocab_size > model_cfg.vocab_size:
-    raise ValueError(f"the tokenizer ({tokenizer.vocab_size} ids) outgrows the vocabulary of {hf_dir}/config.json "
-                     f"(vocab_size={model_cfg.vocab_size})")
+  if hf_dir:  # size, special tokens and (with both files) encodings of the tokenizer vs the checkpoint's.
+    hf_interop.check_tokenizer(tokenizer, hf_dir)
   mesh = sharding.make_mesh(config.mesh)
   model = Transformer(model_cfg, batch_sharding=sharding.batch_sharding(mesh))  # batch-sharded activations
   if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):

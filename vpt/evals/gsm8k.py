@@ -360,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   try:
     mesh = eval_mesh(args.workdir, args.mesh)
   except ValueError as e:
-    ap.error(str(e))
+    ap.error(f"{e} (the evaluation mesh: the run's config.mesh unless --mesh, e.g. --mesh data=1,fsdp=-1,tensor=1)")
   model, params, tokenizer, step = load_run(args.workdir, args.step, mesh=mesh)
   print(f"GSM8K: {len(records)} problems from {args.data}, {args.shots}-shot, {args.samples} "
         f"sample(s) at temperature {temperature}; {args.workdir} step {step}; mesh {dict(mesh.shape)}", flush=True)

@@ -45,7 +45,7 @@ import ml_collections
 import ml_dtypes  # registers bfloat16 with numpy: safetensors then reads bf16 checkpoints.
 import numpy as np
 from flax import traverse_util
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from vpt import paths
@@ -267,6 +267,87 @@ def copy_hf_files(src: str, dst: str, *, include_config: bool = True) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Tokenizer against model.
+
+# Checkpoints pad the embedding beyond the tokenizer (to a multiple of 64/128 or a round number for
+# the sharding: Qwen2.5-0.5B 151,665 tokens in 151,936 rows, Qwen2.5-7B in 152,064, Phi-3 32,011 in
+# 32,064), never by more than a few hundred rows. A tokenizer this much smaller is another model's.
+VOCAB_SLACK_MIN, VOCAB_SLACK_FRACTION = 1024, 1 / 64
+# Plain text whose encoding two copies of one tokenizer agree on (words, digits, spaces, newlines).
+ROUND_TRIP_TEXTS = ("Question: Natalia sold 48 clips in April, and half as many clips in May.\nAnswer: 48 / 2 = 24",
+                    "The quick brown fox jumps over the lazy dog. #### 72", "  indented\n\nand 1,234.5 $ 100%")
+
+
+def _ids(value) -> set[int]:
+  if isinstance(value, bool):
+    return set()
+  if isinstance(value, int):
+    return {value}
+  return {v for v in value if isinstance(v, int) and not isinstance(v, bool)} if isinstance(value, list) else set()
+
+
+def tokenizer_file(tokenizer) -> str:
+  """The file a tokenizer was read from (tokenizer.json or a sentencepiece model), for messages."""
+  return str(getattr(tokenizer, "path", None) or getattr(tokenizer, "model_path", None) or type(tokenizer).__name__)
+
+
+def check_tokenizer(tokenizer, hf_dir: str) -> None:
+  """Raises a ValueError naming both files when `tokenizer` is not the tokenizer of the checkpoint in
+  `hf_dir`, as far as can be checked:
+
+  - size: its ids must fit the embedding (vocab_size of config.json), and not fall short of it by
+    more than max(VOCAB_SLACK_MIN, VOCAB_SLACK_FRACTION × vocab_size) rows (checkpoints pad the
+    embedding by at most a few hundred rows; a much smaller tokenizer is another model's);
+  - special tokens: its eos must be one of config.json's (or generation_config.json's)
+    eos_token_id; its bos (eos when it has none) config.json's bos_token_id or an eos; an explicit pad
+    (one that is not eos) config.json's pad_token_id;
+  - when `hf_dir` holds a tokenizer.json that is not the tokenizer's own file: both encode
+    ROUND_TRIP_TEXTS to the same ids.
+  """
+  hf, source = read_config(hf_dir)
+  name = tokenizer_file(tokenizer)
+  vocab = lm_config_from_hf(hf, source).vocab_size
+  n = int(tokenizer.vocab_size)
+  if n > vocab:
+    raise ValueError(f"the tokenizer {name} ({n:,} ids) outgrows the vocabulary of {source} (vocab_size={vocab:,}): "
+                     "it is not this model's tokenizer (set data.tokenizer_path to the checkpoint's tokenizer.json)")
+  slack = max(VOCAB_SLACK_MIN, int(vocab * VOCAB_SLACK_FRACTION))
+  if vocab - n > slack:
+    raise ValueError(f"the tokenizer {name} has {n:,} ids but {source} has vocab_size={vocab:,}: checkpoints pad "
+                     f"their embedding by at most a few hundred rows (Qwen2.5: 151,665 tokens in 151,936), not by "
+                     f"{vocab - n:,} (> {slack:,} allowed), so this is another model's tokenizer (set "
+                     "data.tokenizer_path to the checkpoint's tokenizer.json)")
+  eos = _ids(hf.get("eos_token_id"))
+  generation = os.path.join(hf_dir, "generation_config.json")
+  if os.path.isfile(generation):
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+      with open(generation) as f:
+        eos |= _ids(json.load(f).get("eos_token_id"))
+  mine = {int(tokenizer.eos_id), *(int(i) for i in getattr(tokenizer, "eos_ids", ()))}
+  if eos and not mine & eos:
+    raise ValueError(f"the tokenizer {name} ends documents with eos id {tokenizer.eos_id}, but {source} has "
+                     f"eos_token_id={hf.get('eos_token_id')!r}: the tokenizer is not this model's")
+  bos = _ids(hf.get("bos_token_id"))
+  if bos and int(tokenizer.bos_id) not in bos | eos | {int(tokenizer.eos_id)}:
+    raise ValueError(f"the tokenizer {name} has bos id {tokenizer.bos_id}, but {source} has "
+                     f"bos_token_id={hf.get('bos_token_id')!r}: the tokenizer is not this model's")
+  pad = _ids(hf.get("pad_token_id"))  # pad positions are masked: a pad that falls back to eos is fine.
+  if pad and int(tokenizer.pad_id) != int(tokenizer.eos_id) and int(tokenizer.pad_id) not in pad:
+    raise ValueError(f"the tokenizer {name} has pad id {tokenizer.pad_id}, but {source} has "
+                     f"pad_token_id={hf.get('pad_token_id')!r}: the tokenizer is not this model's")
+  own = os.path.join(hf_dir, "tokenizer.json")
+  if os.path.isfile(own) and not (os.path.isfile(name) and os.path.samefile(own, name)):
+    from vpt.data.tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
+    reference = HFTokenizer(hf_dir)
+    for text in ROUND_TRIP_TEXTS:
+      a, b = list(tokenizer.encode(text)), list(reference.encode(text))
+      if a != b:
+        raise ValueError(f"the tokenizer {name} and the checkpoint's {own} encode {text!r} differently "
+                         f"({a[:12]}{'...' if len(a) > 12 else ''} vs {b[:12]}{'...' if len(b) > 12 else ''}): "
+                         "the model was trained with the latter; leave data.tokenizer_path empty to use it")
+
+
+# ----------------------------------------------------------------------------------------------
 # Tensor names.
 
 
@@ -322,6 +403,16 @@ def _check_leaves(flat: dict, names: dict, what: str, hint: str = "") -> None:
 # Import.
 
 
+def open_safetensors(path: str):
+  """safe_open (memory-mapped, header parsed) with errors that name the file: safetensors' own
+  (e.g. 'incomplete metadata' for a truncated download) do not."""
+  try:
+    return safe_open(path, framework="numpy")
+  except (SafetensorError, OSError) as e:
+    raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); a truncated or "
+                     "interrupted download looks like this: download or save it again") from e
+
+
 def tensor_files(hf_dir: str) -> dict[str, str]:
   """HF tensor name -> the safetensors file holding it (from the index, or every *.safetensors)."""
   index = os.path.join(hf_dir, INDEX_NAME)
@@ -331,6 +422,14 @@ def tensor_files(hf_dir: str) -> dict[str, str]:
         weight_map = json.load(f)["weight_map"]
     except (ValueError, KeyError, TypeError) as e:
       raise ValueError(f"{index}: expected a JSON object with a 'weight_map' ({e})") from e
+    if not isinstance(weight_map, dict):
+      raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    for name, shard in weight_map.items():
+      # A shard is a file beside the index: a path could read anything on the machine.
+      if (not isinstance(shard, str) or not shard or shard in (".", "..") or os.path.isabs(shard)
+          or "/" in shard or "\\" in shard or os.sep in shard):
+        raise ValueError(f"{index}: tensor {name!r} is in shard {shard!r}, which is not a file name in {hf_dir} "
+                         "(absolute paths, '..' and directory separators are refused)")
     files = {name: os.path.join(hf_dir, shard) for name, shard in weight_map.items()}
     for path in sorted(set(files.values())):
       if not os.path.isfile(path):
@@ -343,7 +442,7 @@ def tensor_files(hf_dir: str) -> dict[str, str]:
   files = {}
   for shard in shards:
     path = os.path.join(hf_dir, shard)
-    with safe_open(path, framework="numpy") as f:
+    with open_safetensors(path) as f:
       for name in f.keys():
         if name in files:
           raise ValueError(f"{path}: tensor {name!r} is also in {files[name]}")
@@ -387,7 +486,7 @@ def load_params(hf_dir: str, abstract: Any, *, cfg: LMConfig | None = None) -> A
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   out = {}
   with contextlib.ExitStack() as stack:
-    handles = {path: stack.enter_context(safe_open(path, framework="numpy")) for path in sorted(set(files.values()))
+    handles = {path: stack.enter_context(open_safetensors(path)) for path in sorted(set(files.values()))
                if any(files.get(n) == path for n in names)}
     for name, (path, transpose) in names.items():
       leaf, handle = flat[path], handles[files[name]]
@@ -536,21 +635,9 @@ def import_to_run(hf_dir: str, out: str, *, mesh: jax.sharding.Mesh | None = Non
 
 def _restore_params(run_dir: str, step: int | None) -> tuple[Any, int]:
   """The params item of a run's checkpoint, whatever its tree (LoRA leaves included), on one device."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from vpt import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
 
-  directory = paths.path(run_dir) / "checkpoints"
-  steps = sorted(int(d.name) for d in (directory.iterdir() if directory.is_dir() else []) if d.name.isdigit())
-  if not steps:
-    raise FileNotFoundError(f"{run_dir}: no checkpoint under {directory}")
-  step = steps[-1] if step is None else step
-  # The state item's own metadata: a CheckpointManager would also look at the step's other items
-  # (the data iterators) and warn once per item that it has no handler to restore them.
-  tree = ocp.StandardCheckpointHandler().metadata(directory / str(step) / "state")["params"]
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree,
-                          is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-  return ckpt_lib.load_learner_params(run_dir, abstract, step)
+  return ckpt_lib.restore_learner_params(run_dir, step, what="--checkpoint=")
 
 
 def _lora_merge_fn(model_cfg, run_dir: str) -> Callable[[Any], Any]:
