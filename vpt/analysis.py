@@ -197,16 +197,20 @@ def lm_batches(run: Run, n: int, *, seed: int = 1, split: str = "train", batch_s
 
 
 def feedback_batch(run: Run, *, heldout: bool = False, batch_size: int | None = None, seed: int = 0) -> dict:
-  """One feedback batch: from the feedback set D_fb, or (heldout) from problems never in it."""
+  """One feedback batch: from the feedback set D_fb, or (heldout) from problems never in it — or,
+  for a run without held-out problems, from D_fb again with another seed (a printed note says so)."""
   fb_cfg = copy.deepcopy(run.config.feedback)
   with fb_cfg.unlocked():
     fb_cfg.batch_size = batch_size or fb_cfg.batch_size
   records = None
   if heldout:
     records = heldout_records(fb_cfg)
-    if not records:
-      raise ValueError("feedback.eval_path is empty: a gsm8k_jsonl feedback set has held-out problems only "
-                       "when feedback.eval_path names them")
+    if not records:  # e.g. gsm8k_jsonl feedback without feedback.eval_path: no problem was held out.
+      print(f"feedback_batch(heldout=True): this run has no held-out problems (feedback.source="
+            f"{fb_cfg.source!r}, feedback.eval_path empty), so the batch is drawn from the feedback set D_fb "
+            "itself (another seed): it shows alignment with problems the designer saw, not generalisation; "
+            "set feedback.eval_path for a held-out set.", flush=True)
+      return next(make_feedback_iterator(fb_cfg, run.tokenizer, seed=seed + 1))
     if len(records) < fb_cfg.batch_size:
       raise ValueError(f"held-out batch of {fb_cfg.batch_size} rows but only {len(records)} held-out problems "
                        "(feedback.num_eval)")
