@@ -174,6 +174,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     what = f"the tokenizer of config.init_from={init!r}"
   else:
     source = what = None
+  if hf_dir and paths.path(source).exists():  # size, special tokens and (with both files) encodings vs the
+    hf_interop.check_tokenizer(tokenizer_lib.load_tokenizer(source), hf_dir)  # checkpoint's, before any copy
   own_tokenizer = tokenizer_lib.adopt_tokenizer(source, workdir, what=what)
   if own_tokenizer:
     data_cfg = copy.deepcopy(data_cfg)
@@ -181,8 +183,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       data_cfg.tokenizer_path = own_tokenizer
   tokenizer = load_or_train_tokenizer(data_cfg, workdir)
   model_cfg = LMConfig.from_config(config.model, tokenizer.vocab_size)
-  if hf_dir:  # size, special tokens and (with both files) encodings of the tokenizer vs the checkpoint's.
-    hf_interop.check_tokenizer(tokenizer, hf_dir)
   mesh = sharding.make_mesh(config.mesh)
   model = Transformer(model_cfg, batch_sharding=sharding.batch_sharding(mesh))  # batch-sharded activations
   if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
