@@ -273,14 +273,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         writer.write_scalars(step, summary["eval"], prefix="eval")
         timer.resume()
 
-      if step % config.checkpoint.every_steps == 0 or step == config.num_steps:
+      # Every host asks every step (a collective); one save per step, preempted or periodic.
+      stop = preemption.should_stop(step) and step < config.num_steps
+      if stop:
+        print(f"Preemption notice (on this or another host): saving at step {step} and exiting.", flush=True)
+      if stop or step % config.checkpoint.every_steps == 0 or step == config.num_steps:
         timer.pause(state)
         checkpointer.save(step, state, iterators, force=True)
         timer.resume()
-
-      if preemption.should_stop(step) and step < config.num_steps:
-        print(f"Preemption signal received: saving at step {step} and exiting.", flush=True)
-        checkpointer.save(step, state, iterators, force=True)
+      if stop:
         summary["preempted"] = True
         break
 

@@ -402,7 +402,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   step = start_step
   end = config.num_steps if stop_after is None else min(config.num_steps, stop_after)
   with Preemption() as preemption:
-    last_saved = None
     while step < end:
       if pending is not None:
         batch_u, pending = pending, None
@@ -436,19 +435,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
         writer.write_scalars(step, summary["eval"], prefix="eval")
         timer.resume()
 
-      if step % config.checkpoint.every_steps == 0 or step == config.num_steps:
+      # Every host asks every step (a collective); one save per step, preempted, stopped or periodic.
+      preempted = preemption.should_stop(step) and step < config.num_steps
+      if preempted:
+        print(f"Preemption notice (on this or another host): saving at step {step} and exiting.", flush=True)
+      stop = preempted or step == end < config.num_steps  # stop_after: the next run resumes here.
+      if stop or step % config.checkpoint.every_steps == 0 or step == config.num_steps:
         timer.pause(state)
         checkpointer.save(step, state, iterators, force=True)
-        last_saved = step
         timer.resume()
-
-      if preemption.should_stop(step) and step < config.num_steps:
-        print(f"Preemption signal received: saving at step {step} and exiting.", flush=True)
+      if stop:
         break
-    if step < config.num_steps:  # preempted, or stopped at stop_after: the next run resumes here.
-      if last_saved != step and step > start_step:  # (at start_step the restored checkpoint is the state)
-        checkpointer.save(step, state, iterators, force=True)
-      summary["preempted"] = True
+    # Stopped before num_steps: preempted, or at stop_after (if the loop never ran, the restored checkpoint
+    # is the state).
+    summary["preempted"] = step < config.num_steps
 
   timer.pause(state)
   progress.close()

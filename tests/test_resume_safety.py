@@ -1,0 +1,144 @@
+"""Resume never loses a run: a changed config stops before touching anything (or, opted in, restarts
+with the old checkpoints kept), only damaged checkpoints are set aside, storage/memory errors propagate,
+a failed start leaves the run's config.json alone, and SIGTERM on a checkpoint step saves once."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vpt import checkpoint as ckpt_lib
+from vpt import config_lib, metrics, train, train_vision
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- Checkpointer
+
+
+def _state(n: int, fill: float = 0.0):
+  """w[0] = fill; the rest random (incompressible: large w is stored in the data files)."""
+  w = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+  w[0] = fill
+  return {"w": jnp.asarray(w), "b": jnp.zeros((2,), jnp.int32)}
+
+
+def _abstract(n: int):
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), _state(n))
+
+
+def _checkpointer(directory):
+  return ckpt_lib.Checkpointer(str(directory), keep=5, async_save=False, iterator_names=())
+
+
+def _listing(directory):
+  return sorted(os.listdir(directory))
+
+
+def test_changed_structure_stops_before_touching_anything(tmp_path):
+  ck = _checkpointer(tmp_path)
+  for step in (1, 2):
+    ck.save(step, _state(4, step), {})
+  before = _listing(tmp_path)
+  with pytest.raises(ckpt_lib.CheckpointMismatchError) as e:
+    ck.restore_latest(_abstract(8), {}, config_note="Config keys changed: model.d_model: 4 → 8")
+  message = str(e.value)
+  assert "w: checkpoint float32[4], this run float32[8]" in message
+  assert "model.d_model: 4 → 8" in message and "on_mismatch=restart" in message
+  assert _listing(tmp_path) == before  # nothing renamed, nothing deleted
+  # ... and the run with the original structure still resumes from the newest step.
+  state, step = _checkpointer(tmp_path).restore_latest(_abstract(4), {})
+  assert step == 2 and float(state["w"][0]) == 2.0
+
+
+def test_dtype_and_missing_fields_are_mismatches(tmp_path):
+  ck = _checkpointer(tmp_path)
+  ck.save(1, _state(4), {})
+  abstract = {**_abstract(4), "b": jax.ShapeDtypeStruct((2,), jnp.float32), "extra": jax.ShapeDtypeStruct((3,),
+                                                                                                        jnp.float32)}
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"b: checkpoint int32\[2\], this run float32\[2\]"):
+    ck.restore_latest(abstract, {})
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match="extra: not in the checkpoint"):
+    ck.restore_latest(abstract, {})
+  with pytest.raises(ValueError, match="on_mismatch='bogus'"):
+    ck.restore_latest(_abstract(4), {}, on_mismatch="bogus")
+  assert _listing(tmp_path) == ["1"]
+
+
+def test_restart_keeps_the_old_checkpoints_under_unique_names(tmp_path):
+  ck = _checkpointer(tmp_path)
+  for step in (1, 2):
+    ck.save(step, _state(4), {})
+  assert ck.restore_latest(_abstract(8), {}, on_mismatch="restart") == (None, None)
+  assert _listing(tmp_path) == ["1.replaced", "2.replaced"]
+  ck.save(2, _state(8), {})  # the restarted run re-saves step 2; switching back restarts again
+  assert ck.restore_latest(_abstract(4), {}, on_mismatch="restart") == (None, None)
+  assert _listing(tmp_path) == ["1.replaced", "2.replaced", "2.replaced.1"]
+  assert ck.all_steps() == []
+
+
+def _damage_metadata(step_dir):
+  os.remove(os.path.join(step_dir, "state", "_METADATA"))
+
+
+def _damage_arrays(step_dir):
+  """Truncates the array data files, leaving the (matching) metadata readable."""
+  data = os.path.join(step_dir, "state", "ocdbt.process_0", "d")
+  for f in os.listdir(data):
+    with open(os.path.join(data, f), "wb") as fh:
+      fh.write(b"garbage")
+
+
+@pytest.mark.parametrize("damage", [_damage_metadata, _damage_arrays])
+def test_damaged_checkpoint_is_set_aside_twice_without_collision(tmp_path, damage):
+  ck = _checkpointer(tmp_path)
+  n = 1024  # 4 KiB of random floats: in the data files, not inline in the OCDBT manifest.
+  ck.save(1, _state(n, 1.0), {})
+  for _ in range(2):
+    ck.save(2, _state(n, 2.0), {})
+    damage(tmp_path / "2")
+    state, step = ck.restore_latest(_abstract(n), {})
+    assert step == 1 and float(state["w"][0]) == 1.0
+  assert _listing(tmp_path) == ["1", "2.unreadable", "2.unreadable.1"]
+
+
+@pytest.mark.parametrize("error", [
+    MemoryError("out of host memory"),
+    OSError(errno.EIO, "Input/output error"),
+    ConnectionResetError("peer reset"),
+    ValueError("UNAVAILABLE: gcs: service unavailable"),
+    RuntimeError("something unforeseen"),
+])
+def test_transient_and_unknown_restore_errors_propagate_and_touch_nothing(tmp_path, monkeypatch, error):
+  ck = _checkpointer(tmp_path)
+  for step in (1, 2):
+    ck.save(step, _state(4), {})
+
+  def fail(*args, **kwargs):
+    raise error
+  monkeypatch.setattr(ck.manager, "restore", fail)
+  with pytest.raises(type(error)):
+    ck.restore_latest(_abstract(4), {})
+  assert _listing(tmp_path) == ["1", "2"]
+
+
+def test_error_classification():
+  damaged = [FileNotFoundError("x"), json.JSONDecodeError("bad", "{", 0),
+             ValueError('DATA_LOSS: Error reading "a/0.0"'), ValueError("OUT_OF_RANGE: Requested byte range")]
+  wrapped = Exception("Encountered error while reading array index")
+  wrapped.__cause__ = ValueError("OUT_OF_RANGE: Requested byte range [0, 10) is not valid")
+  for e in damaged + [wrapped]:
+    assert ckpt_lib.is_damaged_checkpoint_error(e), e
+  transient = Exception("Encountered error while reading array index")
+  transient.__cause__ = ValueError("DEADLINE_EXCEEDED: gcs read timed out")
+  for e in [transient, MemoryError(), PermissionError("denied"), TimeoutError(), ValueError("shapes differ")]:
+    assert not ckpt_lib.is_damaged_checkpoint_error(e), e
