@@ -142,3 +142,58 @@ def test_error_classification():
   transient.__cause__ = ValueError("DEADLINE_EXCEEDED: gcs read timed out")
   for e in [transient, MemoryError(), PermissionError("denied"), TimeoutError(), ValueError("shapes differ")]:
     assert not ckpt_lib.is_damaged_checkpoint_error(e), e
+
+
+# ----------------------------------------------------------------------------- the LM loop
+
+
+def nano_config(**overrides):
+  config = config_lib.load_config_file(os.path.join(REPO, "experiments", "lm_ntp.py"), "nano")
+  return config_lib.with_overrides(config, {"progress_bar": False, "mesh.num_devices": 1, "num_steps": 2,
+                                            "checkpoint.every_steps": 1, "eval_batches": 1, **overrides})
+
+
+def _read(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+@pytest.mark.slow
+def test_lm_resume_with_a_changed_config_stops_or_restarts_and_keeps_the_config_history(tmp_path):
+  run = str(tmp_path)
+  train.run(nano_config(), run)
+  original = (tmp_path / "config.json").read_bytes()
+  ckpts = tmp_path / "checkpoints"
+  assert _listing(ckpts) == ["1", "2"]
+
+  # A failed start (a missing corpus) leaves the run's config and checkpoints as they were.
+  with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    train.run(nano_config(**{"data.source": "jsonl", "data.train_path": str(tmp_path / "nope.jsonl")}), run)
+  # A changed structure: an error naming the state fields and the config keys; nothing touched.
+  with pytest.raises(ckpt_lib.CheckpointMismatchError) as e:
+    train.run(nano_config(**{"model.d_model": 64}), run)
+  assert "params/embed_tokens/embedding: checkpoint float32[" in str(e.value)
+  assert "model.d_model: 32 → 64" in str(e.value) and "config.json" in str(e.value)
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match="vpt.mode: 'ntp' → 'value'") as e:
+    train.run(nano_config(**{"vpt.mode": "value"}), run)
+  assert "designer/" in str(e.value)
+  assert _listing(ckpts) == ["1", "2"] and _listing(tmp_path).count("config.json") == 1
+  assert not any(n.startswith("config.") and n != "config.json" for n in _listing(tmp_path))
+  assert (tmp_path / "config.json").read_bytes() == original
+
+  # A compatible change (a longer schedule) resumes; its config is recorded beside the original.
+  longer = train.run(nano_config(num_steps=3), run)
+  assert longer["start_step"] == 2 and longer["step"] == 3
+  assert (tmp_path / "config.json").read_bytes() == original
+  assert _read(tmp_path / "config.1.json")["num_steps"] == 3
+  train.run(nano_config(num_steps=3), run)  # the same config again: nothing new recorded
+  assert not (tmp_path / "config.2.json").exists()
+
+  # Opting in to start over keeps the old checkpoints; switching back restarts again without collisions.
+  bigger = train.run(nano_config(num_steps=1, **{"model.d_model": 64, "checkpoint.on_mismatch": "restart"}), run)
+  assert bigger["start_step"] == 0
+  assert _listing(ckpts) == ["1", "1.replaced", "2.replaced", "3.replaced"]
+  assert _read(tmp_path / "config.2.json")["model"]["d_model"] == 64
+  train.run(nano_config(num_steps=1, **{"checkpoint.on_mismatch": "restart"}), run)
+  assert _listing(ckpts) == ["1", "1.replaced", "1.replaced.1", "2.replaced", "3.replaced"]
+  assert (tmp_path / "config.json").read_bytes() == original and (tmp_path / "config.3.json").exists()

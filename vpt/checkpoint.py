@@ -83,7 +83,7 @@ def state_differences(saved: dict[tuple, Any], abstract_state: Any) -> list[str]
   want = {k: v for k, v in ocp.tree.to_flat_dict(abstract_state).items() if hasattr(v, "shape")}
   have = {k: v for k, v in saved.items() if getattr(v, "shape", None) is not None}
   out = []
-  for key in sorted(set(want) | set(have), key=lambda k: tuple(map(str, k))):
+  for key in list(want) + [k for k in have if k not in want]:  # this run's field order (step, params, …)
     name = "/".join(map(str, key))
     if key not in have:
       out.append(f"{name}: not in the checkpoint, this run {_leaf_str(want[key].shape, want[key].dtype)}")

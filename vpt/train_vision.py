@@ -41,7 +41,7 @@ from vpt.models.vit import ViT, ViTConfig, count_params
 from vpt.vision_step import VisionSetup
 from vpt import train as lm_train
 from vpt.loop_utils import Preemption, StepTimer
-from vpt.train import write_config
+from vpt.train import restore_run, write_config
 
 
 EVAL_SPLITS = ("val", "test")
@@ -330,11 +330,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   is_main = jax.process_index() == 0
 
   # Everything that can fail on bad input (data, init_from, mesh) runs before a checkpoint directory
-  # is created, so a bad start leaves no partial checkpoint.
+  # is created, so a bad start leaves no partial checkpoint; the config is recorded after the restore.
   config = resolve_config(config_with_init_model(config))
   vision_config.validate_vision(config)
-  if is_main:
-    write_config(config, workdir)
   setup = VisionSetup.from_config(config)
   mesh = sharding.make_mesh(config.mesh)
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -363,7 +361,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
 
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save, iterator_names=tuple(iterators))
-  state, restored_step = checkpointer.restore_latest(ckpt_lib.abstract_like(abstract_state, shardings), iterators)
+  state, restored_step = restore_run(checkpointer, ckpt_lib.abstract_like(abstract_state, shardings), iterators,
+                                     config, workdir)
   if state is None:
     state = jax.jit(init_fn, out_shardings=shardings)(*init_args)
     if config.init_from:
@@ -385,6 +384,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   compiled = set()
   meta_feed = _MetaFeed(iterators, config, mesh, first_labeled) if uses_designer else None
 
+  if is_main:  # nothing more fails on bad input: the run starts. config.json, or config.<n>.json if changed.
+    write_config(config, workdir)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   start_step = int(jax.device_get(state.step))
   n_params = count_params(abstract_state.student["backbone"])
