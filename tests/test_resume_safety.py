@@ -21,6 +21,22 @@ from vpt import config_lib, metrics, train, train_vision
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def xla_cache(tmp_path_factory):
+  """A persistent XLA cache for this module only: its runs (straight, preempted, resumed) compile
+  identical programs, so each is compiled once."""
+  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+  directory = str(tmp_path_factory.mktemp("xla_cache"))
+  before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  compilation_cache.reset_cache()
+  yield directory
+  jax.config.update("jax_compilation_cache_dir", before[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+  compilation_cache.reset_cache()
+
+
 # ----------------------------------------------------------------------------- Checkpointer
 
 
@@ -197,3 +213,80 @@ def test_lm_resume_with_a_changed_config_stops_or_restarts_and_keeps_the_config_
   train.run(nano_config(num_steps=1, **{"checkpoint.on_mismatch": "restart"}), run)
   assert _listing(ckpts) == ["1", "1.replaced", "1.replaced.1", "2.replaced", "3.replaced"]
   assert (tmp_path / "config.json").read_bytes() == original and (tmp_path / "config.3.json").exists()
+
+
+def _params(summary):
+  return jax.device_get(summary["state"].params)
+
+
+@pytest.mark.slow
+def test_lm_sigterm_on_a_checkpoint_step_saves_once_exits_143_and_resumes_exactly(tmp_path):
+  """With a checkpoint every step, any SIGTERM lands on a checkpoint step: one save, exit 143."""
+  steps, workdir = 30, tmp_path / "interrupted"
+  overrides = {"num_steps": steps, "log_every_steps": 1, "checkpoint.every_steps": 1, "eval_every_steps": 1000}
+  flags = [f"--config.{k}={v}" for k, v in {**overrides, "progress_bar": False, "mesh.num_devices": 1,
+                                             "eval_batches": 1}.items()]
+  proc = subprocess.Popen([sys.executable, "-m", "vpt.main", f"--config={REPO}/experiments/lm_ntp.py:nano",
+                           f"--workdir={workdir}", *flags], cwd=REPO, env=dict(os.environ),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    jsonl, deadline = workdir / "metrics.jsonl", time.time() + 180
+    while not (jsonl.exists() and any(r.get("step", 0) >= 4 for r in metrics.read_jsonl(str(jsonl)))):
+      assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == 143, out
+  saved = max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+  assert 4 <= saved < steps and f"saving at step {saved}" in out, out
+
+  resumed = train.run(nano_config(**overrides), str(workdir))
+  assert resumed["start_step"] == saved and resumed["step"] == steps
+  straight = train.run(nano_config(**overrides), str(tmp_path / "straight"))
+  for a, b in zip(jax.tree.leaves(_params(resumed)), jax.tree.leaves(_params(straight))):
+    np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- the vision loop
+
+
+def vision_config(**overrides):
+  config = config_lib.load_config_file(os.path.join(REPO, "experiments", "vision_dino.py"), "nano,dino")
+  return config_lib.with_overrides(config, {"progress_bar": False, "mesh.num_devices": 1, "num_steps": 4,
+                                            "eval.num_train": 0, "log_every_steps": 1, **overrides})
+
+
+@pytest.mark.slow
+def test_vision_sigterm_on_a_checkpoint_step_saves_once_and_resumes_exactly(tmp_path, monkeypatch):
+  """SIGTERM arrives while step 2 (a checkpoint step) is logged: the run saves step 2 once, stops as
+  preempted (main exits 143) and the resumed run equals an uninterrupted one; a failed start in
+  between leaves the run's config.json alone."""
+  config = vision_config(**{"checkpoint.every_steps": 2})
+  straight = train_vision.run(config, str(tmp_path / "straight"))
+  write_scalars = metrics.MetricWriter.write_scalars
+
+  def write_then_preempt(self, step, scalars, prefix=""):
+    write_scalars(self, step, scalars, prefix=prefix)
+    if step == 2 and prefix == "train":
+      os.kill(os.getpid(), signal.SIGTERM)  # handled before the loop asks whether to stop
+  with monkeypatch.context() as m:
+    m.setattr(metrics.MetricWriter, "write_scalars", write_then_preempt)
+    half = train_vision.run(config, str(tmp_path / "resumed"))
+  assert half["preempted"] and half["step"] == 2
+  assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["2"]
+  original = (tmp_path / "resumed" / "config.json").read_bytes()
+
+  with pytest.raises(ValueError, match="batch_size=12"):
+    train_vision.run(vision_config(**{"mesh.num_devices": 8, "batch_size": 12}), str(tmp_path / "resumed"))
+  resumed = train_vision.run(config, str(tmp_path / "resumed"))
+  assert resumed["start_step"] == 2 and resumed["step"] == 4
+  for name in ("student", "teacher", "center", "opt_state"):
+    for x, y in zip(jax.tree.leaves(jax.device_get(getattr(resumed["state"], name))),
+                    jax.tree.leaves(jax.device_get(getattr(straight["state"], name)))):
+      np.testing.assert_array_equal(x, y, err_msg=name)
+  assert (tmp_path / "resumed" / "config.json").read_bytes() == original
+  assert [n for n in os.listdir(tmp_path / "resumed") if n.startswith("config")] == ["config.json"]
