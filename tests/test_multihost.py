@@ -23,12 +23,14 @@ def _free_port() -> int:
 
 
 def _launch(workdir, logdir, tag):
-  """Both processes of one 2-host job; each writes its output to logdir/<tag>.<process>.log."""
+  """Both processes of one 2-host job; each writes its output to logdir/<tag>.<process>.log. The
+  resumed job reuses the first one's compiled programs (a persistent XLA cache in logdir)."""
   port = _free_port()
   procs = []
   for pid in range(2):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
+           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid),
+           "JAX_COMPILATION_CACHE_DIR": str(logdir / "xla_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     log = open(logdir / f"{tag}.{pid}.log", "w")  # a file, not a pipe: a full pipe would stall the run.
     procs.append(subprocess.Popen(
         [sys.executable, "-m", "vpt.main", f"--config={REPO}/experiments/lm_ntp.py:nano", f"--workdir={workdir}",

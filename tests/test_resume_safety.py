@@ -220,14 +220,16 @@ def _params(summary):
 
 
 @pytest.mark.slow
-def test_lm_sigterm_on_a_checkpoint_step_saves_once_exits_143_and_resumes_exactly(tmp_path):
+def test_lm_sigterm_on_a_checkpoint_step_saves_once_exits_143_and_resumes_exactly(tmp_path, xla_cache):
   """With a checkpoint every step, any SIGTERM lands on a checkpoint step: one save, exit 143."""
   steps, workdir = 30, tmp_path / "interrupted"
   overrides = {"num_steps": steps, "log_every_steps": 1, "checkpoint.every_steps": 1, "eval_every_steps": 1000}
   flags = [f"--config.{k}={v}" for k, v in {**overrides, "progress_bar": False, "mesh.num_devices": 1,
                                              "eval_batches": 1}.items()]
   proc = subprocess.Popen([sys.executable, "-m", "vpt.main", f"--config={REPO}/experiments/lm_ntp.py:nano",
-                           f"--workdir={workdir}", *flags], cwd=REPO, env=dict(os.environ),
+                           f"--workdir={workdir}", *flags], cwd=REPO,
+                          env={**os.environ, "JAX_COMPILATION_CACHE_DIR": xla_cache,  # shared with the runs below
+                               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"},
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
     jsonl, deadline = workdir / "metrics.jsonl", time.time() + 180

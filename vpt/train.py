@@ -104,7 +104,7 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def restore_run(checkpointer: ckpt_lib.Checkpointer, abstract_state: Any, iterators: dict[str, Any],
-                    config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, int] | tuple[None, None]:
+                config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, int] | tuple[None, None]:
   """checkpointer.restore_latest under config.checkpoint.on_mismatch; a mismatch error names the config
   keys changed since the run's newest config file."""
   source, changes = config_changes(config, workdir)
@@ -252,7 +252,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save, iterator_names=tuple(iterators))
   state, restored_step = restore_run(checkpointer, ckpt_lib.abstract_like(abstract_state, shardings), iterators,
-                                         config, workdir)
+                                     config, workdir)
   if state is None:
     state = jax.jit(init_fn, out_shardings=shardings)()
     if config.init_from:
