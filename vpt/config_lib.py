@@ -184,6 +184,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every_steps = 200
   c.checkpoint.keep = 3
   c.checkpoint.async_save = True
+  # A resume whose checkpoint holds another state (a changed model/designer size, another vpt.mode):
+  # 'error' stops before touching anything; 'restart' starts over, the old checkpoints kept as <step>.replaced.
+  c.checkpoint.on_mismatch = "error"
 
   c.log_every_steps = 10
   c.eval_every_steps = 200
@@ -218,6 +221,8 @@ def validate_mesh_and_checkpoint(config: ml_collections.ConfigDict) -> None:
   need(config.mesh.num_devices >= 0, "mesh.num_devices", ">= 0 (0 = all devices)")
   need(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "> 0")
   need(config.checkpoint.keep >= 1, "checkpoint.keep", ">= 1")
+  need(config.checkpoint.get("on_mismatch", "error") in ("error", "restart"), "checkpoint.on_mismatch",
+       "'error' or 'restart'")  # (get: a config.json written before the field existed)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -6,10 +6,22 @@ import signal
 import time
 
 import jax
+import numpy as np
 
 
 class Preemption:
-  """Turns SIGTERM (TPU/GCE preemption notice, `kill`) into a flag the loop polls between steps."""
+  """Turns SIGTERM (TPU/GCE preemption notice, `kill`) into a flag the loop polls between steps.
+
+  Multi-host: every host must stop (and save, a collective) at the same step, or one host enters
+  the save while another enters the next train step and both wait forever. A signal reaches the
+  hosts at different times, so `should_stop` all-gathers the local flags (a one-int collective,
+  called by every host at every step) and all hosts stop at the first step where any host has
+  seen the signal.
+
+  The first SIGTERM restores the default action: a second one ends the process at once, even
+  while it is blocked in a collective or a save (checkpoints are written atomically, so nothing
+  half-written is ever restored).
+  """
 
   def __init__(self):
     self.requested = False
@@ -25,16 +37,19 @@ class Preemption:
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM terminates.
 
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
   def should_stop(self, step: int) -> bool:
+    """Whether to save and stop after `step`; the same answer on every host (call it on all hosts)."""
+    del step  # every host calls this once per step, so the collectives pair up by call order.
     if jax.process_count() > 1:
-      # All hosts must agree on the step at which they stop and save.
-      from jax.experimental import multihost_utils
-      return bool(multihost_utils.reached_preemption_sync_point(step)) or self.requested
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
+      return bool(np.any(flags))
     return self.requested
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -55,8 +56,63 @@ class _FeedbackFeed:
     return self.current
 
 
+def _config_files(workdir: str) -> list[str]:
+  """The run's config history, oldest first: config.json, then config.1.json, config.2.json, …"""
+  root = paths.path(workdir)
+  names = [p.name for p in root.iterdir()] if root.is_dir() else []
+  numbered = sorted(int(m.group(1)) for m in (re.fullmatch(r"config\.(\d+)\.json", n) for n in names) if m)
+  return (["config.json"] if "config.json" in names else []) + [f"config.{n}.json" for n in numbered]
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """{'a.b': leaf} of nested dicts (an empty dict is a leaf)."""
+  if not isinstance(tree, dict) or not tree:
+    return {prefix: tree}
+  out = {}
+  for key, sub in tree.items():
+    out.update(_flat(sub, f"{prefix}.{key}" if prefix else key))
+  return out
+
+
+def config_changes(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, list[str]]:
+  """(the run's newest config file, ['key: old → new', …] for every field `config` changes in it)."""
+  files = _config_files(workdir)
+  if not files:
+    return "", []
+  saved = _flat(json.loads((paths.path(workdir) / files[-1]).read_text()))
+  new = _flat(json.loads(config.to_json_best_effort()))
+  unset = "(unset)"
+  return files[-1], [f"{k}: {saved.get(k, unset)!r} → {new.get(k, unset)!r}" for k in sorted(set(saved) | set(new))
+                     if saved.get(k, unset) != new.get(k, unset)]
+
+
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  paths.write_atomic(paths.path(workdir) / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))
+  """Records the config of a run that starts (call it once nothing more can fail on bad input).
+
+  The first start writes config.json, the run's original config, which evals, analysis and export
+  read. A later start with a different config (a longer schedule, a restart) adds config.<n>.json
+  (n = 1, 2, …): the history is kept, the original never overwritten. An unchanged config adds nothing.
+  """
+  files = _config_files(workdir)
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if files and json.loads((paths.path(workdir) / files[-1]).read_text()) == json.loads(text):
+    return
+  numbered = [int(f.split(".")[1]) for f in files if f != "config.json"]
+  name = f"config.{max(numbered, default=0) + 1}.json" if "config.json" in files else "config.json"
+  paths.write_atomic(paths.path(workdir) / name, text)
+
+
+def restore_run(checkpointer: ckpt_lib.Checkpointer, abstract_state: Any, iterators: dict[str, Any],
+                config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, int] | tuple[None, None]:
+  """checkpointer.restore_latest under config.checkpoint.on_mismatch; a mismatch error names the config
+  keys changed since the run's newest config file."""
+  source, changes = config_changes(config, workdir)
+  note = ""
+  if changes:
+    shown = "\n  ".join(changes[:20]) + (f"\n  … and {len(changes) - 20} more" if len(changes) > 20 else "")
+    note = f"Config keys changed since {paths.path(workdir) / source}:\n  {shown}"
+  return checkpointer.restore_latest(abstract_state, iterators, config_note=note,
+                                     on_mismatch=config.checkpoint.get("on_mismatch", "error"))
 
 
 def _generation_eval(config, model, tokenizer):
@@ -147,11 +203,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   workdir = paths.norm(workdir)  # local paths absolute; gs:// and other URLs through etils.epath
   paths.makedirs(workdir)
   is_main = jax.process_index() == 0
-  if is_main:
-    write_config(config, workdir)
 
   # Everything that can fail on bad input (data files, tokenizer, model config, mesh) runs
-  # before a checkpoint directory is created, so a bad start leaves no partial checkpoint.
+  # before a checkpoint directory is created, so a bad start leaves no partial checkpoint; the
+  # config is recorded after the restore, once the run is known to start.
   data_cfg = config.data
   hf_dir = None
   if config.init_from:
@@ -161,7 +216,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if hf_dir:  # its config.json sets the learner's shape; its files make this run self-contained.
       config = hf_interop.config_with_hf_model(config, hf_dir)
       if is_main:
-        write_config(config, workdir)
         hf_interop.copy_hf_files(hf_dir, own_hf)
   # The run keeps its own copy of the tokenizer (WORKDIR/tokenizer/), so a restart needs neither
   # data.tokenizer_path nor init_from to exist; without either it trains one there.
@@ -209,7 +263,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save, iterator_names=tuple(iterators))
-  state, restored_step = checkpointer.restore_latest(ckpt_lib.abstract_like(abstract_state, shardings), iterators)
+  state, restored_step = restore_run(checkpointer, ckpt_lib.abstract_like(abstract_state, shardings), iterators,
+                                     config, workdir)
   if state is None:
     state = jax.jit(init_fn, out_shardings=shardings)()
     if config.init_from:
@@ -240,6 +295,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings.params, batch_sh),
                       out_shardings=sharding.replicated(mesh))
 
+  if is_main:  # nothing more fails on bad input: the run starts. config.json, or config.<n>.json if changed.
+    write_config(config, workdir)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   start_step = int(jax.device_get(state.step))
   if is_main and start_step == 0:
@@ -288,14 +345,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         writer.write_scalars(step, summary["eval"], prefix="eval")
         timer.resume()
 
-      if step % config.checkpoint.every_steps == 0 or step == config.num_steps:
+      # Every host asks every step (a collective); one save per step, preempted or periodic.
+      stop = preemption.should_stop(step) and step < config.num_steps
+      if stop:
+        print(f"Preemption notice (on this or another host): saving at step {step} and exiting.", flush=True)
+      if stop or step % config.checkpoint.every_steps == 0 or step == config.num_steps:
         timer.pause(state)
         checkpointer.save(step, state, iterators, force=True)
         timer.resume()
-
-      if preemption.should_stop(step) and step < config.num_steps:
-        print(f"Preemption signal received: saving at step {step} and exiting.", flush=True)
-        checkpointer.save(step, state, iterators, force=True)
+      if stop:
         summary["preempted"] = True
         break
 

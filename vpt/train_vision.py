@@ -41,7 +41,7 @@ from vpt.models.vit import ViT, ViTConfig, count_params
 from vpt.vision_step import VisionSetup
 from vpt import train as lm_train
 from vpt.loop_utils import Preemption, StepTimer
-from vpt.train import write_config
+from vpt.train import restore_run, write_config
 
 
 EVAL_SPLITS = ("val", "test")
@@ -344,11 +344,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   is_main = jax.process_index() == 0
 
   # Everything that can fail on bad input (data, init_from, mesh) runs before a checkpoint directory
-  # is created, so a bad start leaves no partial checkpoint.
+  # is created, so a bad start leaves no partial checkpoint; the config is recorded after the restore.
   config = resolve_config(config_with_init_model(config))
   vision_config.validate_vision(config)
-  if is_main:
-    write_config(config, workdir)
   setup = VisionSetup.from_config(config)
   mesh = sharding.make_mesh(config.mesh)
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -377,7 +375,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
 
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save, iterator_names=tuple(iterators))
-  state, restored_step = checkpointer.restore_latest(ckpt_lib.abstract_like(abstract_state, shardings), iterators)
+  state, restored_step = restore_run(checkpointer, ckpt_lib.abstract_like(abstract_state, shardings), iterators,
+                                     config, workdir)
   if state is None:
     state = jax.jit(init_fn, out_shardings=shardings)(*init_args)
     if config.init_from:
@@ -392,6 +391,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   compiled = set()
   meta_feed = _MetaFeed(iterators, config, mesh, first_labeled) if uses_designer else None
 
+  if is_main:  # nothing more fails on bad input: the run starts. config.json, or config.<n>.json if changed.
+    write_config(config, workdir)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   start_step = int(jax.device_get(state.step))
   n_params = count_params(abstract_state.student["backbone"])
@@ -410,7 +411,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   step = start_step
   end = config.num_steps if stop_after is None else min(config.num_steps, stop_after)
   with Preemption() as preemption:
-    last_saved = None
     while step < end:
       if pending is not None:
         batch_u, pending = pending, None
@@ -444,19 +444,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
         writer.write_scalars(step, summary["eval"], prefix="eval")
         timer.resume()
 
-      if step % config.checkpoint.every_steps == 0 or step == config.num_steps:
+      # Every host asks every step (a collective); one save per step, preempted, stopped or periodic.
+      preempted = preemption.should_stop(step) and step < config.num_steps
+      if preempted:
+        print(f"Preemption notice (on this or another host): saving at step {step} and exiting.", flush=True)
+      stop = preempted or step == end < config.num_steps  # stop_after: the next run resumes here.
+      if stop or step % config.checkpoint.every_steps == 0 or step == config.num_steps:
         timer.pause(state)
         checkpointer.save(step, state, iterators, force=True)
-        last_saved = step
         timer.resume()
-
-      if preemption.should_stop(step) and step < config.num_steps:
-        print(f"Preemption signal received: saving at step {step} and exiting.", flush=True)
+      if stop:
         break
-    if step < config.num_steps:  # preempted, or stopped at stop_after: the next run resumes here.
-      if last_saved != step and step > start_step:  # (at start_step the restored checkpoint is the state)
-        checkpointer.save(step, state, iterators, force=True)
-      summary["preempted"] = True
+    # Stopped before num_steps: preempted, or at stop_after (if the loop never ran, the restored checkpoint
+    # is the state).
+    summary["preempted"] = step < config.num_steps
 
   timer.pause(state)
   progress.close()
