@@ -19,11 +19,12 @@ from etils.epath import backend as epath_backend
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from vpt import metrics, paths, train
+from vpt import metrics, paths, train, train_vision
 from vpt.data import feedback as feedback_lib, sources
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_train import nano_config  # noqa: E402
+from test_train_vision import nano_config as vision_nano_config  # noqa: E402
 
 
 class _Writer:
@@ -125,6 +126,17 @@ def test_training_run_with_a_gs_workdir_writes_there_and_resumes(bucket):
   rows = metrics.read_jsonl(f"{workdir}/metrics.jsonl")  # appended to, not replaced
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 4, 5, 6, 6]
   assert sorted(int(d) for d in os.listdir(run / "checkpoints") if d.isdigit())[-1] == 6
+
+
+@pytest.mark.slow
+def test_vision_run_with_a_gs_workdir_writes_there_and_evaluates_from_it(bucket):
+  workdir = "gs://bucket/vision"
+  summary = train_vision.run(vision_nano_config("dino", num_steps=2, **{"checkpoint.every_steps": 2}), workdir)
+  run = bucket / "bucket" / "vision"
+  assert summary["step"] == 2 and json.loads((run / "summary.json").read_text())["step"] == 2
+  assert json.loads((run / "config.json").read_text())["task"] == "vision"
+  assert (run / "checkpoints" / "2" / "state").is_dir()
+  assert train_vision.load_run_config(workdir).num_steps == 2
 
 
 def test_metric_writer_on_gs_keeps_earlier_lines(bucket):

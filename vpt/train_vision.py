@@ -34,7 +34,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from vpt import checkpoint as ckpt_lib
-from vpt import config_lib, metrics as metrics_lib, sharding, vision_config, vision_step
+from vpt import config_lib, metrics as metrics_lib, paths, sharding, vision_config, vision_step
 from vpt.data import images as images_lib
 from vpt.evals import vision as vision_evals
 from vpt.models.vit import ViT, ViTConfig, count_params
@@ -167,7 +167,7 @@ def _peek(iterator) -> dict:
 
 
 def _is_vpt_run(path: str) -> bool:
-  return os.path.isdir(os.path.join(path, "checkpoints"))
+  return (paths.path(path) / "checkpoints").is_dir()
 
 
 def config_with_init_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -175,7 +175,7 @@ def config_with_init_model(config: ml_collections.ConfigDict) -> ml_collections.
   (the compute dtype and remat stay the config's)."""
   if not config.init_from:
     return config
-  if not os.path.isdir(config.init_from):
+  if not paths.path(config.init_from).is_dir():
     raise FileNotFoundError(f"config.init_from={config.init_from!r}: no such directory")
   if _is_vpt_run(config.init_from):
     return config
@@ -340,7 +340,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   """
   vision_config.validate_vision(config)
   sharding.maybe_initialize_distributed(config.multihost)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.norm(workdir)  # local paths absolute; gs:// and other URLs through etils.epath
+  paths.makedirs(workdir)
   is_main = jax.process_index() == 0
 
   # Everything that can fail on bad input (data, init_from, mesh) runs before a checkpoint directory
@@ -468,8 +469,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
     summary["throughput"] = _rates(timer.steps, timer.seconds, config.batch_size)
   if is_main:
     _print_summary(summary)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2, default=float)
+    paths.write_atomic(paths.path(workdir) / "summary.json", json.dumps(summary, indent=2, default=float))
   summary["state"] = state
   return summary
 
@@ -503,11 +503,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config a run wrote to workdir/config.json."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  path = paths.path(workdir) / "config.json"
+  if not path.is_file():
     raise FileNotFoundError(f"{path} not found: --workdir must be a vision run directory")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
   if config.get("task") != "vision":
     raise ValueError(f"{path}: task={config.get('task')!r}, not a vision run")
   fb = config.get("feedback")
@@ -537,8 +536,7 @@ def evaluate_checkpoint(workdir: str, split: str = "test", step: int | None = No
   loaded, step = _restore_subtree(workdir, {"student": {"backbone": ckpt_lib.abstract_like(abstract, shard)}}, step)
   results = evaluator(loaded["student"]["backbone"])
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
-      json.dump({"step": step, **results}, f, indent=2)
+    paths.write_atomic(paths.path(workdir) / f"eval_{split}.json", json.dumps({"step": step, **results}, indent=2))
     with metrics_lib.MetricWriter(workdir) as writer:
       writer.write_scalars(step, results, prefix=f"eval_{split}")
   return {"step": step, **results}
