@@ -94,6 +94,20 @@ def test_vision_chips_option_keeps_the_batches_and_fills_the_slice():
     config_lib.load_config_file(path, "vitl,unet,chips=0")
 
 
+def test_qwen_micro_option_keeps_the_global_batch():
+  """micro=2 (Qwen1.5-7B on 16 GiB v5e chips) halves each device's micro-batch and doubles the
+  accumulation; the global batch of 128 stays, the feedback / meta batch is one global micro-batch."""
+  path = os.path.join(REPO, "experiments", "qwen.py")
+  for arg, want in (("qwen1.5-7b,dp=16", (128, 2, 64)), ("qwen1.5-7b,dp=16,micro=2", (128, 4, 32)),
+                    ("qwen1.5-7b,ntp,dp=16,micro=2", (128, 4, 32))):
+    config = config_lib.load_config_file(path, arg)
+    got = (config.batch_size, config.grad_accum_steps, config.batch_size // config.grad_accum_steps)
+    assert got == want, arg
+    assert config.vpt.meta_batch_size == config.feedback.batch_size == want[2], arg
+  with pytest.raises(ValueError, match="micro=M"):
+    config_lib.load_config_file(path, "qwen1.5-7b,micro=0")
+
+
 def test_collectives_are_counted_per_step_and_split_into_ici_and_dcn():
   """A while body's collectives run trip-count times; what crosses slices goes over DCN."""
   hlo = """HloModule m, num_partitions=4
