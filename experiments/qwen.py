@@ -21,8 +21,10 @@ for N data-parallel devices (the mesh's data × fsdp size, default 1 as on the p
 the global batch (micro × accum sequences per optimizer step) stays the paper's, each device gets
 the paper's micro-batch of 4 (fewer once N exceeds the accumulation steps), and the feedback batch
 and the meta step's slice are one micro-batch of the whole mesh. `micro=M` sets that per-device
-micro-batch (default the paper's 4; the global batch stays, accumulation grows): on 16 GiB v5e chips
-Qwen1.5-7B needs `dp=16,micro=2` (the NTP step at micro 4 needs 16.1 GiB of temporaries; BENCHMARKS.md).
+micro-batch (default the paper's 4; the global batch stays, accumulation grows). On 16 GiB v5e chips
+Qwen1.5-7B at `dp=16` does not fit at micro 4 (the TPU compiler: the NTP step's temporaries are 16.1 GiB;
+BENCHMARKS.md); `dp=16,micro=2` halves the activations and logits per chip (its compile was not
+finished when this was written: check it with --dry_run first).
 
 Architectures are the released config.json of each model (vocab 151,936; Qwen2 layout with q/k/v
 biases). Every setup uses the paper's designer (6 layers × 256, 4 heads, fp32, LR 1e-4), K = 64,
