@@ -5,7 +5,7 @@ stream with GSM8K-train feedback, and (with `,ntp`) the matched next-token-predi
         --config.init_from=/path/to/Qwen2.5-0.5B \\
         --config.data.train_path='/data/numina/*.jsonl' --config.feedback.path=/data/gsm8k/train.jsonl
 
-The argument is `setup[,ntp][,dp=N]`, setup one of
+The argument is `setup[,ntp][,dp=N][,micro=M]`, setup one of
 
     qwen2.5-0.5b-lora  v2's LoRA reference branch: r=8, α=16, dropout 0.05 on q,k,v,o,gate,up,down;
                        student LR 2e-4, designer LR 1e-4, batch 4 × accum 8, 2,000 steps, seq 1024,
@@ -20,7 +20,11 @@ The argument is `setup[,ntp][,dp=N]`, setup one of
 for N data-parallel devices (the mesh's data × fsdp size, default 1 as on the paper's single GPU):
 the global batch (micro × accum sequences per optimizer step) stays the paper's, each device gets
 the paper's micro-batch of 4 (fewer once N exceeds the accumulation steps), and the feedback batch
-and the meta step's slice are one micro-batch of the whole mesh.
+and the meta step's slice are one micro-batch of the whole mesh. `micro=M` sets that per-device
+micro-batch (default the paper's 4; the global batch stays, accumulation grows). On 16 GiB v5e chips
+Qwen1.5-7B at `dp=16` does not fit at micro 4 (the TPU compiler: the NTP step's temporaries are 16.1 GiB;
+BENCHMARKS.md); `dp=16,micro=2` halves the activations and logits per chip (its compile was not
+finished when this was written: check it with --dry_run first).
 
 Architectures are the released config.json of each model (vocab 151,936; Qwen2 layout with q/k/v
 biases). Every setup uses the paper's designer (6 layers × 256, 4 heads, fp32, LR 1e-4), K = 64,
@@ -62,35 +66,40 @@ SETUPS = {
 }
 
 
-def _parse(arg: str) -> tuple[str, bool, int]:
+def _parse(arg: str) -> tuple[str, bool, int, int]:
   setup_name, *options = [a.strip() for a in (arg or "qwen2.5-0.5b-lora").split(",")]
   if setup_name not in SETUPS:
     raise ValueError(f"setup {setup_name!r} unknown; expected one of {sorted(SETUPS)}")
-  ntp, dp = False, 1
+  ntp, dp, micro = False, 1, 0
   for option in options:
     if option == "ntp":
       ntp = True
     elif option.startswith("dp=") and option[3:].isdigit() and int(option[3:]) >= 1:
       dp = int(option[3:])
+    elif option.startswith("micro=") and option[6:].isdigit() and int(option[6:]) >= 1:
+      micro = int(option[6:])
     else:
-      raise ValueError(f"option {option!r} unknown; expected 'ntp' (the baseline) or 'dp=N' (N >= 1 devices)")
-  return setup_name, ntp, dp
+      raise ValueError(f"option {option!r} unknown; expected 'ntp' (the baseline), 'dp=N' (N >= 1 devices) "
+                       "or 'micro=M' (M >= 1 sequences per device and micro-step)")
+  return setup_name, ntp, dp, micro
 
 
-def batch_layout(micro: int, accum: int, dp: int) -> tuple[int, int, int]:
-  """(global batch, accumulation steps, global micro-batch) keeping the paper's global batch."""
+def batch_layout(micro: int, accum: int, dp: int, device_micro: int = 0) -> tuple[int, int, int]:
+  """(global batch, accumulation steps, global micro-batch) keeping the paper's global batch; each
+  device gets `device_micro` sequences per micro-step (default the paper's `micro`)."""
   total = micro * accum
   if total % dp:
     raise ValueError(f"dp={dp} does not divide the paper's global batch of {total} sequences")
   per_device = total // dp
+  micro = device_micro or micro
   steps = max(1, per_device // micro) if per_device % micro == 0 else 1
   return total, steps, total // steps
 
 
 def get_config(arg: str = "qwen2.5-0.5b-lora"):
-  setup_name, ntp, dp = _parse(arg)
+  setup_name, ntp, dp, device_micro = _parse(arg)
   setup = SETUPS[setup_name]
-  batch, accum, micro = batch_layout(setup["micro"], setup["accum"], dp)
+  batch, accum, micro = batch_layout(setup["micro"], setup["accum"], dp, device_micro)
   config = config_lib.base_config()
 
   # Learner: the HF architecture, bf16 compute over fp32 master weights, rematerialised blocks.

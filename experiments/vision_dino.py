@@ -2,7 +2,7 @@
 
     python -m vpt.main --config experiments/vision_dino.py:tiny,unet --workdir /tmp/vision
 
-The argument is `size[,variant]`. Sizes:
+The argument is `size[,variant][,chips=N]`. Sizes:
 
     nano   unit tests and CI: 16 px scenes, patch 4, d 32, 2 layers (seconds)
     tiny   the CPU replication: 32 px scenes, patch 4, d 96, 4 layers (minutes on 2 cores)
@@ -19,6 +19,11 @@ Variants (config.vpt.mode):
     unet             V-Pretraining: a tiny U-Net predicts soft masks μ on the global crops
     candidates       V-Pretraining: M candidate augmentations scored by their value, soft-weighted
     random_feedback  control: the U-Net designer with g_down replaced by a random direction of equal norm
+
+`chips=N` lays the recipe out on N devices (a TPU slice: v5e-8 has 8 chips) without changing any batch:
+the data axis is the largest divisor of N that divides every batch (images, meta, feedback), the rest is
+tensor parallelism. vitl / vitb train on 50 images, which 8 chips do not divide: chips=8 is data 2 ×
+tensor 4 (the heads, MLP and DINO head split 4 ways), chips=4 is data 2 × tensor 2.
 """
 
 from vpt import vision_config
@@ -105,9 +110,25 @@ def _vitb(c):
 SIZES = {"nano": _nano, "tiny": _tiny, "vitb": _vitb, "vitl": _vitl}
 
 
+def mesh_for_chips(config, chips: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) for `chips` devices: data divides every batch, tensor takes the rest."""
+  batches = [config.batch_size]
+  if config.vpt.mode != "dino":
+    batches += [config.vpt.meta_batch_size, config.feedback.batch_size]
+  data = max(d for d in range(1, chips + 1) if chips % d == 0 and all(b % d == 0 for b in batches))
+  return data, 1, chips // data
+
+
 def get_config(arg: str = "tiny,dino"):
-  size, _, variant = (arg or "tiny,dino").partition(",")
-  size, variant = size or "tiny", variant or "dino"
+  size, *options = (arg or "tiny,dino").split(",")
+  size, chips, variant = size or "tiny", 0, "dino"
+  for option in options:
+    if option.startswith("chips="):
+      if not (option[6:].isdigit() and int(option[6:]) >= 1):
+        raise ValueError(f"option {option!r}: expected chips=N with N >= 1 devices")
+      chips = int(option[6:])
+    elif option:
+      variant = option
   if size not in SIZES:
     raise ValueError(f"size {size!r} unknown; expected one of {sorted(SIZES)}")
   if variant not in VARIANTS:
@@ -115,4 +136,6 @@ def get_config(arg: str = "tiny,dino"):
   config = vision_config.vision_base_config()
   SIZES[size](config)
   config.vpt.mode = variant
+  if chips:
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_for_chips(config, chips)
   return config

@@ -65,6 +65,49 @@ def test_missing_libtpu_says_how_to_install(monkeypatch):
     tpu.compile_only_devices(tpu.parse_slice("v5e-4"))
 
 
+def test_dry_run_estimate_flag_reaches_the_dry_run(monkeypatch):
+  """`--dry_run_estimate=false` compiles for the memory verdict only (the paper-scale programs take
+  minutes each to compile on a small host); by default the estimate's programs are compiled too."""
+  from absl.testing import flagsaver
+  from vpt import main as vpt_main
+  calls = []
+  monkeypatch.setattr(aot, "dry_run", lambda config, **kw: calls.append(kw))
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  spec = "--config=" + os.path.join(REPO, "experiments", "lm_vpt.py") + ":nano,ntp"
+  for extra in ([], ["--dry_run_estimate=false"]):
+    with flagsaver.flagsaver():
+      vpt_main._parse_flags(["vpt", spec, "--dry_run", "--dry_run_topology=v5e-4", *extra])
+      vpt_main._dry_run(vpt_main._CONFIG.value)
+  assert [(c["topology"], c["estimate"]) for c in calls] == [("v5e-4", True), ("v5e-4", False)]
+
+
+def test_vision_chips_option_keeps_the_batches_and_fills_the_slice():
+  """ViT-L's 50 images do not divide 8 chips: chips=8 is data 2 × tensor 4; the DINO baseline has no
+  meta / feedback batch, so a batch that 8 divides is all data parallel."""
+  path = os.path.join(REPO, "experiments", "vision_dino.py")
+  for arg, want in (("vitl,unet,chips=8", (2, 1, 4)), ("vitb,dino,chips=4", (2, 1, 2)), ("nano,dino,chips=8", (8, 1, 1)),
+                    ("vitl,unet", (-1, 1, 1))):
+    config = config_lib.load_config_file(path, arg)
+    assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == want, arg
+    assert config.batch_size == {"vitl": 50, "vitb": 50, "nano": 8}[arg.split(",")[0]]
+  with pytest.raises(ValueError, match="chips=N"):
+    config_lib.load_config_file(path, "vitl,unet,chips=0")
+
+
+def test_qwen_micro_option_keeps_the_global_batch():
+  """micro=2 (Qwen1.5-7B on 16 GiB v5e chips) halves each device's micro-batch and doubles the
+  accumulation; the global batch of 128 stays, the feedback / meta batch is one global micro-batch."""
+  path = os.path.join(REPO, "experiments", "qwen.py")
+  for arg, want in (("qwen1.5-7b,dp=16", (128, 2, 64)), ("qwen1.5-7b,dp=16,micro=2", (128, 4, 32)),
+                    ("qwen1.5-7b,ntp,dp=16,micro=2", (128, 4, 32))):
+    config = config_lib.load_config_file(path, arg)
+    got = (config.batch_size, config.grad_accum_steps, config.batch_size // config.grad_accum_steps)
+    assert got == want, arg
+    assert config.vpt.meta_batch_size == config.feedback.batch_size == want[2], arg
+  with pytest.raises(ValueError, match="micro=M"):
+    config_lib.load_config_file(path, "qwen1.5-7b,micro=0")
+
+
 def test_collectives_are_counted_per_step_and_split_into_ici_and_dcn():
   """A while body's collectives run trip-count times; what crosses slices goes over DCN."""
   hlo = """HloModule m, num_partitions=4

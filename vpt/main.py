@@ -31,6 +31,9 @@ _DRY_RUN_TOPOLOGY_SHAPE = flags.DEFINE_string("dry_run_topology_shape", "", "Wit
                                               "chip grid (4x4, 4x4x12) when it is not the standard one.")
 _DRY_RUN_SLICES = flags.DEFINE_integer("dry_run_slices", 1, "With --dry_run_topology: N such slices joined by "
                                        "the data-center network (the mesh's data axis spans them).")
+_DRY_RUN_ESTIMATE = flags.DEFINE_bool("dry_run_estimate", True, "With --dry_run_topology: also compile the "
+                                      "programs of the throughput estimate (forced meta / plain steps and the "
+                                      "baseline: up to 4 compiles); false: the memory verdict only (1–2 compiles).")
 flags.mark_flags_as_required(["config"])
 flags.register_validator("workdir", lambda v: bool(v) or flags.FLAGS["dry_run"].value,
                          message="--workdir is required (except with --dry_run)")
@@ -125,7 +128,8 @@ def _dry_run(config):
   spec = flags.FLAGS["config"].config_filename if hasattr(flags.FLAGS["config"], "config_filename") else ""
   try:
     aot.dry_run(config, hbm_gb=_DRY_RUN_HBM_GB.value, label=spec, topology=_DRY_RUN_TOPOLOGY.value,
-                topology_shape=_DRY_RUN_TOPOLOGY_SHAPE.value, num_slices=_DRY_RUN_SLICES.value)
+                topology_shape=_DRY_RUN_TOPOLOGY_SHAPE.value, num_slices=_DRY_RUN_SLICES.value,
+                estimate=_DRY_RUN_ESTIMATE.value)
   except (ValueError, RuntimeError) as e:
     sys.exit(f"Dry run failed: {e}")
 
