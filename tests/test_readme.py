@@ -36,3 +36,13 @@ def test_main_job_config_resolves():
   assert config.vpt.mode == "value"
   from vpt import config_lib
   config_lib.validate(config)
+
+
+def test_libtpu_on_a_host_without_a_tpu_runs_on_the_cpu_without_libtpus_errors():
+  from vpt.main import cpu_only_platforms
+  pick = lambda env={}, **kw: cpu_only_platforms(env, **{**dict(has_libtpu=True, has_tpu_devices=False,
+                                                               has_cuda_plugin=False), **kw})
+  assert pick() == "cpu"  # the test/tpu extras' libtpu on a CPU host
+  assert pick(has_tpu_devices=True) is None  # a TPU VM: JAX picks the TPU
+  assert pick(has_cuda_plugin=True) is None and pick(has_libtpu=False) is None
+  assert pick({"JAX_PLATFORMS": "tpu"}) is None  # the user's explicit choice stands

@@ -38,6 +38,33 @@ flags.mark_flags_as_required(["config"])
 flags.register_validator("workdir", lambda v: bool(v) or flags.FLAGS["dry_run"].value,
                          message="--workdir is required (except with --dry_run)")
 
+def cpu_only_platforms(environ, *, has_libtpu: bool, has_tpu_devices: bool, has_cuda_plugin: bool) -> str | None:
+  """JAX_PLATFORMS to set before JAX starts, or None to leave the choice to JAX.
+
+  With libtpu installed (the `tpu` or `test` extra, for compile-only dry runs) on a host with no TPU
+  and no CUDA plugin, JAX would still try to bring up the TPU backend at start-up: it fails, falls
+  back to the CPU, and libtpu prints errors about TPU_ACCELERATOR_TYPE / TPU_WORKER_HOSTNAMES on
+  every run. The CPU is the only backend such a host has, so ask for it. An explicit JAX_PLATFORMS,
+  a TPU VM (/dev/accel*, /dev/vfio) or a CUDA plugin leaves JAX's own choice alone.
+  """
+  if environ.get("JAX_PLATFORMS") or not has_libtpu or has_tpu_devices or has_cuda_plugin:
+    return None
+  return "cpu"
+
+
+def _pick_platforms() -> None:
+  import glob  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  platforms = cpu_only_platforms(
+      os.environ, has_libtpu=importlib.util.find_spec("libtpu") is not None,
+      has_tpu_devices=bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")),
+      has_cuda_plugin=any(importlib.util.find_spec(f"jax_cuda{v}_plugin") is not None for v in (12, 13)))
+  if platforms:
+    os.environ["JAX_PLATFORMS"] = platforms
+    if "jax" in sys.modules:  # imported by a config file: still in time, no backend is up yet.
+      sys.modules["jax"].config.update("jax_platforms", platforms)
+
+
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: saved a checkpoint after a preemption notice.
 
 
@@ -76,6 +103,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  if not _DRY_RUN.value:  # a dry run picks its own devices (simulated CPUs or a TPU topology)
+    _pick_platforms()
   if config.get("task") == "vision":
     return _run_vision(config)
   try:
