@@ -1,5 +1,6 @@
 """Test set-up: 8 simulated CPU devices (for sharding tests) before JAX is imported."""
 
+import contextlib
 import os
 import string
 
@@ -61,3 +62,21 @@ def assert_batches_equal(xs, ys):
     assert x.keys() == y.keys()
     for k in x:
       assert x[k].dtype == y[k].dtype and np.array_equal(x[k], y[k]), k
+
+
+@contextlib.contextmanager
+def persistent_xla_cache(directory):
+  """JAX's persistent compilation cache in `directory` for a block (a test module whose runs compile
+  identical programs: each is compiled once); the previous settings afterwards."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+  before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  compilation_cache.reset_cache()
+  try:
+    yield directory
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+    compilation_cache.reset_cache()

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import persistent_xla_cache
 from vpt import config_lib, metrics, train_vision, vision_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,16 +21,8 @@ EXPERIMENT = os.path.join(REPO, "experiments", "vision_dino.py")
 def xla_cache(tmp_path_factory):
   """A persistent XLA cache for this module only: the runs here (a straight run, a stopped one and its
   resumption, the subprocess) compile identical programs, so each is compiled once."""
-  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
-  directory = str(tmp_path_factory.mktemp("xla_cache"))
-  before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", directory)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  compilation_cache.reset_cache()
-  yield directory
-  jax.config.update("jax_compilation_cache_dir", before[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
-  compilation_cache.reset_cache()
+  with persistent_xla_cache(str(tmp_path_factory.mktemp("xla_cache"))) as directory:
+    yield directory
 
 
 def nano_config(variant="dino", **overrides):
