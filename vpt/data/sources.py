@@ -203,7 +203,29 @@ class _Fields:
     return out
 
 
-class _LineIndexedFiles:
+class _PerProcess:
+  """Lazily opened per-process handles (file readers are not shared across a fork or
+  pickled to grain's worker processes); `_open()` builds them, `_handles()` returns them."""
+
+  def _handles(self):
+    if self.__dict__.get("_pid") != os.getpid():
+      with self._lock:
+        if self.__dict__.get("_pid") != os.getpid():
+          self._h = self._open()
+          self._pid = os.getpid()
+    return self._h
+
+  def __getstate__(self):
+    state = self.__dict__.copy()
+    state.update(_h=None, _pid=None, _lock=None)
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+
+class _LineIndexedFiles(_PerProcess):
   """Byte offsets of the non-empty lines of some files, read back with pread.
 
   pread has no shared file position, so grain's reader threads can read
@@ -212,7 +234,7 @@ class _LineIndexedFiles:
   """
 
   def __init__(self, files: Sequence[str], check_line):
-    self._fds, self._pid = None, None  # Set first: __del__ runs even if indexing fails.
+    self._h, self._pid = None, None  # Set first: __del__ runs even if indexing fails.
     self.files = list(files)
     file_idx, starts, lengths, lines = [], [], [], []
     for k, path in enumerate(self.files):
@@ -239,30 +261,19 @@ class _LineIndexedFiles:
     return f"{self.files[self.file_idx[i]]}:{self.lines[i]}"
 
   def read(self, i: int) -> bytes:
-    if self._pid != os.getpid():
-      with self._lock:
-        if self._pid != os.getpid():
-          self._fds = [p if paths.is_remote(p) else os.open(p, os.O_RDONLY) for p in self.files]
-          self._pid = os.getpid()
-    fd = self._fds[self.file_idx[i]]
+    fd = self._handles()[self.file_idx[i]]
     if isinstance(fd, str):  # an object store has no pread: a ranged read of the record's bytes.
       with paths.path(fd).open("rb") as f:
         f.seek(int(self.starts[i]))
         return f.read(int(self.lengths[i]))
     return os.pread(fd, int(self.lengths[i]), int(self.starts[i]))
 
-  def __getstate__(self):
-    state = self.__dict__.copy()
-    state.update(_fds=None, _pid=None, _lock=None)
-    return state
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._lock = threading.Lock()
+  def _open(self):
+    return [p if paths.is_remote(p) else os.open(p, os.O_RDONLY) for p in self.files]
 
   def __del__(self):
-    if self._fds and self._pid == os.getpid():
-      for fd in self._fds:
+    if self.__dict__.get("_h") and self.__dict__.get("_pid") == os.getpid():
+      for fd in self._h:
         if isinstance(fd, str):
           continue
         try:
@@ -368,28 +379,6 @@ class TfdsSource:
 
   def describe(self, i: int) -> str:
     return f"tfds {self.name}[{self.split}] record {i}"
-
-
-class _PerProcess:
-  """Lazily opened per-process handles (file readers are not shared across a fork or
-  pickled to grain's worker processes); `_open()` builds them, `_handles()` returns them."""
-
-  def _handles(self):
-    if self.__dict__.get("_pid") != os.getpid():
-      with self._lock:
-        if self.__dict__.get("_pid") != os.getpid():
-          self._h = self._open()
-          self._pid = os.getpid()
-    return self._h
-
-  def __getstate__(self):
-    state = self.__dict__.copy()
-    state.update(_h=None, _pid=None, _lock=None)
-    return state
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._lock = threading.Lock()
 
 
 def _arrow_error(path: str, e: Exception, field: str) -> ValueError:
