@@ -36,7 +36,7 @@ def test_answer_style_share_and_form():
       in_format += 1
       assert last == f"#### {result}"
     else:
-      assert last == f"The answer is {result}." and sm.final_answer(styled["answer"]) is None
+      assert last == f"$\\boxed{{{result}}}$" and sm.final_answer(styled["answer"]) is None
   assert 0.27 < in_format / N < 0.33  # binomial sd at N=3000: 0.008
 
 
@@ -90,9 +90,25 @@ def test_the_configured_training_stream_has_the_style_and_eval_stays_clean():
   config_lib.validate(config)
   train = sources.make_source(config.data, "train")
   answers = [train[i]["answer"] for i in range(50) if "answer" in train[i]]
-  assert answers and all(a.rpartition("\n")[2].startswith("The answer is ") for a in answers)
+  assert answers and all(a.rpartition("\n")[2].startswith("$\\boxed{") for a in answers)
   heldout = sources.make_source(config.data, "eval")
   assert all(heldout[i]["answer"].rpartition("\n")[2].startswith("#### ") for i in range(50))
   bad = config_lib.with_overrides(config_lib.base_config(), {"data.synthetic.corrupt_mode": "often"})
   with pytest.raises(ValueError, match=r"config\.data\.synthetic\.corrupt_mode='often'"):
     config_lib.validate(bad)
+
+
+def test_the_answer_format_decision_is_one_token_after_the_line_break():
+  """BPE merged '.\\n####' into one piece: the format decision sat in the line break that ends every
+  step. With the answer markers as pieces of their own, the token after a step's line break is the
+  decision: '####', '$\\boxed{', or the next step's first word."""
+  from vpt.data import tokenizer as tok_lib
+  data = sm.SyntheticMath(1, 2000, irrelevant_fraction=0.3, style=sm.StreamStyle(downstream_format_fraction=0.3))
+  texts = [r.get("text") or sm.format_prompt(r["question"]) + sm.ANSWER_SEP + r["answer"]
+           for r in (data[i] for i in range(len(data)))]
+  tok = tok_lib.SentencePieceTokenizer(model_proto=tok_lib.train_sentencepiece(texts, 1024))
+  for final in ("#### 42", "$\\boxed{42}$"):
+    pieces = [tok.id_to_piece(i) for i in tok.encode(f"3 * 5 = 15 dollars.\n{final}")]
+    marker = final[:final.index("4")].strip()
+    assert marker in pieces and pieces[pieces.index(marker) - 1].endswith("\n"), pieces
+    assert tok.decode(tok.encode(f"x.\n{final}")) == f"x.\n{final}"

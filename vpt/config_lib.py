@@ -90,7 +90,7 @@ def data_config() -> ml_collections.ConfigDict:
   # How the stream departs from the downstream format (vpt/data/synthetic_math.py, StreamStyle; the
   # defaults depart in nothing). Only the training stream: feedback, eval and test stay clean.
   style = StreamStyle()
-  c.synthetic.downstream_format_fraction = style.downstream_format_fraction  # else 'The answer is N.'
+  c.synthetic.downstream_format_fraction = style.downstream_format_fraction  # else '$\boxed{N}$'
   c.synthetic.corrupt_fact_rate = style.corrupt_fact_rate  # per written 'a op b = c' result
   c.synthetic.corrupt_ops = style.corrupt_ops  # which ops' results may be corrupted
   c.synthetic.corrupt_mode = style.corrupt_mode  # 'random' | 'systematic' (c + 1)

@@ -17,8 +17,9 @@ A `StreamStyle` makes the continued-pretraining stream *mismatch* the downstream
 task, as NuminaMath-CoT differs from GSM8K (V-Pretraining can only help where
 the stream's one-hot targets are not already the downstream's best targets):
   - answer style: only `downstream_format_fraction` of solutions end `#### N`;
-    the rest end `The answer is N.` (the final-answer decision is the first
-    token of the last line);
+    the rest end NuminaMath's `$\\boxed{N}$` (the final-answer decision is the
+    first token of the last line: `####` or `$\\boxed{`, each a piece of its own
+    in the trained tokenizer, see `tokenizer.ANSWER_MARKERS`);
   - corrupted facts: each written result `c` of an `a op b = c` step whose op is
     in `corrupt_ops` is wrong with probability `corrupt_fact_rate` — 'random'
     (another number of the same digit count) or 'systematic' (c + 1, a rule a
@@ -435,14 +436,16 @@ def _filler(d: _Draw) -> str:
 # --- stream styles (mismatch with the downstream) ------------------------------------
 
 CORRUPT_MODES = ("random", "systematic")
-OTHER_ANSWER_STYLE = "The answer is {}."
+# NuminaMath-CoT's boxed final answer. Its first piece ('$\boxed{', a tokenizer symbol of its own, as
+# '####' is) starts no other line, so the answer-format decision is one token after a line break.
+OTHER_ANSWER_STYLE = "$\\boxed{{{}}}$"
 _STYLE_STREAM = 0x5757  # salt of the style draws' random stream (kept apart from the problem's).
 
 
 @dataclasses.dataclass(frozen=True)
 class StreamStyle:
   """How a stream departs from the clean downstream format; the default departs in nothing."""
-  downstream_format_fraction: float = 1.0  # share of solutions ending '#### N' (else 'The answer is N.')
+  downstream_format_fraction: float = 1.0  # share of solutions ending '#### N' (else '$\boxed{N}$')
   corrupt_fact_rate: float = 0.0  # per written fact result, for ops in corrupt_ops
   corrupt_ops: str = "+-*/"
   corrupt_mode: str = "random"  # 'random' | 'systematic'

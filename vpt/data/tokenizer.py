@@ -295,8 +295,16 @@ def trained_vocab_size(model_proto: bytes) -> int:
   return m.trainer_spec.vocab_size
 
 
+# Final-answer markers (GSM8K's '####', NuminaMath-CoT's '$\boxed{'), each one piece that never merges
+# with its neighbours: BPE would otherwise learn '.\n####', putting the "end the solution here, in this
+# format" decision into the line break that ends every step — where a task designer cannot move target
+# mass to the format without also moving it at every line end.
+ANSWER_MARKERS = ("####", "$\\boxed{")
+
+
 def train_sentencepiece(texts: Sequence[str], vocab_size: int) -> bytes:
-  """Trains a BPE model on `texts` (in order) and returns the serialized model."""
+  """Trains a BPE model on `texts` (in order) and returns the serialized model; `ANSWER_MARKERS` are
+  pieces of their own."""
   out = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
@@ -314,6 +322,7 @@ def train_sentencepiece(texts: Sequence[str], vocab_size: int) -> bytes:
         add_dummy_prefix=False,
         allow_whitespace_only_pieces=True,
         pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        user_defined_symbols=list(ANSWER_MARKERS),
         max_sentence_length=1 << 16,
         input_sentence_size=0,
         shuffle_input_sentence=False,
