@@ -111,6 +111,16 @@ def test_synthetic_irrelevant_filler():
   assert all("####" in r["answer"] for r in recs if "answer" in r)
 
 
+def test_synthetic_validation_and_test_split_the_eval_partition():
+  val = {sm.SyntheticMath(s, 300, partition="validation")[i]["question"] for s in (0, 1) for i in range(300)}
+  test = {sm.SyntheticMath(s, 300, partition="test")[i]["question"] for s in (0, 1) for i in range(300)}
+  heldout = {sm.SyntheticMath(0, 2000, partition="eval")[i]["question"] for i in range(2000)}
+  train = {sm.SyntheticMath(0, 3000, partition="train")[i]["question"] for i in range(3000)}
+  assert len(val) > 400 and len(test) > 400 and not val & test and not (val | test) & train
+  # both halves are drawn from the eval bucket (a sample of it overlaps each)
+  assert val & heldout and test & heldout
+
+
 def test_synthetic_train_and_eval_partitions_are_disjoint():
   train = sm.SyntheticMath(0, 3000, partition="train")
   ev = sm.SyntheticMath(0, 400, partition="eval")

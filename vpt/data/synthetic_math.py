@@ -52,8 +52,10 @@ ANSWER_SEP = " "
 
 # One problem in `_HOLDOUT_BUCKETS` (by a hash of the question text) is reserved
 # for the 'eval' partition, so the eval split never repeats a training question.
+# 'validation' and 'test' split that bucket in two (by a second hash), so design choices made on
+# validation problems never see a test question.
 _HOLDOUT_BUCKETS = 8
-_PARTITIONS = ("all", "train", "eval")
+_PARTITIONS = ("all", "train", "eval", "validation", "test")
 
 _FINAL_RE = re.compile(r"####\s*(-?[\d,]+)\s*$")
 _EQ_RE = re.compile(r"(-?\d+) ([-+*/]) (-?\d+) = (-?\d+)")
@@ -501,12 +503,25 @@ def _bucket(question: str) -> int:
   return zlib.crc32(question.encode("utf-8")) % _HOLDOUT_BUCKETS
 
 
+def _in_partition(question: str, partition: str) -> bool:
+  if partition == "all":
+    return True
+  held_out = _bucket(question) == 0
+  if partition == "train":
+    return not held_out
+  if partition == "eval":
+    return held_out
+  is_test = zlib.crc32(b"test/" + question.encode("utf-8")) % 2 == 0
+  return held_out and is_test == (partition == "test")
+
+
 class SyntheticMath:
   """Random-access, seeded GSM8K-style problems (record i depends on (seed, i) only).
 
   partition: 'all' (no filtering), 'train' (never yields a question of the
   held-out hash bucket) or 'eval' (only that bucket): train and eval built from
-  any seeds never share a math question.
+  any seeds never share a math question. 'validation' and 'test' are the two
+  disjoint halves of 'eval'.
   """
 
   def __init__(self, seed: int, size: int, irrelevant_fraction: float = 0.0,
@@ -538,7 +553,7 @@ class SyntheticMath:
       if self.irrelevant_fraction and d.chance(self.irrelevant_fraction):
         return {"text": _filler(d)}
       question, lines, result = d.choice(TEMPLATES)(d)
-      if self.partition == "all" or (_bucket(question) == 0) == (self.partition == "eval"):
+      if _in_partition(question, self.partition):
         final = f"#### {result}"
         if not self.style.is_clean:
           lines, final = _styled(lines, result, self.style, _Draw(np.random.default_rng(key + [_STYLE_STREAM])))
