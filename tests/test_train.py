@@ -22,7 +22,7 @@ def nano_config(**overrides):
 
 
 # Recorded from the nano config (seed 0) on the embedded default; update only for an intended change.
-# Last change: the trained tokenizer holds '####' and '$\\boxed{' as pieces of their own (418e13e), which
+# Last change: the trained tokenizer holds '####' and '$\boxed{' as pieces of their own (418e13e), which
 # re-segments the stream (was loss 6.943985, grad norm 1.063915 at cdb3568).
 GOLDEN_FIRST_STEP = {"loss": 6.9292144775390625, "grad_norm": 1.1097965240478516}
 
