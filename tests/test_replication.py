@@ -18,6 +18,7 @@ def test_replication_smoke_writes_table_and_plots(tmp_path):
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   table = (tmp_path / "table.md").read_text()
   assert "Matched learner updates" in table and "Matched wall-clock" in table and "| value |" in table
+  assert "Paired differences to NTP" in table
   for png in ("curves.png", "alpha_value.png", "tradeoff.png"):
     assert (tmp_path / png).stat().st_size > 10_000
   results = json.load(open(tmp_path / "results.json"))["results"]
@@ -25,6 +26,6 @@ def test_replication_smoke_writes_table_and_plots(tmp_path):
       (a, p) for a in ("ntp", "value") for p in ("steps", "wallclock")}
   value = next(r for r in results if r["arm"] == "value")["final"]
   assert 0.0 <= value["pass@1"] <= 1.0 and value["alpha_digit"] >= 0.0 and value["pretrain_perplexity"] > 1.0
-  assert 0.0 <= value["fact_accuracy"] <= 1.0
+  assert 0.0 <= value["facts_right"] <= 1.0
   step_time = json.load(open(tmp_path / "results.json"))["step_time_s"]
   assert set(step_time) == {"ntp", "value"} and all(t > 0 for t in step_time.values())

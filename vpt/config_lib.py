@@ -197,6 +197,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_generation = ml_collections.ConfigDict()
   c.eval_generation.num_items = 0
   c.eval_generation.max_new_tokens = 128
+  # Which held-out problems (synthetic feedback): 'test' for reported results, 'validation' for the runs
+  # that choose settings — the two disjoint halves of the generator's 'eval' partition.
+  c.eval_generation.split = "test"
+  c.eval_generation.final_only = False  # True: generate at the last step only (it costs more than the loss evals).
+  # A base model to continue from, trained once and cached (vpt/base_model.py): base.num_steps of NTP on
+  # the clean synthetic generator plus base.irrelevant_fraction filler; 0 steps: no base (the default).
+  c.base = ml_collections.ConfigDict()
+  c.base.num_steps = 0
+  c.base.irrelevant_fraction = 0.6
+  c.base.data_seed = 101  # the base's stream; the continued run's data.synthetic.seed differs.
+  c.base.seed = 0
+  c.base.learning_rate = 3e-3
+  c.base.cache_dir = ""  # '': $VPT_CACHE_DIR/base or ~/.cache/vpt/base.
   c.init_from = ""  # a vpt run directory: its newest checkpoint's learner params (and tokenizer) start this run.
   c.compare_with_baseline = False  # after a V-Pretraining run, also train the NTP baseline and compare.
   return c
@@ -287,6 +300,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(f.seed >= 0, "feedback.seed", ">= 0")
   need(f.batch_size > 0, "feedback.batch_size", "> 0")
   need(f.seq_len >= 8, "feedback.seq_len", ">= 8")
+  need(config.eval_generation.split in ("test", "validation"), "eval_generation.split", "'test' or 'validation'")
+  b = config.base
+  need(b.num_steps >= 0, "base.num_steps", ">= 0 (0 = no base model)")
+  need(0.0 <= b.irrelevant_fraction <= 1.0, "base.irrelevant_fraction", "in [0, 1]")
+  need(b.learning_rate > 0, "base.learning_rate", "> 0")
+  need(b.num_steps == 0 or d.source == "synthetic_math", "base.num_steps",
+       "0 unless data.source='synthetic_math' (the base is trained on the embedded generator; "
+       "continue a real checkpoint with config.init_from)")
   need(config.batch_size > 0, "batch_size", "> 0")
   need(config.num_steps > 0, "num_steps", "> 0")
   need(config.grad_accum_steps >= 1, "grad_accum_steps", ">= 1")

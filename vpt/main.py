@@ -116,6 +116,8 @@ def main(argv):
   from vpt import train  # imported late so `--help` and config errors do not pay for JAX start-up.
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax's INFO lines would drown the progress output.
+  from vpt import base_model
+  config = base_model.with_base(config)  # config.base: train (or reuse) the base, continue from it
   runner = train.run_with_baseline if config.compare_with_baseline else train.run
   summary = runner(config, _WORKDIR.value)
   logging.info("done at step %d", summary["step"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 from typing import Any
@@ -116,20 +117,21 @@ def restore_run(checkpointer: ckpt_lib.Checkpointer, abstract_state: Any, iterat
 
 
 def _generation_eval(config, model, tokenizer):
-  """Greedy Pass@1 (strict and format-agnostic) on held-out problems, or None when switched off."""
+  """Greedy generation on held-out problems (vpt/evals/math_skills.py: strict and format-agnostic
+  Pass@1, `####` rate, facts right, lines per solution), or None when switched off."""
   gen = config.eval_generation
   if gen.num_items <= 0:
     return None
   from vpt.data.feedback import heldout_records
-  from vpt.evals.gsm8k import make_gsm8k_evaluator
+  from vpt.evals import math_skills
   fb_cfg = copy.deepcopy(config.feedback)
   with fb_cfg.unlocked():
     fb_cfg.num_eval = gen.num_items
-  records = heldout_records(fb_cfg)
+  records = heldout_records(fb_cfg, split=gen.split)
   if not records:
     raise ValueError("config.eval_generation.num_items > 0 needs held-out problems: feedback.source='synthetic' "
                      "or feedback.eval_path")
-  return make_gsm8k_evaluator(model, tokenizer, records, prefix="", max_new_tokens=gen.max_new_tokens)
+  return math_skills.make_generation_evaluator(model, tokenizer, records, max_new_tokens=gen.max_new_tokens)
 
 
 def _evaluate(config, tokenizer, eval_step, params, mesh) -> dict[str, float]:
@@ -340,7 +342,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         timer.pause(state.params)
         summary["eval"] = _evaluate(config, tokenizer, eval_step, state.params, mesh)
         summary["eval"].update(downstream_eval(state.params))
-        if generation_eval is not None:
+        if generation_eval is not None and (step == config.num_steps or not config.eval_generation.final_only):
           summary["eval"].update(generation_eval(jax.device_get(state.params)))
         writer.write_scalars(step, summary["eval"], prefix="eval")
         timer.resume()
@@ -363,6 +365,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   summary.update(step=step, train=last_train, num_params=n_params, peak_flops=peak_flops, peak_source=peak_source)
   if timer.steps:
     summary["throughput"] = rates(timer.steps, timer.seconds)
+  if uses_designer and data_cfg.source == "synthetic_math" and not summary["preempted"]:
+    from vpt.evals import math_skills  # where the designer acted, by the class of the true token
+    summary["designer"] = math_skills.designer_on_stream(
+        config, model, jax.device_get(state.params), jax.device_get(state.designer.params), tokenizer)
   if is_main:
     _print_summary(summary)
     paths.write_atomic(paths.path(workdir) / "summary.json", json.dumps(summary, indent=2, default=float))
@@ -370,17 +376,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return summary
 
 
-SUMMARY_ROWS = (  # (label, section, key, format)
-    ("train loss", "train", "loss", "{:.4f}"),
-    ("eval loss (pretraining stream)", "eval", "loss", "{:.4f}"),
-    ("eval perplexity", "eval", "perplexity", "{:.3f}"),
+SUMMARY_ROWS = (  # (label, section, key, format); a key with a `<key>_se` beside it prints "value ± se".
+    ("held-out strict Pass@1 (#### N)", "eval", "strict_pass@1", "{:.3f}"),
+    ("held-out Pass@1 (format-agnostic)", "eval", "pass@1", "{:.3f}"),
+    ("  `####` rate", "eval", "format_rate", "{:.3f}"),
+    ("  arithmetic facts right", "eval", "facts_right", "{:.3f}"),
+    ("  lines per solution", "eval", "lines_per_solution", "{:.2f}"),
     ("feedback-set loss L_down", "eval", "feedback_loss", "{:.4f}"),
     ("held-out downstream loss", "eval", "heldout_loss", "{:.4f}"),
-    ("held-out Pass@1 (format-agnostic)", "eval", "pass@1", "{:.3f}"),
-    ("held-out strict Pass@1 (#### N)", "eval", "strict_pass@1", "{:.3f}"),
-    ("mean α", "train", "alpha_mean", "{:.4f}"),
-    ("max α", "train", "alpha_max", "{:.4f}"),
-    ("q mass on true token", "train", "q_true_mass", "{:.4f}"),
+    ("held-out pretraining perplexity", "eval", "perplexity", "{:.3f}"),
+    ("train loss", "train", "loss", "{:.4f}"),
+    ("α where the stream writes the answer marker", "designer", "alpha_format", "{:.3f}"),
+    ("α on digits", "designer", "alpha_digit", "{:.3f}"),
+    ("α on words", "designer", "alpha_word", "{:.3f}"),
+    ("q(####) where the stream writes $\\boxed{", "designer", "q_hash_at_boxed", "{:.3f}"),
+    ("mean α (training)", "train", "alpha_mean", "{:.4f}"),
     ("entropy of r", "train", "r_entropy", "{:.3f}"),
     ("value V (last meta step)", "train", "meta/value", "{:.3e}"),
     ("cos(g_down, g_pre)", "train", "meta/cosine", "{:.4f}"),
@@ -390,19 +400,43 @@ SUMMARY_ROWS = (  # (label, section, key, format)
 )
 
 
+def _cell(section: dict | None, key: str, fmt: str) -> str:
+  section = section or {}
+  if key not in section:
+    return "—"
+  se = section.get(f"{key}_se")
+  return fmt.format(section[key]) + (f" ± {se:.3f}" if se is not None else "")
+
+
 def summary_table(summaries: dict[str, dict[str, Any]], summary_rows=SUMMARY_ROWS) -> str:
   """A text table with one column per run (e.g. V-Pretraining beside the NTP baseline); one row per
   (label, section, key, format) of `summary_rows` that some run has."""
   names = list(summaries)
   rows = [("steps", *[str(s["step"]) for s in summaries.values()])]
   for label, section, key, fmt in summary_rows:
-    cells = [fmt.format(s[section][key]) if key in (s.get(section) or {}) else "—" for s in summaries.values()]
+    cells = [_cell(s.get(section), key, fmt) for s in summaries.values()]
     if any(c != "—" for c in cells):
       rows.append((label, *cells))
   widths = [max(len(r[i]) for r in rows + [("", *names)]) for i in range(len(names) + 1)]
   lines = ["  ".join(c.ljust(w) for c, w in zip(("", *names), widths))]
   lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
   return "\n".join("  " + line.rstrip() for line in lines)
+
+
+def verdict(vpt: dict[str, Any], ntp: dict[str, Any]) -> str:
+  """One line per held-out accuracy: V-Pretraining − NTP ± the standard error of the difference
+  (independent binomials on the same problems: conservative), and whether it is beyond 2 s.e."""
+  lines = []
+  for key, what in (("strict_pass@1", "strict Pass@1"), ("pass@1", "format-agnostic Pass@1"),
+                    ("facts_right", "facts right")):
+    a, b = vpt.get("eval", {}), ntp.get("eval", {})
+    if key not in a or key not in b:
+      continue
+    diff, se = a[key] - b[key], math.hypot(a[f"{key}_se"], b[f"{key}_se"])
+    call = ("V-Pretraining better" if diff > 2 * se else "NTP better" if diff < -2 * se
+            else "no difference beyond noise")
+    lines.append(f"  {what}: {diff:+.3f} ± {se:.3f} → {call}")
+  return "\n".join(lines)
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -427,5 +461,10 @@ def run_with_baseline(config: ml_collections.ConfigDict, workdir: str) -> dict[s
   if jax.process_index() == 0:
     print(f"\nV-Pretraining ({config.vpt.mode}, align={config.vpt.align}) vs the NTP baseline:")
     print(summary_table({"V-Pretraining": summary, "NTP baseline": base_summary}), flush=True)
+    lines = verdict(summary, base_summary)
+    if lines:
+      n = int(summary["eval"].get("n_items", 0))
+      print(f"\nV-Pretraining − NTP on {n} held-out {config.eval_generation.split} problems "
+            f"(± s.e.; 2 s.e. ≈ 95 %):\n{lines}", flush=True)
   summary["baseline"] = base_summary
   return summary

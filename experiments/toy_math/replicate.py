@@ -1,21 +1,25 @@
 """CPU-scale replication of the paper's language results (its Table 1 and Table 4 ablations).
 
-    python experiments/toy_math/replicate.py --out experiments/toy_math/results      # the full sweep
-    python experiments/toy_math/replicate.py --out /tmp/smoke --smoke                  # minutes: wiring only
+    python experiments/toy_math/replicate.py --out /tmp/repl-format                   # the default stream
+    python experiments/toy_math/replicate.py --out /tmp/repl-skill --stream skill     # the skill experiment
+    python experiments/toy_math/replicate.py --out /tmp/smoke --smoke                 # minutes: wiring only
 
-1. A base LM (`tiny`, ~1M parameters) is pretrained briefly on a general mix: the embedded synthetic
-   math generator with a large share of off-domain filler text.
-2. From that base, continued pretraining on the math stream (less filler: NuminaMath-CoT's role)
-   for every arm — NTP, V-Pretraining (dot, cosine), random feedback, uniform top-K smoothing, self
-   top-K distillation, and trust-region-regularised V-Pretraining at several λ — with a synthetic
-   GSM8K-format feedback set of 1,024 problems, for several seeds, under matched learner updates;
-   then every arm cheaper than V-Pretraining is re-run with more steps under matched wall-clock
-   (steps scaled by the measured seconds per step).
-3. Every run is evaluated at its last step (no checkpoint selection) on a held-out synthetic test
-   set — problems of the generator's 'eval' partition, which neither the stream nor the feedback set
-   contains: strict Pass@1 (needs the `#### N` format), format-agnostic Pass@1 (the last number),
-   the answer NLL split into format tokens (`#`) and content tokens, held-out pretraining perplexity,
-   and α statistics by target-token class. Intermediate checkpoints give the curves.
+1. The base model of the main job (`experiments/lm_vpt.py:tiny`, vpt/base_model.py): 600 NTP steps on
+   the clean synthetic generator with 60 % filler, trained once and cached (`--base_cache`).
+2. From that base, continued pretraining on a stream that mismatches the downstream, for every arm —
+   NTP, V-Pretraining (dot, cosine), random feedback, uniform top-K smoothing, self top-K distillation,
+   trust-region V-Pretraining — with the synthetic GSM8K-format feedback set of 1,024 problems, for
+   several seeds, under matched learner updates; then (format stream) every arm cheaper than
+   V-Pretraining is re-run with more steps under matched wall-clock. Streams (`--stream`):
+     format: the main job's default — 30 % of solutions end `#### N`, 70 % NuminaMath's `$\\boxed{N}$`;
+     skill:  every solution ends `#### N`, but 40 % of the written `a op b = c` results are wrong
+             (random numbers of the same length): NTP copies wrong arithmetic.
+3. Every run is evaluated at its last step (no checkpoint selection) on held-out *test* problems — the
+   generator's 'test' partition, which neither the stream, the feedback set nor the validation problems
+   that chose the settings contain (vpt/evals/math_skills.py): strict and format-agnostic Pass@1,
+   `####` rate, facts right, lines per solution, the answer NLL split into format and content tokens,
+   held-out pretraining perplexity, and where the designer acted (α by class of the true token, on the
+   training stream). Differences to NTP are paired by seed (same data order and initialisation).
 
 Writes results.json, table.md and PNG plots to --out.
 """
@@ -36,15 +40,13 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from vpt import config_lib, train  # noqa: E402
+from vpt import base_model, config_lib, train  # noqa: E402
 from vpt import vpt_step  # noqa: E402
 from vpt.data import synthetic_math  # noqa: E402
 from vpt.data.feedback import make_feedback_iterator  # noqa: E402
 from vpt.data.pipeline import make_lm_iterator  # noqa: E402
-from vpt.evals import gsm8k  # noqa: E402
-from vpt.models.designer import DesignerConfig, TaskDesigner  # noqa: E402
+from vpt.evals import gsm8k, math_skills  # noqa: E402
 from vpt.models.lm import LMConfig, Transformer  # noqa: E402
-from vpt.tasks.lm_soft_targets import candidate_logprobs, candidates  # noqa: E402
 
 ARMS = {
     "ntp": {"vpt.mode": "ntp"},
@@ -56,38 +58,34 @@ ARMS = {
     "value_tr0.3": {"vpt.mode": "value", "vpt.align": "dot", "vpt.reg_trust_region": 0.3},
     "value_tr3": {"vpt.mode": "value", "vpt.align": "dot", "vpt.reg_trust_region": 3.0},
 }
+DEFAULT_ARMS = "ntp,value,value_cosine,random_feedback,uniform_topk,self_distill,value_tr0.3"
+STREAMS = {  # overrides of the main job's continued-pretraining stream (experiments/lm_ntp.py)
+    "format": {},
+    "skill": {"data.synthetic.downstream_format_fraction": 1.0, "data.synthetic.corrupt_fact_rate": 0.4,
+              "data.synthetic.corrupt_mode": "random"},
+}
 PAPER_TABLE4 = {  # Qwen1.5-4B GSM8K Pass@1 (v1 Table 4 / v2 Table 5)
     "ntp": 56.48, "random_feedback": 54.31, "uniform_topk": 54.58, "self_distill": 57.61, "value": 58.98}
-TEST_SEED, VALIDATION_SEED = 910_001, 910_002  # 'eval'-partition problems; validation is unused here.
+TEST_SEED = 910_001  # 'test'-partition problems; the settings were chosen on 'validation' problems.
 
 
-def _experiment_config(arg):
-  return config_lib.load_config_file(os.path.join(REPO, "experiments", "lm_vpt.py"), arg)
-
-
-
-def base_config(args):
-  config = _experiment_config(f"{args.size},ntp")
-  return config_lib.with_overrides(config, {"num_steps": args.base_steps, "data.synthetic.irrelevant_fraction": 0.6,
-                       "data.synthetic.seed": 101, "progress_bar": False, "mesh.num_devices": 1,
-                       "eval_every_steps": args.base_steps, "checkpoint.every_steps": args.base_steps,
-                       "optimizer.learning_rate": 3e-3, "optimizer.warmup_steps": max(1, args.base_steps // 10)})
-
-
-def arm_config(args, arm, seed, steps, base_dir):
-  config = _experiment_config(f"{args.size},value")
+def arm_config(args, arm, seed, steps):
+  """The main job's config (base, stream, designer) with the arm, seed, steps and stream applied."""
+  config = config_lib.load_config_file(os.path.join(REPO, "experiments", "lm_vpt.py"), f"{args.size},value")
   every = max(1, steps // args.curve_points)
   overrides = {
-      "num_steps": steps, "seed": seed, "init_from": base_dir, "progress_bar": False, "mesh.num_devices": 1,
-      "data.synthetic.irrelevant_fraction": 0.3, "data.synthetic.seed": 202 + seed,
-      "optimizer.learning_rate": 1e-3, "optimizer.warmup_steps": max(1, steps // 20),
+      "num_steps": steps, "seed": seed, "progress_bar": False, "mesh.num_devices": 1,
+      "data.synthetic.seed": 202 + seed, "optimizer.warmup_steps": max(1, steps // 20),
       "eval_every_steps": every, "checkpoint.every_steps": every, "checkpoint.keep": args.curve_points + 2,
       "vpt.burn_in_steps": steps // 10, "feedback.num_examples": 1024, "log_every_steps": 10,
-      **ARMS[arm]}
-  return config_lib.with_overrides(config, overrides)
+      "eval_generation.num_items": 0, "base.cache_dir": args.base_cache,
+      **STREAMS[args.stream], **ARMS[arm]}
+  if args.smoke:
+    overrides.update({"base.num_steps": args.base_steps, "optimizer.learning_rate": 1e-3})
+  return base_model.with_base(config_lib.with_overrides(config, overrides))
 
 
-def interleaved_step_times(args, arms, base_dir, tokenizer, rounds: int = 5) -> dict[str, float]:
+def interleaved_step_times(args, arms, tokenizer, rounds: int = 5) -> dict[str, float]:
   """Seconds per learner step of every arm, measured side by side: the arms' jitted steps are built
   once, then timed round-robin (each window = `meta_every` steps, so it holds exactly one meta step),
   and the median window of each arm is kept. Load from other jobs hits every arm alike, which the
@@ -96,7 +94,7 @@ def interleaved_step_times(args, arms, base_dir, tokenizer, rounds: int = 5) -> 
 
   runners = {}
   for arm in arms:
-    config = arm_config(args, arm, 0, args.steps, base_dir)
+    config = arm_config(args, arm, 0, args.steps)
     model_cfg = LMConfig.from_config(config.model, tokenizer.vocab_size)
     model = Transformer(model_cfg)
     optimizer, schedule = train.make_learner_optimizer(config, model_cfg)
@@ -133,63 +131,9 @@ def interleaved_step_times(args, arms, base_dir, tokenizer, rounds: int = 5) -> 
 
 
 def test_records(n):
-  data = synthetic_math.SyntheticMath(TEST_SEED, n, partition="eval")
+  data = synthetic_math.SyntheticMath(TEST_SEED, n, partition="test")
   return [{"question": r["question"], "answer": r["answer"], "final": str(synthetic_math.final_answer(r["answer"]))}
           for r in (data[i] for i in range(n))]
-
-
-def token_class(piece: str) -> str:
-  if "#" in piece:
-    return "format"
-  if any(c.isdigit() for c in piece):
-    return "digit"
-  if any(c in "+-*/=" for c in piece):
-    return "operator"
-  if "\n" in piece:
-    return "newline"
-  return "word"
-
-
-def answer_nll_by_class(model, params, tokenizer, fb_cfg, records):
-  """Mean answer-token NLL on the test problems, split into format ('#') and content tokens."""
-  it = make_feedback_iterator(fb_cfg, tokenizer, seed=0, records=records)
-  sums, counts = {"format": 0.0, "content": 0.0}, {"format": 0, "content": 0}
-  logp_fn = jax.jit(lambda p, b: jnp.take_along_axis(jax.nn.log_softmax(model.apply(
-      {"params": p}, b["inputs"], b["positions"], b["segment_ids"])), b["targets"][..., None], -1)[..., 0])
-  for _ in range(max(1, len(records) // fb_cfg.batch_size)):
-    b = next(it)
-    logp = np.asarray(logp_fn(params, b))
-    for row in range(b["targets"].shape[0]):
-      for t in np.nonzero(b["loss_mask"][row])[0]:
-        cls = "format" if token_class(tokenizer.id_to_piece(int(b["targets"][row, t]))) == "format" else "content"
-        sums[cls] -= float(logp[row, t])
-        counts[cls] += 1
-  return {f"answer_nll_{k}": sums[k] / max(counts[k], 1) for k in sums}
-
-
-def alpha_by_class(config, model, params, designer_params, tokenizer):
-  """Mean α of the designer's targets per class of the true next token, on a held-out stream batch."""
-  it = make_lm_iterator(config.data, tokenizer, split="eval", global_batch_size=config.batch_size,
-                        seq_len=config.data.seq_len, seed=0)
-  b = jax.tree.map(jnp.asarray, next(it))
-  designer = TaskDesigner(DesignerConfig.from_config(config.vpt)) if vpt_step.uses_designer(config.vpt) else None
-  logits = model.apply({"params": params}, b["inputs"], b["positions"], b["segment_ids"])
-  cand = candidates(logits, b["targets"], config.vpt.top_k)
-  alpha, _ = vpt_step.designer_targets(config.vpt, designer, designer_params, params["embed_tokens"]["embedding"], b,
-                                       cand, candidate_logprobs(logits, cand))
-  alpha, targets, mask = np.asarray(alpha), np.asarray(b["targets"]), np.asarray(b["loss_mask"])
-  out = {}
-  for cls in ("format", "digit", "operator", "newline", "word"):
-    sel = [(r, t) for r, t in zip(*np.nonzero(mask)) if token_class(tokenizer.id_to_piece(int(targets[r, t]))) == cls]
-    out[f"alpha_{cls}"] = float(np.mean([alpha[r, t] for r, t in sel])) if sel else float("nan")
-  return out
-
-
-def fact_accuracy(generations) -> float:
-  """Share of the `a op b = c` facts written in the generations that are arithmetically right: a
-  format-agnostic measure of skill with far more samples than Pass@1 (2–4 facts per problem)."""
-  facts = [f for text in generations for f in synthetic_math.extract_equations(text)]
-  return sum(synthetic_math.evaluate(a, op, b) == c for a, op, b, c in facts) / max(len(facts), 1)
 
 
 def evaluate_run(config, workdir, summary, records, args, tokenizer):
@@ -198,22 +142,22 @@ def evaluate_run(config, workdir, summary, records, args, tokenizer):
   for step in sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()):
     params, _ = gsm8k.restore_params(workdir, step)
     n = len(records) if step == config.num_steps else args.curve_items
-    out_path = os.path.join(workdir, f"test_predictions_{step}.json")
-    scores = gsm8k.evaluate(model, params, tokenizer, records[:n], max_new_tokens=args.max_new_tokens,
-                            batch_size=32, out_path=out_path)
-    with open(out_path) as f:
-      generations = [p["generated"] for p in json.load(f)["predictions"]]
-    curve.append({"step": step, "pass@1": scores["pass@1"], "strict_pass@1": scores["strict_pass@1"],
-                  "format_rate": scores["format_rate"], "fact_accuracy": fact_accuracy(generations)})
+    evaluate = math_skills.make_generation_evaluator(model, tokenizer, records[:n], max_new_tokens=args.max_new_tokens)
+    scores = evaluate(params, out_path=os.path.join(workdir, f"test_predictions_{step}.json"))
+    curve.append({"step": step, **scores})
   params = summary["state"].params
-  designer_params = summary["state"].designer.params if summary["state"].designer is not None else None
   final = dict(curve[-1])
-  final.update(answer_nll_by_class(model, params, tokenizer, config.feedback, records[:args.nll_items]))
+  nll_records = records[:args.nll_items]
+  it = make_feedback_iterator(config.feedback, tokenizer, seed=0, records=nll_records)
+  batches = [next(it) for _ in range(max(1, len(nll_records) // config.feedback.batch_size))]
+  final.update(math_skills.answer_nll_by_class(model, params, tokenizer, batches))
   final.update(pretrain_perplexity=summary["eval"]["perplexity"], feedback_loss=summary["eval"]["feedback_loss"],
                heldout_loss=summary["eval"].get("heldout_loss"), steps=summary["step"],
                step_time_s=summary["throughput"]["step_time_s"])
-  if config.vpt.mode != "ntp":
-    final.update(alpha_by_class(config, model, params, designer_params, tokenizer))
+  final.update(summary.get("designer", {}))  # α by class on the training stream (designer arms)
+  if config.vpt.mode in ("uniform_topk", "self_distill"):
+    designer = math_skills.designer_on_stream(config, model, jax.device_get(params), None, tokenizer)
+    final.update({k: v for k, v in designer.items() if k.startswith("alpha_")})
   metrics = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   return final, curve, metrics
 
@@ -221,67 +165,77 @@ def evaluate_run(config, workdir, summary, records, args, tokenizer):
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", required=True)
+  ap.add_argument("--stream", default="format", choices=sorted(STREAMS))
   ap.add_argument("--size", default="tiny")
   ap.add_argument("--seeds", type=int, default=3)
   ap.add_argument("--steps", type=int, default=200)
-  ap.add_argument("--base_steps", type=int, default=1000)
-  ap.add_argument("--arms", default=",".join(ARMS))
-  ap.add_argument("--test_items", type=int, default=200)
+  ap.add_argument("--arms", default=DEFAULT_ARMS)
+  ap.add_argument("--skip_wallclock", action="store_true", help="matched learner updates only")
+  ap.add_argument("--base_cache", default="", help="where the base model is cached (default: vpt's cache dir)")
+  ap.add_argument("--test_items", type=int, default=400)
   ap.add_argument("--curve_items", type=int, default=48)
   ap.add_argument("--curve_points", type=int, default=2)
   ap.add_argument("--nll_items", type=int, default=128)
   ap.add_argument("--max_new_tokens", type=int, default=96)
   ap.add_argument("--smoke", action="store_true", help="nano model, 1 seed, few steps: checks the wiring")
   args = ap.parse_args()
+  args.base_steps = 0
   if args.smoke:
     args.size, args.seeds, args.steps, args.base_steps = "nano", 1, 8, 8
     args.test_items, args.curve_items, args.nll_items, args.max_new_tokens, args.curve_points = 16, 8, 16, 16, 2
+    args.base_cache = args.base_cache or os.path.join(args.out, "base")
   os.makedirs(args.out, exist_ok=True)
   arms = args.arms.split(",")
   start = time.perf_counter()
   records = test_records(args.test_items)
-
-  base_dir = os.path.join(args.out, "runs", "base")
-  train.run(base_config(args), base_dir)
+  base_dir = arm_config(args, "ntp", 0, args.steps).init_from  # trains the base if the cache lacks it
   from vpt.data.tokenizer import SentencePieceTokenizer
   tokenizer = SentencePieceTokenizer(os.path.join(base_dir, "tokenizer", "spm.model"))
 
-  results = []
+  results, step_time, wallclock_steps = [], {}, {}
+
+  def save(elapsed):
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+      json.dump({"args": vars(args), "base_dir": base_dir, "seconds": elapsed, "step_time_s": step_time,
+                 "wallclock_steps": wallclock_steps, "results": results}, f, indent=1, default=float)
 
   def run_arm(arm, seed, steps, protocol):
     workdir = os.path.join(args.out, "runs", f"{protocol}-{arm}-s{seed}")
-    config = arm_config(args, arm, seed, steps, base_dir)
+    config = arm_config(args, arm, seed, steps)
     summary = train.run(config, workdir)
     final, curve, metrics = evaluate_run(config, workdir, summary, records, args, tokenizer)
     results.append({"arm": arm, "seed": seed, "protocol": protocol, "final": final, "curve": curve,
                     "train": [m for m in metrics if "train/loss" in m],
                     "evals": [m for m in metrics if "eval/feedback_loss" in m]})
-    print(f"[{time.perf_counter() - start:.0f}s] {protocol} {arm} seed {seed}: pass@1 {final['pass@1']:.3f} "
-          f"strict {final['strict_pass@1']:.3f} ppl {final['pretrain_perplexity']:.3f}", flush=True)
+    save(time.perf_counter() - start)  # a sweep cut short keeps what it measured
+    print(f"[{time.perf_counter() - start:.0f}s] {protocol} {arm} seed {seed}: strict {final['strict_pass@1']:.3f} "
+          f"agnostic {final['pass@1']:.3f} #### {final['format_rate']:.3f} facts {final['facts_right']:.3f} "
+          f"ppl {final['pretrain_perplexity']:.3f}", flush=True)
     return final
 
   for seed in range(args.seeds):
     for arm in arms:
       run_arm(arm, seed, args.steps, "steps")
-  # Matched wall-clock: V-Pretraining's seconds per step sets the budget; cheaper arms get more steps.
-  step_time = interleaved_step_times(args, arms, base_dir, tokenizer)
-  print("seconds per step, measured side by side:", {a: round(t, 4) for a, t in step_time.items()}, flush=True)
-  budget = step_time.get("value", max(step_time.values())) * args.steps
-  wallclock_steps = {arm: int(round(budget / step_time[arm])) for arm in arms}
-  for seed in range(args.seeds):
-    for arm in arms:
-      # Within the timing's noise (a few %) of the matched-steps run: that run is the answer.
-      if abs(wallclock_steps[arm] - args.steps) <= 0.03 * args.steps:
-        twin = next(r for r in results if r["arm"] == arm and r["seed"] == seed and r["protocol"] == "steps")
-        results.append({**twin, "protocol": "wallclock"})
-      else:
-        run_arm(arm, seed, wallclock_steps[arm], "wallclock")
+  protocols = ["steps"]
+  if not args.skip_wallclock:
+    # Matched wall-clock: V-Pretraining's seconds per step sets the budget; cheaper arms get more steps.
+    protocols.append("wallclock")
+    step_time.update(interleaved_step_times(args, arms, tokenizer))
+    print("seconds per step, measured side by side:", {a: round(t, 4) for a, t in step_time.items()}, flush=True)
+    budget = step_time.get("value", max(step_time.values())) * args.steps
+    wallclock_steps.update({arm: int(round(budget / step_time[arm])) for arm in arms})
+    for seed in range(args.seeds):
+      for arm in arms:
+        # Within the timing's noise (a few %) of the matched-steps run: that run is the answer.
+        if abs(wallclock_steps[arm] - args.steps) <= 0.03 * args.steps:
+          twin = next(r for r in results if r["arm"] == arm and r["seed"] == seed and r["protocol"] == "steps")
+          results.append({**twin, "protocol": "wallclock"})
+        else:
+          run_arm(arm, seed, wallclock_steps[arm], "wallclock")
 
   elapsed = time.perf_counter() - start
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump({"args": vars(args), "seconds": elapsed, "step_time_s": step_time, "wallclock_steps": wallclock_steps,
-               "results": results}, f, indent=1, default=float)
-  write_table(args, results, arms, elapsed, wallclock_steps)
+  save(elapsed)
+  write_table(args, results, arms, elapsed, wallclock_steps, protocols)
   write_plots(args, results, arms, step_time)
   print(f"done in {elapsed / 60:.1f} min; see {args.out}/table.md", flush=True)
 
@@ -293,26 +247,56 @@ def _mean_std(values):
   return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
 
 
-def write_table(args, results, arms, elapsed, wallclock_steps):
-  cols = [("pass@1", "Pass@1 (format-agnostic)"), ("strict_pass@1", "strict Pass@1"),
-          ("fact_accuracy", "arithmetic facts right"),
-          ("format_rate", "`####` rate"), ("answer_nll_content", "answer NLL, content"),
-          ("answer_nll_format", "answer NLL, format"), ("feedback_loss", "feedback-set L_down"),
-          ("pretrain_perplexity", "held-out pretraining ppl"), ("alpha_format", "α on `#`"),
-          ("alpha_digit", "α on digits"), ("alpha_word", "α on words")]
-  lines = [f"Measured {time.strftime('%Y-%m-%d')}; {args.seeds} seeds; {args.steps} learner steps "
-           f"(matched updates); whole sweep {elapsed / 60:.1f} min on this machine. Mean ± std over seeds; "
-           f"last step evaluated (no checkpoint selection); test = {args.test_items} held-out problems.", ""]
-  for protocol in ("steps", "wallclock"):
+COLUMNS = [("strict_pass@1", "strict Pass@1"), ("pass@1", "Pass@1 (format-agnostic)"), ("format_rate", "`####` rate"),
+           ("facts_right", "facts right"), ("lines_per_solution", "lines per solution"),
+           ("answer_nll_content", "answer NLL, content"), ("answer_nll_format", "answer NLL, format"),
+           ("feedback_loss", "feedback-set L_down"), ("pretrain_perplexity", "held-out pretraining ppl"),
+           ("alpha_format", "α at the answer marker"), ("q_hash_at_boxed", "q(####) where stream writes boxed"),
+           ("alpha_digit", "α on digits"), ("alpha_word", "α on words")]
+PAIRED = [("strict_pass@1", "strict Pass@1"), ("pass@1", "Pass@1 (format-agnostic)"), ("format_rate", "`####` rate"),
+          ("facts_right", "facts right"), ("lines_per_solution", "lines per solution"),
+          ("feedback_loss", "feedback-set L_down"), ("pretrain_perplexity", "held-out pretraining ppl")]
+
+
+def paired_difference(results, arm, key, protocol="steps"):
+  """(mean, s.e., seeds with a positive difference, seeds) of arm − NTP over seeds, paired by seed."""
+  by_seed = lambda a: {r["seed"]: r["final"].get(key) for r in results if r["arm"] == a and r["protocol"] == protocol}
+  ntp, other = by_seed("ntp"), by_seed(arm)
+  diffs = [other[s] - ntp[s] for s in sorted(set(ntp) & set(other)) if other[s] is not None and ntp[s] is not None]
+  if not diffs:
+    return None
+  se = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
+  return float(np.mean(diffs)), se, sum(d > 0 for d in diffs), len(diffs)
+
+
+def write_table(args, results, arms, elapsed, wallclock_steps, protocols=("steps", "wallclock")):
+  lines = [f"Stream `{args.stream}`: {STREAMS[args.stream] or 'the main job default'}. Measured "
+           f"{time.strftime('%Y-%m-%d')}; {args.seeds} seeds; {args.steps} learner steps (matched updates); "
+           f"whole sweep {elapsed / 60:.1f} min on this machine. Mean ± std over seeds; last step evaluated "
+           f"(no checkpoint selection); test = {args.test_items} held-out 'test' problems, greedy, "
+           f"{args.max_new_tokens} new tokens.", ""]
+  for protocol in protocols:
     lines.append(f"### {'Matched learner updates' if protocol == 'steps' else 'Matched wall-clock'}")
     lines.append("")
-    lines.append("| arm | steps | " + " | ".join(c[1] for c in cols) + " | paper (Qwen1.5-4B, Pass@1) |")
-    lines.append("|---" * (len(cols) + 3) + "|")
+    lines.append("| arm | steps | " + " | ".join(c[1] for c in COLUMNS) + " | paper (Qwen1.5-4B, Pass@1) |")
+    lines.append("|---" * (len(COLUMNS) + 3) + "|")
     for arm in arms:
       rows = [r["final"] for r in results if r["arm"] == arm and r["protocol"] == protocol]
       steps = args.steps if protocol == "steps" else wallclock_steps[arm]
-      cells = [_mean_std([row.get(k) for row in rows]) for k, _ in cols]
+      cells = [_mean_std([row.get(k) for row in rows]) for k, _ in COLUMNS]
       lines.append(f"| {arm} | {steps} | " + " | ".join(cells) + f" | {PAPER_TABLE4.get(arm, '—')} |")
+    lines.append("")
+  if "ntp" in arms:
+    lines += ["### Paired differences to NTP (matched updates; mean ± s.e. over seeds, seeds with arm > NTP)", "",
+              "| arm | " + " | ".join(c[1] for c in PAIRED) + " |", "|---" * (len(PAIRED) + 1) + "|"]
+    for arm in arms:
+      if arm == "ntp":
+        continue
+      cells = []
+      for key, _ in PAIRED:
+        d = paired_difference(results, arm, key)
+        cells.append("—" if d is None else f"{d[0]:+.3f} ± {d[1]:.3f} ({d[2]}/{d[3]})")
+      lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines.append("")
   with open(os.path.join(args.out, "table.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -330,11 +314,12 @@ def write_plots(args, results, arms, step_time):
     steps = np.array([p["step"] for p in runs[0]["curve"]])
     eval_steps = np.array([m["step"] for m in runs[0]["evals"]])
     series = [(steps, np.mean([[p["pass@1"] for p in r["curve"]] for r in runs], axis=0)),
-              (steps, np.mean([[p["fact_accuracy"] for p in r["curve"]] for r in runs], axis=0)),
+              (steps, np.mean([[p["facts_right"] for p in r["curve"]] for r in runs], axis=0)),
               (eval_steps, np.mean([[m["eval/feedback_loss"] for m in r["evals"]] for r in runs], axis=0))]
     for col, (x, y) in enumerate(series):
       axes[0, col].plot(x, y, marker="o", label=arm)
-      axes[1, col].plot(x * step_time[arm], y, marker="o", label=arm)
+      seconds = step_time.get(arm) or np.mean([r["final"]["step_time_s"] for r in runs])  # side by side if measured
+      axes[1, col].plot(x * seconds, y, marker="o", label=arm)
   for row, xlabel in enumerate(("learner step", "training seconds (side-by-side step time × step)")):
     for col, (ylabel, title) in enumerate((("Pass@1 (format-agnostic)", "Held-out accuracy"),
                                            ("share of written facts right", "Arithmetic skill"),
@@ -363,7 +348,7 @@ def write_plots(args, results, arms, step_time):
   base = [r["final"] for r in results if r["arm"] == "ntp" and r["protocol"] == "steps"]
   for arm in arms:
     rows = [r["final"] for r in results if r["arm"] == arm and r["protocol"] == "steps"]
-    gain = np.mean([r["fact_accuracy"] for r in rows]) - np.mean([b["fact_accuracy"] for b in base])
+    gain = np.mean([r["facts_right"] for r in rows]) - np.mean([b["facts_right"] for b in base])
     cost = np.mean([r["pretrain_perplexity"] for r in rows]) / np.mean([b["pretrain_perplexity"] for b in base]) - 1
     ax.scatter(cost, gain)
     ax.annotate(arm, (cost, gain), fontsize=8)

@@ -184,15 +184,17 @@ class _Rows(grain.transforms.Map):
     return {k: v[int(index)] for k, v in self.arrays.items()}
 
 
-def heldout_records(fb_cfg) -> list[dict] | None:
+def heldout_records(fb_cfg, split: str = "test") -> list[dict] | None:
   """Held-out downstream problems in the feedback format (never in the feedback set), or None.
 
-  Synthetic: `feedback.num_eval` problems of the generator's 'eval' partition. GSM8K-format files:
-  the first `feedback.num_eval` records of `feedback.eval_path`, when one is given.
+  Synthetic: `feedback.num_eval` problems of the generator's `split` partition — 'test' (reported
+  results) or 'validation' (choosing settings), the two disjoint halves of its held-out 'eval'
+  bucket. GSM8K-format files: the first `feedback.num_eval` records of `feedback.eval_path`, when one
+  is given (its own split; `split` does not apply).
   """
   n = int(fb_cfg.num_eval)
   if fb_cfg.source == "synthetic":
-    data = synthetic_math.SyntheticMath(_SYNTHETIC_SEED_OFFSET + int(fb_cfg.seed), n, partition="eval")
+    data = synthetic_math.SyntheticMath(_SYNTHETIC_SEED_OFFSET + int(fb_cfg.seed), n, partition=split)
     return [{"question": r["question"], "answer": r["answer"], "final": _final_of(r["answer"])}
             for r in (data[i] for i in range(n))]
   if fb_cfg.eval_path:

@@ -162,13 +162,14 @@ def evaluate(model, params, tokenizer, records: Sequence[dict], *, shots: int = 
              ks: Sequence[int] = (1,), temperature: float = 0.0, top_p: float = 1.0,
              max_new_tokens: int = 256, seed: int = 0, batch_size: int = 16,
              stop: Sequence[str] = generate_lib.DEFAULT_STOP, out_path: str | None = None,
-             mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+             mesh: jax.sharding.Mesh | None = None, return_predictions: bool = False):
   """Generates n_samples answers per record and scores them (see the module docstring).
 
   Returns {'pass@k', 'strict_pass@k' for k in ks, 'lenient_pass@1', 'strict_pass@1',
   'format_rate', 'n_items', 'n_samples', ...}; writes those scores with per-item predictions to
   `out_path` (JSON) when given. Greedy Pass@1: n_samples=1, temperature=0. With `mesh`, generation
-  runs sharded over it (vpt.generate); only process 0 writes `out_path`.
+  runs sharded over it (vpt.generate); only process 0 writes `out_path`. With `return_predictions`:
+  (scores, per-item predictions as written to `out_path`).
   """
   if not records:
     raise ValueError("no records to evaluate")
@@ -215,7 +216,7 @@ def evaluate(model, params, tokenizer, records: Sequence[dict], *, shots: int = 
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w") as f:
       json.dump({"scores": scores, "predictions": predictions}, f, indent=1)
-  return scores
+  return (scores, predictions) if return_predictions else scores
 
 
 _SCORE_KEYS = re.compile(r"^(strict_|lenient_)?pass@\d+$|^format_rate$")
