@@ -32,9 +32,10 @@ import ml_collections
 from vpt import config_lib, paths
 
 DONE_FILE = "BASE_DONE.json"
-# Settings that do not change the base's weights; left out of its cache key.
+# Settings that do not change the base's weights (the mesh only lays them out: up to float rounding of
+# the reductions, a base trained on 8 devices is the one trained on 1); left out of its cache key.
 _KEY_EXCLUDED = ("progress_bar", "log_every_steps", "eval_every_steps", "eval_batches", "checkpoint",
-                 "compare_with_baseline")
+                 "compare_with_baseline", "mesh", "multihost")
 
 
 def default_cache_dir() -> str:

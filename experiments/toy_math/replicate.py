@@ -27,7 +27,9 @@ Writes results.json, table.md and PNG plots to --out.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -162,6 +164,15 @@ def evaluate_run(config, workdir, summary, records, args, tokenizer):
   return final, curve, metrics
 
 
+def _train_and_evaluate(args, arm, seed, steps, protocol, records, tokenizer):
+  workdir = os.path.join(args.out, "runs", f"{protocol}-{arm}-s{seed}")
+  config = arm_config(args, arm, seed, steps)
+  summary = train.run(config, workdir)
+  final, curve, metrics = evaluate_run(config, workdir, summary, records, args, tokenizer)
+  return {"arm": arm, "seed": seed, "protocol": protocol, "final": final, "curve": curve,
+          "train": [m for m in metrics if "train/loss" in m], "evals": [m for m in metrics if "eval/feedback_loss" in m]}
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", required=True)
@@ -177,6 +188,7 @@ def main():
   ap.add_argument("--curve_points", type=int, default=2)
   ap.add_argument("--nll_items", type=int, default=128)
   ap.add_argument("--max_new_tokens", type=int, default=96)
+  ap.add_argument("--jobs", type=int, default=1, help="runs trained at once (one core each)")
   ap.add_argument("--smoke", action="store_true", help="nano model, 1 seed, few steps: checks the wiring")
   args = ap.parse_args()
   args.base_steps = 0
@@ -199,23 +211,26 @@ def main():
       json.dump({"args": vars(args), "base_dir": base_dir, "seconds": elapsed, "step_time_s": step_time,
                  "wallclock_steps": wallclock_steps, "results": results}, f, indent=1, default=float)
 
-  def run_arm(arm, seed, steps, protocol):
-    workdir = os.path.join(args.out, "runs", f"{protocol}-{arm}-s{seed}")
-    config = arm_config(args, arm, seed, steps)
-    summary = train.run(config, workdir)
-    final, curve, metrics = evaluate_run(config, workdir, summary, records, args, tokenizer)
-    results.append({"arm": arm, "seed": seed, "protocol": protocol, "final": final, "curve": curve,
-                    "train": [m for m in metrics if "train/loss" in m],
-                    "evals": [m for m in metrics if "eval/feedback_loss" in m]})
-    save(time.perf_counter() - start)  # a sweep cut short keeps what it measured
-    print(f"[{time.perf_counter() - start:.0f}s] {protocol} {arm} seed {seed}: strict {final['strict_pass@1']:.3f} "
-          f"agnostic {final['pass@1']:.3f} #### {final['format_rate']:.3f} facts {final['facts_right']:.3f} "
-          f"ppl {final['pretrain_perplexity']:.3f}", flush=True)
-    return final
+  def run_all(jobs):
+    """Trains and evaluates every (arm, seed, steps, protocol) of `jobs`, `args.jobs` at a time (each run
+    keeps one core busy: the tiny learner does not scale to two)."""
+    def record(result):
+      results.append(result)
+      save(time.perf_counter() - start)  # a sweep cut short keeps what it measured
+      final = result["final"]
+      print(f"[{time.perf_counter() - start:.0f}s] {result['protocol']} {result['arm']} seed {result['seed']}: "
+            f"strict {final['strict_pass@1']:.3f} agnostic {final['pass@1']:.3f} #### {final['format_rate']:.3f} "
+            f"facts {final['facts_right']:.3f} ppl {final['pretrain_perplexity']:.3f}", flush=True)
 
-  for seed in range(args.seeds):
-    for arm in arms:
-      run_arm(arm, seed, args.steps, "steps")
+    if args.jobs <= 1:
+      for job in jobs:
+        record(_train_and_evaluate(args, *job, records, tokenizer))
+      return
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+      for result in pool.map(_train_and_evaluate, *zip(*[(args, *job, records, tokenizer) for job in jobs])):
+        record(result)
+
+  run_all([(arm, seed, args.steps, "steps") for seed in range(args.seeds) for arm in arms])
   protocols = ["steps"]
   if not args.skip_wallclock:
     # Matched wall-clock: V-Pretraining's seconds per step sets the budget; cheaper arms get more steps.
@@ -224,6 +239,7 @@ def main():
     print("seconds per step, measured side by side:", {a: round(t, 4) for a, t in step_time.items()}, flush=True)
     budget = step_time.get("value", max(step_time.values())) * args.steps
     wallclock_steps.update({arm: int(round(budget / step_time[arm])) for arm in arms})
+    longer = []
     for seed in range(args.seeds):
       for arm in arms:
         # Within the timing's noise (a few %) of the matched-steps run: that run is the answer.
@@ -231,7 +247,8 @@ def main():
           twin = next(r for r in results if r["arm"] == arm and r["seed"] == seed and r["protocol"] == "steps")
           results.append({**twin, "protocol": "wallclock"})
         else:
-          run_arm(arm, seed, wallclock_steps[arm], "wallclock")
+          longer.append((arm, seed, wallclock_steps[arm], "wallclock"))
+    run_all(longer)
 
   elapsed = time.perf_counter() - start
   save(elapsed)
