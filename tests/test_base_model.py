@@ -78,3 +78,17 @@ def test_a_base_needs_the_embedded_generator(tmp_path):
   config = _config(tmp_path, **{"data.source": "jsonl", "data.train_path": "/x.jsonl"})
   with pytest.raises(ValueError, match=r"config.base.num_steps=3: expected 0 unless data.source='synthetic_math'"):
     config_lib.validate(config)
+
+
+def test_continuing_from_a_run_prints_no_orbax_metadata_warning(tmp_path, caplog):
+  """Reading another run's params went through orbax with the item directory (…/<step>/state), and orbax
+  warned on every start that the step's metadata file was missing there (it lives one level up)."""
+  import jax
+  from vpt import checkpoint as ckpt_lib
+  run_dir = str(tmp_path / "base")
+  summary = train.run(_config(tmp_path, **{"base.num_steps": 0, "vpt.mode": "ntp", "num_steps": 1}), run_dir)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), summary["state"].params)
+  with caplog.at_level("WARNING"):
+    params, step = ckpt_lib.load_learner_params(run_dir, abstract)
+  assert step == 1 and jax.tree.structure(params) == jax.tree.structure(abstract)
+  assert not [r for r in caplog.records if "Metadata file does not exist" in r.getMessage()]

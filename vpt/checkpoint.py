@@ -276,10 +276,26 @@ def checkpoint_state_path(run_dir: str, step: int | None = None, *, what: str = 
   return os.fspath(directory / str(int(step)) / "state"), int(step)
 
 
+class _NoStepMetadataWarning(logging.logging.Filter):
+  """Drops orbax's "Metadata file does not exist: …/<step>/<item>/_CHECKPOINT_METADATA" warning: pointed
+  at one item of a step (…/<step>/state, to read another run's params alone), a PyTreeCheckpointer looks
+  for the step's metadata file inside the item, where it never is (it lives one level up, unneeded here)."""
+
+  def filter(self, record):
+    return not record.getMessage().startswith("Metadata file does not exist")
+
+
+def _item_checkpointer() -> ocp.PyTreeCheckpointer:
+  logger = logging.get_absl_logger()
+  if not any(isinstance(f, _NoStepMetadataWarning) for f in logger.filters):
+    logger.addFilter(_NoStepMetadataWarning())
+  return ocp.PyTreeCheckpointer()
+
+
 def stored_params_metadata(state_path: str, *, what: str = "") -> dict[tuple, Any]:
   """{parameter path (tuple of keys): orbax ArrayMetadata (shape, dtype)} of the `params` a
   checkpointed state holds (read from its metadata file; no array is read)."""
-  with ocp.PyTreeCheckpointer() as checkpointer:
+  with _item_checkpointer() as checkpointer:
     tree = checkpointer.metadata(state_path).item_metadata.tree
   params = tree.get("params") if isinstance(tree, dict) else None
   if not isinstance(params, dict):
@@ -294,7 +310,7 @@ def restore_state_fields(run_dir: str, abstract: dict, step: int | None = None, 
   path, step = checkpoint_state_path(run_dir, step, what=what)
   restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
                                                              dtype=a.dtype), abstract)
-  with ocp.PyTreeCheckpointer() as checkpointer:
+  with _item_checkpointer() as checkpointer:
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
         item=abstract, restore_args=restore_args, partial_restore=True))
   return restored, step
