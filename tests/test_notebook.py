@@ -31,6 +31,7 @@ def test_alignment_notebook_executes_without_errors(monkeypatch, tmp_path):
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
   assert not [o for o in outputs if o.output_type == "error"]
   figures = [o for o in outputs if "image/png" in o.get("data", {})]
-  assert len(figures) == 4  # layers, candidate heatmap, targets, probe scatter
+  assert len(figures) == 5  # layers, candidate heatmap, targets, probe scatter, signal quality
   text = "".join(o.get("text", "") for o in outputs)
   assert "η⟨g_probe, g_pre⟩ vs SGD step" in text
+  assert "problems per half: split-half cos" in text

@@ -6,6 +6,7 @@
   candidate_scores           s_t(v) = ⟨g_down, ∇ log p(v | x_<t)⟩ for every candidate (one JVP)
   target_breakdown           the designer's α, r and q per position, and how far q is from one-hot
   value_probe                predicted vs realised one-step drop of a held-out probe loss
+  g_down_signal_quality      split-half cosine of g_down vs the feedback batch size: is the feedback informative?
   pearson_ci                 Pearson r with a Fisher-z confidence interval
   plot_*                     matplotlib figures of the above (matplotlib is imported lazily)
 
@@ -261,6 +262,27 @@ def _downstream_grad(model, n_last, params, fb_batch):
   aligned, subset = value_lib.Aligned.build(model, params, fb_batch, n_last)
   return value_lib.subset_grad(aligned, subset,
                                lambda logits: downstream_nll(logits, fb_batch["targets"], fb_batch["loss_mask"]))
+
+
+def g_down_signal_quality(run: Run, batch_sizes: Sequence[int] = (4, 8, 16, 32, 64), *, repeats: int = 4,
+                          seed: int = 0) -> list[dict]:
+  """How reproducible g_down is at the run's params, per feedback batch size b: the cosine between g_down
+  on S of two *disjoint* batches of b problems (the two halves of one batch of 2b), mean and std over
+  `repeats` draws. The training loop logs the same quantity for its own meta batch as
+  `meta/g_down_split_cos`. Near 0, a meta step's g_down is mostly sampling noise and the designer is
+  trained on noise; it grows roughly like √b while the per-problem gradients share a direction."""
+  n_last = run.vpt_cfg.align_last_n_layers
+  rows = []
+  for b in batch_sizes:
+    cosines = []
+    for r in range(repeats):
+      batch = feedback_batch(run, batch_size=2 * b, seed=seed + 1000 * r + b)
+      halves = [jax.tree.map(lambda x, i=i: x[i * b:(i + 1) * b], batch) for i in range(2)]
+      g = [downstream_grad(run.model, run.params, h, n_last) for h in halves]
+      cosines.append(float(value_lib.tree_vdot(g[0], g[1]) / (value_lib.tree_norm(g[0]) * value_lib.tree_norm(g[1]))))
+    rows.append({"batch_size": b, "cos_mean": float(np.mean(cosines)), "cos_std": float(np.std(cosines)),
+                 "repeats": repeats})
+  return rows
 
 
 def param_groups(params) -> list[str]:
@@ -536,6 +558,21 @@ def plot_probe(result: dict, pairs=MAIN_PAIRS, axes=None):
     ax.set_visible(False)
   axes[0].figure.tight_layout()
   return axes[0].figure
+
+
+def plot_signal_quality(rows: list[dict], meta_batch_size: int | None = None, ax=None):
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  ax = ax or plt.subplots(figsize=(5, 3.5))[1]
+  b = [r["batch_size"] for r in rows]
+  ax.errorbar(b, [r["cos_mean"] for r in rows], yerr=[r["cos_std"] for r in rows], marker="o", capsize=3)
+  if meta_batch_size:
+    ax.axvline(meta_batch_size, color="k", ls=":", lw=1, label=f"the run's feedback batch ({meta_batch_size})")
+    ax.legend(fontsize=8)
+  ax.set(xscale="log", xlabel="feedback problems per half", ylabel="cos(g_down half 1, half 2)",
+         title="Signal quality of g_down (split-half cosine on S)")
+  ax.axhline(0, color="k", lw=0.5)
+  ax.grid(alpha=0.3)
+  return ax
 
 
 def plot_layer_alignment(rows: list[dict], ax=None):
