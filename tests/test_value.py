@@ -47,7 +47,7 @@ def _vpt_cfg(**kw):
   return c
 
 
-def _setup(vpt_cfg, tie=False):
+def _setup(vpt_cfg, tie=False, gate_features=False):
   cfg = LMConfig(vocab_size=VOCAB, d_model=16, n_layers=LAYERS, n_heads=2, n_kv_heads=1, d_ff=32,
                  tie_embeddings=tie, dtype="float64")
   model = Transformer(cfg)
@@ -55,7 +55,8 @@ def _setup(vpt_cfg, tie=False):
   noise = lambda p, i: p + 0.1 * jax.random.normal(jax.random.PRNGKey(i), p.shape, jnp.float64)
   params = jax.tree.map(noise, jax.tree.map(lambda p: p.astype(jnp.float64), params),
                         jax.tree.unflatten(jax.tree.structure(params), list(range(len(jax.tree.leaves(params))))))
-  designer = TaskDesigner(DesignerConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, dtype="float64"))
+  designer = TaskDesigner(DesignerConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, dtype="float64",
+                                         gate_features=gate_features))
   dstate = init_designer_state(designer, make_designer_optimizer(vpt_cfg), params, SEQ, K, seed=0)
   dparams = jax.tree.map(lambda p: p.astype(jnp.float64) + 0.3 * jnp.ones_like(p, jnp.float64), dstate.params)
   opt_cfg = config_lib.base_config().optimizer
@@ -63,8 +64,8 @@ def _setup(vpt_cfg, tie=False):
   return model, params, designer, dparams, optimizer.init(params), opt_cfg
 
 
-def _objective(vpt_cfg, tie=False):
-  model, params, designer, dparams, opt_state, opt_cfg = _setup(vpt_cfg, tie)
+def _objective(vpt_cfg, tie=False, gate_features=False):
+  model, params, designer, dparams, opt_state, opt_cfg = _setup(vpt_cfg, tie, gate_features)
   objective, info = meta_objective(params, opt_state, dparams, _batch(1), _batch(2), jax.random.PRNGKey(3),
                                    model=model, designer=designer, vpt_cfg=vpt_cfg, learner_opt_cfg=opt_cfg)
   return objective, info, dparams, (model, params, opt_state, opt_cfg)
@@ -91,9 +92,11 @@ def test_jvp_value_equals_explicit_dot_product(n_last, tie):
                for k in info["subset"])
 
 
-def test_designer_gradient_matches_double_backward_and_finite_differences():
+@pytest.mark.parametrize("gate_features", [False, True])
+def test_designer_gradient_matches_double_backward_and_finite_differences(gate_features):
   vpt_cfg = _vpt_cfg()
-  objective, info, dparams, _ = _objective(vpt_cfg)
+  objective, info, dparams, _ = _objective(vpt_cfg, gate_features=gate_features)
+  assert ("gate_features_in" in dparams) == gate_features
   grad = jax.grad(lambda d: objective(d)[0])(dparams)
   mask = _batch(1)["loss_mask"]
 
@@ -232,3 +235,15 @@ def test_g_down_from_two_halves_equals_the_whole_batch_and_the_split_cosine_is_e
   explicit = value_lib.tree_vdot(even, odd) / (value_lib.tree_norm(even) * value_lib.tree_norm(odd))
   np.testing.assert_allclose(split_cos, explicit, rtol=1e-10)
   assert -1.0 < float(split_cos) < 1.0
+
+
+def test_gate_confidence_features_are_the_learners_explicit_statistics():
+  from vpt.models.designer import confidence_features
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 3, 6))
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True)) - 0.7  # candidates' log p (not normalised over K)
+  feats = np.asarray(confidence_features(jnp.asarray(logp)))
+  p = np.exp(logp) / np.exp(logp).sum(-1, keepdims=True)
+  expected = np.stack([logp[..., 0], logp[..., 1:].max(-1), logp[..., 0] - logp[..., 1:].max(-1),
+                       -(p * np.log(p)).sum(-1)], -1)
+  np.testing.assert_allclose(feats, expected, rtol=1e-12)

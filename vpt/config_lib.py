@@ -145,6 +145,7 @@ def vpt_config() -> ml_collections.ConfigDict:
   c.designer.d_ff = 1024
   c.designer.learning_rate = 1e-4
   c.designer.alpha_init_logit = -2.0  # the gate starts at α_max·sigmoid(this): near one-hot.
+  c.designer.gate_features = False  # the gate also reads the learner's log p(y), top other, gap, entropy.
   c.designer.weight_decay = 0.0
   c.designer.grad_clip_norm = 1.0
   return c

@@ -8,6 +8,12 @@ parameter count is independent of the vocabulary, and candidates are scored by a
 between the designer's state at t and the (projected) learner embedding of each candidate id. It
 also sees the learner's stop-gradient log-probability of each candidate, so "follow the learner"
 (self-distillation) is one weight away and the designer can learn where to deviate from it.
+
+Gate features (`vpt.designer.gate_features`, off by default as in the paper): the gate α_t then also reads
+the learner's confidence at t — log p(y_t), the best other candidate's log-probability, their gap, and the
+entropy of the learner over the K candidates (all stop-gradient) — so it can locate where the stream's
+token is one the learner doubts (a corrupted fact, a format it rarely writes) instead of inferring that
+from the context alone.
 """
 
 from __future__ import annotations
@@ -29,17 +35,29 @@ class DesignerConfig:
   d_ff: int = 1024
   alpha_max: float = 0.5
   alpha_init_logit: float = -2.0  # α starts at α_max·sigmoid(−2) ≈ 0.12·α_max: near one-hot.
+  gate_features: bool = False  # the gate also reads the learner's confidence at t (module docstring).
   dtype: str = "float32"  # the paper trains the designer in fp32 even when the learner is bf16.
 
   @classmethod
   def from_config(cls, vpt_cfg) -> "DesignerConfig":
     d = vpt_cfg.designer
     return cls(d_model=d.d_model, n_layers=d.n_layers, n_heads=d.n_heads, d_ff=d.d_ff,
-               alpha_max=vpt_cfg.alpha_max, alpha_init_logit=d.get("alpha_init_logit", cls.alpha_init_logit))
+               alpha_max=vpt_cfg.alpha_max, alpha_init_logit=d.get("alpha_init_logit", cls.alpha_init_logit),
+               gate_features=bool(d.get("gate_features", cls.gate_features)))
 
   def block_config(self) -> LMConfig:
     return LMConfig(vocab_size=1, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
                     n_kv_heads=self.n_heads, d_ff=self.d_ff, qkv_bias=False, dtype=self.dtype)
+
+
+def confidence_features(cand_logp: jax.Array) -> jax.Array:
+  """[B, T, 4]: log p(y), the best other candidate's log p, their gap, and the entropy of the learner's
+  distribution renormalised over the K candidates (candidate 0 is the true token y)."""
+  logp = jax.lax.stop_gradient(cand_logp)
+  true, other = logp[..., 0], jnp.max(logp[..., 1:], axis=-1)
+  renorm = jax.nn.log_softmax(logp, axis=-1)
+  entropy = -jnp.sum(jnp.exp(renorm) * renorm, axis=-1)
+  return jnp.stack([true, other, true - other, entropy], axis=-1)
 
 
 class TaskDesigner(nn.Module):
@@ -75,6 +93,9 @@ class TaskDesigner(nn.Module):
     is_true = (jnp.arange(cand_ids.shape[-1]) == 0).astype(scores.dtype)
     scores = scores + logp_weight * jax.lax.stop_gradient(cand_logp) + true_bias * is_true
 
-    gate = dense(1, "gate", bias_init=nn.initializers.constant(cfg.alpha_init_logit))(h)[..., 0]
+    gate_in = h
+    if cfg.gate_features:
+      gate_in = h + dense(cfg.d_model, "gate_features_in")(confidence_features(cand_logp).astype(h.dtype))
+    gate = dense(1, "gate", bias_init=nn.initializers.constant(cfg.alpha_init_logit))(gate_in)[..., 0]
     alpha = cfg.alpha_max * jax.nn.sigmoid(gate)
     return scores, alpha
