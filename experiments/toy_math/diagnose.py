@@ -1,7 +1,7 @@
 """Why does the V-Pretraining designer switch itself off (α → 0) in the CPU-scale replication?
 
-    python experiments/toy_math/diagnose.py headroom --base_dir DIR --out experiments/toy_math/results
-    python experiments/toy_math/diagnose.py sweep --base_dir DIR --out experiments/toy_math/results
+    python experiments/toy_math/diagnose.py headroom --out /tmp/diagnose [--base_dir DIR] [--stream skill]
+    python experiments/toy_math/diagnose.py sweep --out /tmp/diagnose [--stream format] [--only 'K 4;K 64']
 
 `headroom` measures, at the base model the arms start from, how much value any target reshaping
 could buy. The value is linear in q, so per position t it changes with α_t by
@@ -13,10 +13,12 @@ For r = uniform, r = the learner's own top-K (self-distillation), r = the freshl
 and r = the oracle (all mass on argmin_v s_t(v)) it reports that gain per class of the true token and
 for a math-only and a filler-only stream; a gain below zero means the best α for that r is 0.
 
-`sweep` trains one seed of V-Pretraining per setting of one knob at a time (α_max, the initial gate,
-K, meta period r, alignment subset S, designer LR, burn-in, a fixed-α designer that learns r only)
-and records the designer's mean α over training and the feedback-set loss, held-out pretraining
-perplexity and Pass@1 on VALIDATION problems (never the test problems of replicate.py).
+`sweep` trains one seed of V-Pretraining per setting of one knob at a time around the main job's
+setting (the stream's format share, the initial gate, K, meta period r, alignment subset S, designer LR,
+burn-in, a fixed-α designer that learns r only, gate features) and records the designer's mean α over
+training and the feedback-set loss, held-out pretraining perplexity and strict / format-agnostic Pass@1
+on VALIDATION problems (the generator's 'validation' partition: never the test problems of replicate.py).
+The base is the main job's (cached; `--base_dir` names another run directory).
 Writes diagnose_headroom.md / diagnose_sweep.md and .json to --out.
 """
 
@@ -40,11 +42,12 @@ from vpt.data import synthetic_math  # noqa: E402
 from vpt.data.feedback import make_feedback_iterator  # noqa: E402
 from vpt.data.pipeline import make_lm_iterator  # noqa: E402
 from vpt.data.tokenizer import SentencePieceTokenizer  # noqa: E402
-from vpt.evals import gsm8k  # noqa: E402
+from vpt.evals import math_skills  # noqa: E402
 from vpt.models.designer import DesignerConfig, TaskDesigner  # noqa: E402
 from vpt.models.lm import LMConfig, Transformer  # noqa: E402
 
-CLASSES = ("format", "digit", "operator", "newline", "word")
+CLASSES = math_skills.TOKEN_CLASSES
+VALIDATION_SEED = 910_002  # 'validation'-partition problems (replicate.py tests on 'test' ones).
 
 
 # ----------------------------------------------------------------------------- headroom
@@ -68,10 +71,10 @@ def _gain_rows(scores, r_by_name, mask, classes, alpha_max):
 
 
 def headroom(args):
-  base_dir = args.base_dir
+  config = replicate.arm_config(_replicate_args(args), "value", 0, args.steps)
+  base_dir = args.base_dir or config.init_from
   tokenizer = SentencePieceTokenizer(os.path.join(base_dir, "tokenizer", "spm.model"))
   run = analysis.load_run(base_dir)
-  config = replicate.arm_config(_replicate_args(args), "value", 0, args.steps, base_dir)
   model, params = run.model, run.params
   n_last, top_k = config.vpt.align_last_n_layers, config.vpt.top_k
   designer = TaskDesigner(DesignerConfig.from_config(config.vpt))
@@ -105,7 +108,7 @@ def headroom(args):
           "oracle, in-sample (argmin s)": eye[np.argmin(s, axis=-1)],
       }
       targets = np.asarray(batch["targets"])
-      classes = np.vectorize(lambda i: replicate.token_class(tokenizer.id_to_piece(int(i))))(targets)
+      classes = np.vectorize(lambda i: math_skills.token_class(tokenizer.id_to_piece(int(i))))(targets)
       rows_all += _gain_rows(scores, r_by_name, mask, classes, config.vpt.alpha_max)
       rel_a, rel_b = (x[..., 1:] - x[..., :1] for x in (s_a, s))
       reliability.append(float(np.corrcoef(rel_a[mask].ravel(), rel_b[mask].ravel())[0, 1]))
@@ -153,9 +156,12 @@ def _pool(rows):
 
 # ----------------------------------------------------------------------------- sweep
 
-# One knob at a time, around the replication's setting (the first entry).
+# One knob at a time, around the main job's setting (the first entry).
 SWEEP = {
-    "reference (as replicate.py)": {},
+    "reference (the main job's setting)": {},
+    "format share 0.15": {"data.synthetic.downstream_format_fraction": 0.15},
+    "meta every 8, designer LR 1e-3": {"vpt.meta_every": 8, "vpt.designer.learning_rate": 1e-3},
+    "gate features": {"vpt.designer.gate_features": True},
     "gate starts at α_max/2": {"vpt.designer.alpha_init_logit": 0.0},
     "K 4": {"vpt.top_k": 4},
     "K 64": {"vpt.top_k": 64},
@@ -174,13 +180,14 @@ SWEEP = {
 
 
 def _replicate_args(args):
-  return argparse.Namespace(size="tiny", curve_points=1, steps=args.steps)
+  return argparse.Namespace(size="tiny", curve_points=1, steps=args.steps, stream=args.stream, smoke=False,
+                            base_cache=args.base_cache, base_steps=0)
 
 
 def sweep(args):
-  base_dir = args.base_dir
+  base_dir = replicate.arm_config(_replicate_args(args), "value", 0, args.steps).init_from
   tokenizer = SentencePieceTokenizer(os.path.join(base_dir, "tokenizer", "spm.model"))
-  data = synthetic_math.SyntheticMath(replicate.VALIDATION_SEED, args.val_items, partition="eval")
+  data = synthetic_math.SyntheticMath(VALIDATION_SEED, args.val_items, partition="validation")
   records = [{"question": r["question"], "answer": r["answer"], "final": str(synthetic_math.final_answer(r["answer"]))}
              for r in (data[i] for i in range(args.val_items))]
   names = args.only.split(";") if args.only else list(SWEEP)
@@ -195,13 +202,13 @@ def sweep(args):
   results = done["results"]
   start = time.perf_counter()
   for name in [n for n in names if n not in {r["setting"] for r in results}]:
-    config = replicate.arm_config(_replicate_args(args), "value", 0, args.steps, base_dir)
+    config = replicate.arm_config(_replicate_args(args), "value", 0, args.steps)
     config = config_lib.with_overrides(config, {"checkpoint.every_steps": args.steps, "eval_every_steps": args.steps,
                                                 **SWEEP[name]})
     workdir = os.path.join(args.out, "runs", "diagnose-" + "".join(c if c.isalnum() else "_" for c in name))
     summary = train.run(config, workdir)
     model = Transformer(LMConfig.from_config(config.model, tokenizer.vocab_size))
-    scores = gsm8k.evaluate(model, summary["state"].params, tokenizer, records, max_new_tokens=96, batch_size=32)
+    scores = math_skills.make_generation_evaluator(model, tokenizer, records, max_new_tokens=96)(summary["state"].params)
     metrics = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     alphas = [m["train/alpha_mean"] for m in metrics if "train/alpha_mean" in m]
     values = [m["train/meta/value"] for m in metrics if "train/meta/value" in m]
@@ -209,18 +216,19 @@ def sweep(args):
            "alpha_last": alphas[-1] if alphas else None, "value_mean": float(np.mean(values)) if values else None,
            "feedback_loss": summary["eval"]["feedback_loss"], "perplexity": summary["eval"]["perplexity"],
            "val_pass@1": scores["pass@1"], "val_strict_pass@1": scores["strict_pass@1"],
+           "val_format_rate": scores["format_rate"],
            "seconds": summary.get("throughput", {}).get("seconds")}
     results.append(row)
     with open(path, "w") as f:
       json.dump({"steps": args.steps, "val_items": args.val_items, "results": results}, f, indent=1)
     print(f"[{time.perf_counter() - start:.0f}s] {json.dumps(row)}", flush=True)
   lines = ["| setting | α first → last logged | mean V on meta steps | feedback-set L_down | held-out ppl | "
-           "validation Pass@1 (format-agnostic) |", "|---|---|---|---|---|---|"]
+           "validation Pass@1 (format-agnostic) | validation strict Pass@1 |", "|---|---|---|---|---|---|---|"]
   for row in results:
     alpha = f"{row['alpha_first']:.3f} → {row['alpha_last']:.4f}" if row["alpha_first"] is not None else "—"
     value = f"{row['value_mean']:+.2e}" if row["value_mean"] is not None else "—"
     lines.append(f"| {row['setting']} | {alpha} | {value} | {row['feedback_loss']:.3f} | {row['perplexity']:.3f} | "
-                 f"{row['val_pass@1']:.3f} |")
+                 f"{row['val_pass@1']:.3f} | {row['val_strict_pass@1']:.3f} |")
   with open(os.path.join(args.out, "diagnose_sweep.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
@@ -229,7 +237,9 @@ def sweep(args):
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("what", choices=("headroom", "sweep"))
-  ap.add_argument("--base_dir", required=True, help="the base run replicate.py trains (runs/base)")
+  ap.add_argument("--base_dir", default="", help="headroom: a base run directory (default: the main job's base)")
+  ap.add_argument("--base_cache", default="", help="where the main job's base is cached (default: vpt's cache)")
+  ap.add_argument("--stream", default="format", choices=sorted(replicate.STREAMS))
   ap.add_argument("--out", required=True)
   ap.add_argument("--steps", type=int, default=200)
   ap.add_argument("--batches", type=int, default=4, help="headroom: unlabeled batches per stream")
