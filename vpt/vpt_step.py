@@ -198,16 +198,18 @@ def feedback_grads(model, params, fb_batch: dict, n_last: int,
     raise ValueError(f"feedback batch has sets {sorted(fb_batch)}, the plan {sorted(n for n, _ in sets)}")
   scaled = lambda w, g: g if w == 1.0 else {k: w * v for k, v in g.items()}
   add = lambda a, b: b if a is None else {k: a[k] + b[k] for k in a}
-  weighted, pooled, halves = {}, None, [None, None]
+  weighted, halves = {}, [None, None]
   for name, w in sets:
     grads, counts = _downstream_halves(model, params, fb_batch[name], n_last)
     total = jnp.maximum(counts[0] + counts[1], 1.0)
-    g = {k: (counts[0] * grads[0][k] + counts[1] * grads[1][k]) / total for k in grads[0]}
-    weighted[name] = scaled(w, g)
-    pooled = add(pooled, weighted[name])
+    weighted[name] = scaled(w, {k: (counts[0] * grads[0][k] + counts[1] * grads[1][k]) / total for k in grads[0]})
     halves = [add(halves[i], scaled(w, grads[i])) for i in (0, 1)]
-  sg = jax.lax.stop_gradient
-  return sg(weighted), sg(pooled), sg(_split_cos(halves))
+  # The same operations in the same order as downstream_grad's for one set of weight 1.
+  weighted = jax.lax.stop_gradient(weighted)
+  pooled = None
+  for g in weighted.values():
+    pooled = add(pooled, g)
+  return weighted, pooled, jax.lax.stop_gradient(_split_cos(halves))
 
 
 def meta_objective(params, learner_opt_state, designer_params, batch: dict, fb_batch: dict, rng: jax.Array, *,
