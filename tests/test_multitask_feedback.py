@@ -322,6 +322,11 @@ def test_pipeline_domain_ids_mark_filler_math_and_mixture_components(tmp_path):
       assert d == {1 if text.startswith("zz prose") else 0}, text
       seen |= d
   assert seen == {0, 1}
+  # Eval reads the components with an eval split: their domains keep their data.mixture index.
+  mix.mixture = ({"weight": 1.0, "source": "text", "train_path": str(tmp_path / "prose.txt")},
+                 {"weight": 1.0, "source": "synthetic_math"})
+  batch = next(pipeline.make_lm_iterator(mix, tok, split="eval", global_batch_size=4, seq_len=256, seed=0))
+  assert set(np.unique(batch["domain_ids"][batch["segment_ids"] > 0])) == {1}
 
 
 def test_feedback_sets_are_disjoint_and_the_first_is_the_lone_set(tmp_path):

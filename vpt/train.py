@@ -56,11 +56,17 @@ def make_feedback_iterators(config: ml_collections.ConfigDict, tokenizer, plan: 
   fb_sets = config_lib.feedback_sets(config.feedback)
   wanted = {fb_sets[0].name} if plan.sets is None else {name for name, _ in plan.sets}
   records = feedback_set_records(fb_sets) if len(fb_sets) > 1 else {fb_sets[0].name: None}
-  return {feedback_iterator_name(s): make_feedback_iterator(s.config, tokenizer, seed=config.seed,
-                                                            process_index=jax.process_index(),
-                                                            process_count=jax.process_count(),
-                                                            records=records[s.name])
-          for s in fb_sets if s.name in wanted}
+
+  def iterator(fb_set):
+    try:
+      return make_feedback_iterator(fb_set.config, tokenizer, seed=config.seed, process_index=jax.process_index(),
+                                    process_count=jax.process_count(), records=records[fb_set.name])
+    except ValueError as e:
+      if fb_set.field == "feedback":
+        raise
+      raise ValueError(f"config.{fb_set.field} (feedback set {fb_set.name!r}): {e}") from None
+
+  return {feedback_iterator_name(s): iterator(s) for s in fb_sets if s.name in wanted}
 
 
 class _FeedbackFeed:

@@ -169,8 +169,9 @@ def make_lm_dataset(data_cfg, tokenizer: Tokenizer, *, split: str, global_batch_
     # is still a MapDataset, so the iterator state is one index: resume is exact. With
     # num_epochs, the stream ends when the first component runs out.
     ds = grain.MapDataset.mix(
-        [stream(c, f"{split} data {name}", (k + 1,), domain=k)
-         for k, (c, name) in enumerate(zip(source.components, source.names))], source.weights)
+        [stream(c, f"{split} data {name}", (k + 1,), domain=domain)
+         for k, (c, name, domain) in enumerate(zip(source.components, source.names, source.domains))],
+        source.weights)
   else:
     ds = stream(source, f"{split} data")
   threads = int(data_cfg.get("read_threads", 0))

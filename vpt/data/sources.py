@@ -783,10 +783,12 @@ class MixtureSource:
   training pipeline mixes them) or one after another (`mode='concat'`, eval)."""
 
   def __init__(self, components: Sequence, weights: Sequence[float], names: Sequence[str],
-               mode: str):
+               mode: str, domains: Sequence[int] | None = None):
     import grain
     self.components, self.weights, self.names, self.mode = (
         list(components), list(weights), list(names), mode)
+    # Each component's stream domain: its index k in data.mixture (eval leaves some components out).
+    self.domains = list(domains) if domains is not None else list(range(len(self.components)))
     tagged = [grain.MapDataset.range(len(c)).map(_Tag(k)) for k, c in enumerate(components)]
     self.keys = (grain.MapDataset.mix(tagged, self.weights) if mode == "mix"
                  else grain.MapDataset.concatenate(tagged))
@@ -805,9 +807,9 @@ class MixtureSource:
     return f"{self.names[k]}: {inner}"
 
   def domain_of(self, i: int, record: dict) -> int:
-    """Record i's stream domain: the index k of its component (data.mixture[k])."""
+    """Record i's stream domain: the index k of its component's data.mixture[k] entry."""
     del record
-    return self.keys[i][0]
+    return self.domains[self.keys[i][0]]
 
 
 class _Tag:
@@ -944,16 +946,17 @@ def stream_domains(data_cfg, main_set: str) -> list[StreamDomain]:
 def _make_source(data_cfg, split: str, prefix: str = "data"):
   kind = data_cfg.source
   if kind == "mixture":
-    comps, weights, names = [], [], []
-    for cfg, weight, cprefix in mixture_components(data_cfg):
+    comps, weights, names, domains = [], [], [], []
+    for k, (cfg, weight, cprefix) in enumerate(mixture_components(data_cfg)):
       if split == "eval" and not has_eval_split(cfg):
         continue  # Eval reads the components that have a held-out split.
       comps.append(make_source_component(cfg, split, cprefix))
       weights.append(weight)
       names.append(cprefix)
+      domains.append(k)
     if not comps:
       raise ValueError("data.mixture: no entry has an eval split (set eval_path on one)")
-    return MixtureSource(comps, weights, names, "mix" if split == "train" else "concat")
+    return MixtureSource(comps, weights, names, "mix" if split == "train" else "concat", domains)
   if kind == "synthetic_math":
     syn = data_cfg.synthetic
     if split == "train":
