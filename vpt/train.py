@@ -82,7 +82,7 @@ class _FeedbackFeed:
     self.vpt_cfg, self.mesh, self.plan = config.vpt, mesh, plan
     self.shapes = feedback_shapes(config, plan) if iterators else None
     fb_sets = config_lib.feedback_sets(config.feedback)
-    # set name -> iterator (None: one plain batch from the only iterator)
+    # set name -> its iterator, for the sets the step reads (one plain batch when plan.sets is None)
     self.iterators = {s.name: iterators[feedback_iterator_name(s)] for s in fb_sets
                       if feedback_iterator_name(s) in iterators}
     self.current = None
