@@ -253,14 +253,15 @@ def test_packing_invariants(qa_corpus, tokenizer):
   batches = _all(pipeline.make_lm_iterator(cfg, tokenizer, split="eval", global_batch_size=batch,
                                            seq_len=seq_len, seed=0))
   for b in batches:
-    assert set(b) == {"inputs", "targets", "loss_mask", "segment_ids", "positions"}
+    assert set(b) == {"inputs", "targets", "loss_mask", "segment_ids", "positions", "domain_ids"}
     for k, dt in [("inputs", np.int32), ("targets", np.int32), ("loss_mask", np.float32),
-                  ("segment_ids", np.int32), ("positions", np.int32)]:
+                  ("segment_ids", np.int32), ("positions", np.int32), ("domain_ids", np.int32)]:
       assert b[k].shape == (batch, seq_len) and b[k].dtype == dt, k
     for r in range(batch):
       seg, pos = b["segment_ids"][r], b["positions"][r]
       n = int((seg > 0).sum())
       assert (seg[n:] == 0).all()  # Padding only at the end of a row...
+      assert (b["domain_ids"][r][n:] == -1).all() and (b["domain_ids"][r][:n] == 0).all()  # one domain, 0
       assert (b["loss_mask"][r][n:] == 0).all() and (b["inputs"][r][n:] == 0).all()
       ids = seg[:n]
       assert ids[0] == 1 if n else True

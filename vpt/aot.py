@@ -62,6 +62,8 @@ from vpt.models.lm import LMConfig, Transformer, count_nonembedding_params, coun
 GB = 1024 ** 3
 BATCH_FIELDS = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "segment_ids": jnp.int32,
                 "positions": jnp.int32}
+# The LM pipeline's batches also carry each token's stream domain (vpt/data/pipeline.py).
+LM_BATCH_FIELDS = {**BATCH_FIELDS, "domain_ids": jnp.int32}
 
 
 def vocab_size_for_dry_run(config: ml_collections.ConfigDict) -> int:
@@ -78,9 +80,18 @@ def vocab_size_for_dry_run(config: ml_collections.ConfigDict) -> int:
                    "(set --config.model.vocab_size, or config.init_from to an HF directory with config.json)")
 
 
-def abstract_batch(batch_size: int, seq_len: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(batch_size: int, seq_len: int, mesh, fields=BATCH_FIELDS) -> dict[str, jax.ShapeDtypeStruct]:
   sh = sharding.batch_sharding(mesh)
-  return {k: jax.ShapeDtypeStruct((batch_size, seq_len), dt, sharding=sh) for k, dt in BATCH_FIELDS.items()}
+  return {k: jax.ShapeDtypeStruct((batch_size, seq_len), dt, sharding=sh) for k, dt in fields.items()}
+
+
+def abstract_feedback(config: ml_collections.ConfigDict, mesh) -> Any:
+  """The train step's feedback argument as training builds it (train.feedback_shapes): one batch, or
+  {set name: batch} with several feedback sets."""
+  sh = sharding.batch_sharding(mesh)
+  shapes = train.feedback_shapes(config, vpt_step.feedback_plan(config))
+  return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf[0], leaf[1], sharding=sh), shapes,
+                      is_leaf=lambda x: isinstance(x, tuple))
 
 
 def per_device_bytes(tree: Any, shardings: Any) -> int:
@@ -160,10 +171,10 @@ def _lm_compile(config, model_cfg, devices, *, variants: bool) -> dict[str, Any]
   step = train.jit_train_step(config, model, optimizer, schedule, shardings, mesh)
 
   state_in = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
-  batch = abstract_batch(config.batch_size, config.data.seq_len, mesh)
+  batch = abstract_batch(config.batch_size, config.data.seq_len, mesh, LM_BATCH_FIELDS)
   fb = None
   if vpt_step.uses_designer(config.vpt):
-    fb = abstract_batch(config.feedback.batch_size, config.feedback.seq_len, mesh)
+    fb = abstract_feedback(config, mesh)
   args = (state_in, batch, fb)
   compiled, seconds = _compile(step, *args)
   out = dict(mesh=mesh, abstract_state=abstract_state, shardings=shardings, args=args,

@@ -8,7 +8,9 @@ locked before use: a misspelt `--config.x=y` fails at start-up naming the field.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+import re
 
 import ml_collections
 
@@ -113,6 +115,14 @@ def feedback_config() -> ml_collections.ConfigDict:
   # Real GSM8K with the tokenizer trained on synthetic math is ~2 characters a token:
   # 256 truncates ~40% of the solutions and some prompts do not fit; 512 fits all prompts.
   c.seq_len = 256
+  # Multitask feedback (the paper's v2): g_down = Σ_j ω_j g_j, g_j = sg ∇_S L_down(θ; a batch of set j).
+  # This block is the first set; `sets` adds more (see feedback_sets). A lone set of weight 1 is today's g_down.
+  c.name = "main"  # how feedback.sets, data.mixture[k].feedback_set and checkpoints name this set
+  c.weight = 1.0  # ω of this set
+  # Extra sets: a list of {'name': ..., 'weight': ω, <any key of this block>} or a dict name -> {...};
+  # keys an entry leaves out come from this block, except `seed` (this block's + the entry's position).
+  # None (or empty): this block is the only set.
+  c.sets = None
   return c
 
 
@@ -127,6 +137,9 @@ def vpt_config() -> ml_collections.ConfigDict:
   c.fixed_alpha = 0.25  # α for the uniform_topk / self_distill controls (and value with learn_alpha=False).
   c.learn_alpha = True  # value / random_feedback: False holds α at fixed_alpha and the designer learns r only.
   c.align = "dot"  # 'dot' | 'cosine' (exact norm of g_pre) | 'cosine_cheap' (norm held constant)
+  # 'pooled': Align(g_down, g_pre) on the whole batch. 'domain_matched': −(1/|D|) Σ_d Align(g_down,d, g_pre,d),
+  # each stream domain d against its own feedback set (vpt_step.py; data.mixture[k].feedback_set).
+  c.alignment = "pooled"
   c.geometry = "raw"  # 'raw' (paper) | 'adam' (precondition g_down with the learner's Adam v̂)
   c.align_last_n_layers = 2  # S = last n blocks + final norm + head; 0 = all parameters.
   c.meta_every = 8  # r: one designer step every r learner steps...
@@ -292,15 +305,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     StreamStyle.from_config(d.synthetic)
   except ValueError as e:
     raise ValueError(f"config.data.synthetic.{e}") from None
-  f = config.feedback
-  need(f.source in ("synthetic", "gsm8k_jsonl"), "feedback.source",
-       "one of 'synthetic', 'gsm8k_jsonl'")
-  need(f.source != "gsm8k_jsonl" or f.path, "feedback.path",
-       "a GSM8K-format jsonl file for feedback.source='gsm8k_jsonl'")
-  need(f.num_examples > 0, "feedback.num_examples", "> 0")
-  need(f.seed >= 0, "feedback.seed", ">= 0")
-  need(f.batch_size > 0, "feedback.batch_size", "> 0")
-  need(f.seq_len >= 8, "feedback.seq_len", ">= 8")
+  fb_sets = feedback_sets(config.feedback)  # Raises naming feedback.sets[k].key.
+  for fb_set in fb_sets:
+    _validate_feedback_block(fb_set.config, fb_set.field)
+  set_names = [fb_set.name for fb_set in fb_sets]
+  domains = sources.stream_domains(d, set_names[0])  # Raises naming data.mixture[k].feedback_set.
+  for domain in domains:
+    if domain.feedback_set is not None and domain.feedback_set not in set_names:
+      raise ValueError(f"config.{domain.field}={domain.feedback_set!r}: expected the name of a feedback set, "
+                       f"one of {set_names} (feedback.name and the names in feedback.sets)")
   need(config.eval_generation.split in ("test", "validation"), "eval_generation.split", "'test' or 'validation'")
   b = config.base
   need(b.num_steps >= 0, "base.num_steps", ">= 0 (0 = no base model)")
@@ -320,6 +333,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
        "one of 'ntp', 'value', 'random_feedback', 'uniform_topk', 'self_distill'")
   need(v.align in ("dot", "cosine", "cosine_cheap"), "vpt.align", "one of 'dot', 'cosine', 'cosine_cheap'")
   need(v.geometry in ("raw", "adam"), "vpt.geometry", "'raw' or 'adam'")
+  need(v.alignment in ALIGNMENTS, "vpt.alignment", " or ".join(map(repr, ALIGNMENTS)))
+  if v.alignment == "domain_matched":
+    need(any(domain.feedback_set is not None for domain in domains), "vpt.alignment",
+         f"a stream domain paired with a feedback set for 'domain_matched' (the domains of data.source="
+         f"{d.source!r}: {[domain.name for domain in domains]}; pair a mixture component with "
+         "data.mixture[k].feedback_set)")
   need(v.top_k >= 2, "vpt.top_k", ">= 2")
   need(0.0 <= v.alpha_max <= 1.0, "vpt.alpha_max", "in [0, 1]")
   need(0.0 <= v.fixed_alpha <= 1.0, "vpt.fixed_alpha", "in [0, 1]")
@@ -329,6 +348,95 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(0 <= v.meta_batch_size <= config.batch_size, "vpt.meta_batch_size", f"in [0, batch_size={config.batch_size}]")
   need(0 <= v.meta_seq_len <= d.seq_len, "vpt.meta_seq_len", f"in [0, data.seq_len={d.seq_len}]")
   need(v.designer.d_model % v.designer.n_heads == 0, "vpt.designer.n_heads", "a divisor of vpt.designer.d_model")
+
+
+ALIGNMENTS = ("pooled", "domain_matched")
+# A set's name is part of a checkpoint item's name (feedback_<name>): a file-name-safe word.
+_SET_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedbackSet:
+  """One feedback set: its name, ω, its full feedback block and the config field it comes from."""
+  name: str
+  weight: float
+  config: ml_collections.ConfigDict  # a feedback_config() without `sets`
+  field: str  # 'feedback', 'feedback.sets[k]' or 'feedback.sets.<name>' (for error messages)
+
+
+def feedback_sets(fb_cfg: ml_collections.ConfigDict) -> list[FeedbackSet]:
+  """The feedback sets of a feedback block: the block itself first, then feedback.sets in order.
+
+  An entry of feedback.sets is a feedback block of its own: keys it leaves out come from the main
+  block, except `seed`, which defaults to the main block's seed + the entry's position (1, 2, …), so
+  synthetic sets draw other problems. Raises ValueError naming the field on an unknown key, a
+  missing, repeated or malformed name, or a weight that is not a number > 0.
+  """
+  main = copy.deepcopy(fb_cfg)
+  with main.unlocked():
+    main.sets = None
+  main_weight = fb_cfg.get("weight", 1.0)
+  out = [FeedbackSet(str(fb_cfg.get("name", "main")), main_weight, main, "feedback")]
+  entries = fb_cfg.get("sets") or ()
+  if hasattr(entries, "items"):  # dict form: name -> entry
+    items = [(f"feedback.sets.{name}", name, entry) for name, entry in entries.items()]
+  elif isinstance(entries, (list, tuple)):
+    items = [(f"feedback.sets[{k}]", None, entry) for k, entry in enumerate(entries)]
+  else:
+    raise ValueError(f"config.feedback.sets={entries!r}: expected a list of feedback blocks "
+                     "({'name': ..., 'weight': ω, ...}) or a dict name -> block")
+  allowed = sorted(set(main) - {"sets"})
+  for position, (field, key_name, entry) in enumerate(items, 1):
+    if not hasattr(entry, "items"):
+      raise ValueError(f"config.{field}={entry!r}: expected a dict of feedback keys ({', '.join(allowed)})")
+    entry = dict(entry.items())
+    unknown = sorted(set(entry) - set(allowed))
+    if unknown:
+      raise ValueError(f"config.{field} has unknown keys {unknown}; expected some of {allowed}")
+    if key_name is not None:
+      if entry.setdefault("name", key_name) != key_name:
+        raise ValueError(f"config.{field}.name={entry['name']!r}: differs from its key {key_name!r}")
+    elif "name" not in entry:
+      raise ValueError(f"config.{field} has no 'name': every extra feedback set needs one")
+    cfg = copy.deepcopy(main)
+    with cfg.unlocked():
+      cfg.seed = main.seed + position
+      cfg.weight = 1.0
+      for key, value in entry.items():
+        try:
+          cfg[key] = value
+        except TypeError:
+          raise ValueError(f"config.{field}.{key}={value!r}: expected a {type(main[key]).__name__} like "
+                           f"config.feedback.{key}") from None
+    out.append(FeedbackSet(str(cfg.name), cfg.weight, cfg, field))
+  seen = {}
+  for s in out:
+    if not isinstance(s.config.name, str) or not _SET_NAME_RE.fullmatch(s.config.name):
+      raise ValueError(f"config.{s.field}.name={s.config.name!r}: expected a non-empty word of letters, "
+                       "digits, '_' and '-'")
+    if s.name in seen:
+      raise ValueError(f"config.{s.field}.name={s.name!r}: the name of config.{seen[s.name]} already; "
+                       "feedback set names must be unique")
+    seen[s.name] = s.field
+    w = s.weight
+    if not isinstance(w, (int, float)) or isinstance(w, bool) or not w > 0:
+      raise ValueError(f"config.{s.field}.weight={w!r}: expected a number > 0")
+  return out
+
+
+def _validate_feedback_block(f, field: str) -> None:
+  """The checks of one feedback block (config.feedback or an entry of feedback.sets)."""
+
+  def need(cond, key, expected):
+    if not cond:
+      raise ValueError(f"config.{field}.{key}={f[key]!r}: expected {expected}")
+
+  need(f.source in ("synthetic", "gsm8k_jsonl"), "source", "one of 'synthetic', 'gsm8k_jsonl'")
+  need(f.source != "gsm8k_jsonl" or f.path, "path", f"a GSM8K-format jsonl file for {field}.source='gsm8k_jsonl'")
+  need(f.num_examples > 0, "num_examples", "> 0")
+  need(f.seed >= 0, "seed", ">= 0")
+  need(f.batch_size > 0, "batch_size", "> 0")
+  need(f.seq_len >= 8, "seq_len", ">= 8")
 
 
 def _get(config, dotted):

@@ -17,7 +17,7 @@ from absl import logging
 
 from vpt import checkpoint as ckpt_lib
 from vpt import config_lib, metrics as metrics_lib, paths, sharding, vpt_step
-from vpt.data.feedback import make_feedback_iterator
+from vpt.data.feedback import feedback_set_records, make_feedback_iterator
 from vpt.data.pipeline import make_lm_iterator
 from vpt.data import tokenizer as tokenizer_lib
 from vpt.data.sources import has_eval_split
@@ -31,29 +31,82 @@ from vpt.loop_utils import Preemption, StepTimer
 from vpt.steps import init_train_state, make_eval_step, make_train_step
 
 
+FEEDBACK_FIELDS = {"inputs": np.int32, "targets": np.int32, "loss_mask": np.float32, "segment_ids": np.int32,
+                   "positions": np.int32}
+
+
+def feedback_iterator_name(fb_set) -> str:
+  """The checkpoint item of a feedback set's iterator: 'feedback' for config.feedback (as before
+  multitask feedback), 'feedback_<name>' for the sets of feedback.sets."""
+  return "feedback" if fb_set.field == "feedback" else f"feedback_{fb_set.name}"
+
+
+def feedback_shapes(config: ml_collections.ConfigDict, plan: vpt_step.FeedbackPlan) -> Any:
+  """The feedback argument of the train step as {field: (global shape, dtype)}: one batch, or
+  {set name: batch} for plan.sets (training and the --dry_run compile build the same pytree)."""
+  blocks = {s.name: s.config for s in config_lib.feedback_sets(config.feedback)}
+  shapes = lambda fb: {k: ((fb.batch_size, fb.seq_len), dt) for k, dt in FEEDBACK_FIELDS.items()}
+  if plan.sets is None:
+    return shapes(config.feedback)
+  return {name: shapes(blocks[name]) for name, _ in plan.sets}
+
+
+def make_feedback_iterators(config: ml_collections.ConfigDict, tokenizer, plan: vpt_step.FeedbackPlan) -> dict:
+  """{checkpoint item name: feedback iterator} of the sets the step reads (config.feedback alone, or
+  plan.sets), each over its own records (feedback.feedback_set_records: disjoint sets)."""
+  fb_sets = config_lib.feedback_sets(config.feedback)
+  wanted = {fb_sets[0].name} if plan.sets is None else {name for name, _ in plan.sets}
+  records = feedback_set_records(fb_sets) if len(fb_sets) > 1 else {fb_sets[0].name: None}
+
+  def iterator(fb_set):
+    try:
+      return make_feedback_iterator(fb_set.config, tokenizer, seed=config.seed, process_index=jax.process_index(),
+                                    process_count=jax.process_count(), records=records[fb_set.name])
+    except ValueError as e:
+      if fb_set.field == "feedback":
+        raise
+      raise ValueError(f"config.{fb_set.field} (feedback set {fb_set.name!r}): {e}") from None
+
+  return {feedback_iterator_name(s): iterator(s) for s in fb_sets if s.name in wanted}
+
+
 class _FeedbackFeed:
   """Feedback batches for the step: a fresh one on meta steps, a resident placeholder otherwise.
 
   The jitted step reads the feedback batch only under its meta-step branch, so other steps pass
-  the last batch again (no transfer) and the feedback iterator advances once per meta step —
-  which keeps its checkpointed position exact.
+  the last batch again (no transfer) and the feedback iterators advance once per meta step —
+  which keeps their checkpointed positions exact. With several sets (plan.sets) the batch is
+  {set name: batch}, one from each set's iterator.
   """
 
-  def __init__(self, iterator, vpt_cfg, fb_cfg, mesh):
-    self.iterator, self.vpt_cfg, self.mesh, self.fb_cfg = iterator, vpt_cfg, mesh, fb_cfg
+  def __init__(self, iterators: dict, config, plan: vpt_step.FeedbackPlan, mesh):
+    self.vpt_cfg, self.mesh, self.plan = config.vpt, mesh, plan
+    self.shapes = feedback_shapes(config, plan) if iterators else None
+    fb_sets = config_lib.feedback_sets(config.feedback)
+    # set name -> its iterator, for the sets the step reads (one plain batch when plan.sets is None)
+    self.iterators = {s.name: iterators[feedback_iterator_name(s)] for s in fb_sets
+                      if feedback_iterator_name(s) in iterators}
     self.current = None
 
+  def _next(self):
+    if self.plan.sets is None:
+      return sharding.global_batch(next(iter(self.iterators.values())), self.mesh)
+    return {name: sharding.global_batch(next(self.iterators[name]), self.mesh) for name, _ in self.plan.sets}
+
+  def _zeros(self):
+    local = lambda shape, dt: np.zeros((shape[0] // jax.process_count(), shape[1]), dt)
+    zeros = jax.tree.map(lambda leaf: local(*leaf), self.shapes, is_leaf=lambda x: isinstance(x, tuple))
+    if self.plan.sets is None:
+      return sharding.global_batch(zeros, self.mesh)
+    return {name: sharding.global_batch(batch, self.mesh) for name, batch in zeros.items()}
+
   def batch_for(self, step: int):
-    if self.iterator is None:
+    if not self.iterators:
       return None
     if vpt_step.is_meta_step(step, self.vpt_cfg):
-      self.current = sharding.global_batch(next(self.iterator), self.mesh)
+      self.current = self._next()
     elif self.current is None:
-      local = self.fb_cfg.batch_size // jax.process_count()
-      shape = (local, self.fb_cfg.seq_len)
-      zeros = {k: np.zeros(shape, np.float32 if k == "loss_mask" else np.int32)
-               for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
-      self.current = sharding.global_batch(zeros, self.mesh)
+      self.current = self._zeros()
     return self.current
 
 
@@ -190,7 +243,7 @@ def jit_train_step(config: ml_collections.ConfigDict, model: Transformer, optimi
     return jax.jit(lambda st, b, fb: step_fn(st, b), in_shardings=(shardings, batch_sh, None),
                    out_shardings=out_sh, donate_argnums=(0,))
   step_fn = vpt_step.make_vpt_train_step(model, optimizer, schedule, vpt_cfg, config.optimizer,
-                                         config.grad_accum_steps)
+                                         config.grad_accum_steps, plan=vpt_step.feedback_plan(config))
   fb_sh = batch_sh if vpt_step.uses_designer(vpt_cfg) else None
   return jax.jit(step_fn, in_shardings=(shardings, batch_sh, fb_sh), out_shardings=out_sh, donate_argnums=(0,))
 
@@ -252,10 +305,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   vpt_cfg = config.vpt
   uses_designer = vpt_step.uses_designer(vpt_cfg)
   iterators = {"data": train_iter}
+  plan = vpt_step.feedback_plan(config)
   if uses_designer:
-    iterators["feedback"] = make_feedback_iterator(config.feedback, tokenizer, seed=config.seed,
-                                                   process_index=jax.process_index(),
-                                                   process_count=jax.process_count())
+    iterators.update(make_feedback_iterators(config, tokenizer, plan))
 
   optimizer, schedule = make_learner_optimizer(config, model_cfg)
   init_fn = make_init_fn(config, model, optimizer)
@@ -290,7 +342,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   batch_sh = sharding.batch_sharding(mesh)
   train_step = jit_train_step(config, model, optimizer, schedule, shardings, mesh)
-  feedback = _FeedbackFeed(iterators.get("feedback"), vpt_cfg, config.feedback, mesh)
+  feedback = _FeedbackFeed({k: v for k, v in iterators.items() if k != "data"}, config, plan, mesh)
   generation_eval = _generation_eval(config, model, tokenizer)
   downstream_eval = make_downstream_eval(model, config.feedback, tokenizer, mesh, seed=config.seed,
                                          num_batches=config.eval_batches)

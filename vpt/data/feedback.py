@@ -6,11 +6,20 @@ training solutions). This module builds that set and its batches:
 
   make_feedback_records      records {"question", "answer", "final"} (GSM8K
                              jsonl, or the embedded synthetic generator)
+  feedback_set_records       the records of every feedback set (multitask
+                             feedback: config.feedback and feedback.sets)
   encode_feedback_example    one example per row, loss mask on the solution + eos
   make_feedback_iterator     infinite, reshuffled, process-sharded, checkpointable
                              grain iterator of [local_batch, seq_len] batches
   downstream_nll             the downstream loss (mean over examples of the mean
                              answer-token NLL)
+
+Several feedback sets (config_lib.feedback_sets): a *set* is a list of distinct problems
+and no problem is in two sets. Sets are built in order (config.feedback first, which is
+built exactly as a lone set is), each skipping the questions of the sets before it:
+two synthetic sets draw from their own seeds (distinct by default) and are disjoint as
+long as the generator has problems left, and two sets from one file take disjoint
+records of it.
 
 Examples are tokenized exactly as the LM stream tokenizes a prompt/answer record
 (`pipeline.encode_example`), so "the same text" means the same tokens in both.
@@ -105,8 +114,13 @@ def load_gsm8k_jsonl(path: str, *, strip_calculator: bool = True) -> list[dict]:
   return records
 
 
-def make_feedback_records(fb_cfg) -> list[dict]:
-  """The feedback set of a feedback_config(): num_examples {"question", "answer", "final"}."""
+def make_feedback_records(fb_cfg, exclude: frozenset[str] | set[str] = frozenset()) -> list[dict]:
+  """The feedback set of a feedback_config(): num_examples {"question", "answer", "final"}.
+
+  `exclude`: questions the set must not contain (earlier sets'); they are skipped, and the set
+  takes the next records instead (synthetic: the next indices of its generator; a file: the next
+  records of its seeded order, the set is smaller if the file runs out).
+  """
   n = int(fb_cfg.num_examples)
   if n <= 0:
     raise ValueError(f"feedback.num_examples={n}: expected > 0")
@@ -118,20 +132,43 @@ def make_feedback_records(fb_cfg) -> list[dict]:
     records = load_gsm8k_jsonl(fb_cfg.path, strip_calculator=bool(fb_cfg.strip_calculator))
     # A prefix of one seeded permutation: a larger num_examples extends the set, and
     # a file with fewer records is used whole, in a seeded order.
-    order = np.random.default_rng(int(fb_cfg.seed)).permutation(len(records))[:n]
-    return [records[i] for i in order]
+    order = np.random.default_rng(int(fb_cfg.seed)).permutation(len(records))
+    kept = [records[i] for i in order if records[i]["question"] not in exclude][:n]
+    if not kept:
+      raise ValueError(f"feedback file {fb_cfg.path!r}: every record is in an earlier feedback set")
+    return kept
   if fb_cfg.source == "synthetic":
     # 'train' partition: the 'eval' hash bucket is reserved for the held-out test
-    # problems of later evaluation, which the feedback set must not contain.
-    data = synthetic_math.SyntheticMath(_SYNTHETIC_SEED_OFFSET + int(fb_cfg.seed), n,
+    # problems of later evaluation, which the feedback set must not contain. Record i
+    # depends on (seed, i) only, so the size is just an upper bound on the draws.
+    limit = n + len(exclude) + 100_000
+    data = synthetic_math.SyntheticMath(_SYNTHETIC_SEED_OFFSET + int(fb_cfg.seed), limit,
                                         partition="train")
     out = []
-    for i in range(n):
+    for i in range(limit):
+      if len(out) == n:
+        return out
       r = data[i]
-      out.append({"question": r["question"], "answer": r["answer"],
-                  "final": _final_of(r["answer"])})
-    return out
+      if r["question"] not in exclude:
+        out.append({"question": r["question"], "answer": r["answer"],
+                    "final": _final_of(r["answer"])})
+    raise ValueError(f"feedback.seed={fb_cfg.seed}: only {len(out)} of num_examples={n} synthetic problems "
+                     f"in {limit} draws are not in an earlier feedback set")
   raise ValueError(f"feedback.source={fb_cfg.source!r}: expected one of {SOURCES}")
+
+
+def feedback_set_records(fb_sets) -> dict[str, list[dict]]:
+  """{name: records} of config_lib.feedback_sets(...) in order, each set without the questions of the
+  sets before it (the first set is exactly make_feedback_records of its block)."""
+  out, seen = {}, set()
+  for fb_set in fb_sets:
+    try:
+      records = make_feedback_records(fb_set.config, exclude=seen)
+    except ValueError as e:
+      raise ValueError(f"config.{fb_set.field} (feedback set {fb_set.name!r}): {e}") from None
+    out[fb_set.name] = records
+    seen.update(r["question"] for r in records)
+  return out
 
 
 # --- tokenization ----------------------------------------------------------------------

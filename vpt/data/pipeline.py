@@ -12,6 +12,8 @@ example. Batches are dicts of numpy arrays, all [local_batch, seq_len]:
   loss_mask        float32 1 on answer (or text) tokens and eos, 0 on prompt/padding
   segment_ids      int32   1, 2, ... per packed example in a row, 0 on padding
   positions        int32   position within the example (restarts at 0)
+  domain_ids       int32   the stream domain of the token's example (sources.stream_domains: the
+                           synthetic stream's math 0 / filler 1, a mixture's component k), -1 on padding
 
 The returned grain DatasetIterator is checkpointable: `get_state()` is a small
 JSON-serialisable dict and `set_state` on a fresh iterator built with the same
@@ -65,15 +67,23 @@ def encode_example(tokenizer: Tokenizer, record: dict) -> tuple[np.ndarray, np.n
 
 
 class _Tokenize(grain.transforms.Map):
-  """Source index -> {"ex": [n-1, 3] int32 (input, target, loss flag) rows}."""
+  """Source index -> {"ex": [n-1, 4] int32 (input, target, loss flag, domain + 1) rows}.
 
-  def __init__(self, source, tokenizer, seq_len: int, truncate: bool, split: str):
+  The domain is `domain` if given (a mixture component's index), else the source's
+  domain_of(index, record), else 0. It is stored + 1 so that the packer's zero padding reads -1.
+  """
+
+  def __init__(self, source, tokenizer, seq_len: int, truncate: bool, split: str, domain: int | None = None):
     self.source, self.tokenizer = source, tokenizer
-    self.seq_len, self.truncate, self.split = seq_len, truncate, split
+    self.seq_len, self.truncate, self.split, self.domain = seq_len, truncate, split, domain
 
   def map(self, index):
     index = int(index)
-    toks, flags = encode_example(self.tokenizer, self.source[index])
+    record = self.source[index]
+    domain = self.domain
+    if domain is None:
+      domain = self.source.domain_of(index, record) if hasattr(self.source, "domain_of") else 0
+    toks, flags = encode_example(self.tokenizer, record)
     if len(toks) > self.seq_len + 1:
       if not self.truncate:
         raise ValueError(
@@ -82,7 +92,7 @@ class _Tokenize(grain.transforms.Map):
             f"sequence length is smaller than one example. Raise data.seq_len="
             f"{self.seq_len} or set data.truncate_long_examples=True.")
       toks, flags = toks[:self.seq_len + 1], flags[:self.seq_len + 1]
-    ex = np.stack([toks[:-1], toks[1:], flags[1:]], axis=1)
+    ex = np.stack([toks[:-1], toks[1:], flags[1:], np.full(len(toks) - 1, domain + 1, np.int32)], axis=1)
     return {"ex": ex}
 
 
@@ -98,7 +108,7 @@ class _MakeBatch:
 
   def __call__(self, rows):
     b = self.batch_size
-    ex = np.zeros((b, self.seq_len, 3), np.int32)
+    ex = np.zeros((b, self.seq_len, 4), np.int32)
     seg = np.zeros((b, self.seq_len), np.int32)
     pos = np.zeros((b, self.seq_len), np.int32)
     for k, r in enumerate(rows):
@@ -109,6 +119,7 @@ class _MakeBatch:
         "loss_mask": ex[..., 2].astype(np.float32),
         "segment_ids": seg,
         "positions": pos,
+        "domain_ids": ex[..., 3] - 1,
     }
 
 
@@ -137,7 +148,7 @@ def make_lm_dataset(data_cfg, tokenizer: Tokenizer, *, split: str, global_batch_
   epochs = num_epochs if num_epochs is not None else (None if train else 1)
   truncate = bool(data_cfg.get("truncate_long_examples", False))
 
-  def stream(src, name, extra_seed=()):
+  def stream(src, name, extra_seed=(), domain=None):
     # Indices, not records, go through shard/shuffle/repeat: the record index then
     # names the example in errors, and index shuffling is free.
     ds = grain.MapDataset.range(len(src))[process_index::process_count]
@@ -150,7 +161,7 @@ def make_lm_dataset(data_cfg, tokenizer: Tokenizer, *, split: str, global_batch_
       shuffle_seed = np.random.SeedSequence([int(seed), int(data_cfg.get("shuffle_seed", 0)),
                                              *extra_seed])
       ds = ds.shuffle(seed=int(shuffle_seed.generate_state(1)[0]))
-    return ds.repeat(epochs).map(_Tokenize(src, tokenizer, seq_len, truncate, split))
+    return ds.repeat(epochs).map(_Tokenize(src, tokenizer, seq_len, truncate, split, domain))
 
   if train and isinstance(source, sources_lib.MixtureSource):
     # Each component is sharded, shuffled (its own seed) and repeated on its own, then
@@ -158,8 +169,9 @@ def make_lm_dataset(data_cfg, tokenizer: Tokenizer, *, split: str, global_batch_
     # is still a MapDataset, so the iterator state is one index: resume is exact. With
     # num_epochs, the stream ends when the first component runs out.
     ds = grain.MapDataset.mix(
-        [stream(c, f"{split} data {name}", (k + 1,))
-         for k, (c, name) in enumerate(zip(source.components, source.names))], source.weights)
+        [stream(c, f"{split} data {name}", (k + 1,), domain=domain)
+         for k, (c, name, domain) in enumerate(zip(source.components, source.names, source.domains))],
+        source.weights)
   else:
     ds = stream(source, f"{split} data")
   threads = int(data_cfg.get("read_threads", 0))

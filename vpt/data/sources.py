@@ -6,6 +6,9 @@ Every source has `__len__`, `__getitem__(i) -> dict` and `describe(i) -> str`
   {"prompt": str, "answer": str}  the loss is on the answer tokens only, or
   {"text": str}                   the loss is on every token.
 
+A source may also have `domain_of(i, record) -> int`, the stream domain of record i (the LM batch's
+`domain_ids`; see stream_domains); a source without it is one domain, 0.
+
 Sources check their input at construction (missing files, empty corpora, missing
 columns, bad lines) so that a broken config fails before training starts.
 
@@ -35,6 +38,7 @@ parquet / arrow / array_record / cached-jsonl source decodes at most one record.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import glob
 import hashlib
 import json
@@ -65,7 +69,11 @@ SOURCES = ("synthetic_math", "jsonl", "text", "tfds", "parquet", "arrow", "array
 PATH_SOURCES = ("jsonl", "text", "parquet", "arrow", "array_record")
 # Keys a data.mixture entry may set (the rest are inherited from data.*).
 MIXTURE_KEYS = ("weight", "source", "train_path", "eval_path", "text_field", "prompt_field",
-                "answer_field", "tfds_name", "tfds_data_dir", "train_split", "eval_split")
+                "answer_field", "tfds_name", "tfds_data_dir", "train_split", "eval_split", "feedback_set")
+# The synthetic stream's domains (LM batch `domain_ids`): math records, and the off-domain filler
+# (data.synthetic.irrelevant_fraction). A mixture's domain is its component index k.
+SYNTHETIC_DOMAINS = ("math", "filler")
+DOMAIN_MATH, DOMAIN_FILLER = 0, 1
 COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
 
 # Records normalised so far in this process (construction must not decode every one).
@@ -142,6 +150,12 @@ class SyntheticMathSource:
   def describe(self, i: int) -> str:
     d = self.data
     return f"synthetic_math(seed={d.seed}, partition={d.partition!r})[{i}]"
+
+  @staticmethod
+  def domain_of(i: int, record: dict) -> int:
+    """Record i's stream domain (`record` is self[i]): filler text or math."""
+    del i
+    return DOMAIN_FILLER if "text" in record else DOMAIN_MATH
 
 
 class _Fields:
@@ -769,10 +783,12 @@ class MixtureSource:
   training pipeline mixes them) or one after another (`mode='concat'`, eval)."""
 
   def __init__(self, components: Sequence, weights: Sequence[float], names: Sequence[str],
-               mode: str):
+               mode: str, domains: Sequence[int] | None = None):
     import grain
     self.components, self.weights, self.names, self.mode = (
         list(components), list(weights), list(names), mode)
+    # Each component's stream domain: its index k in data.mixture (eval leaves some components out).
+    self.domains = list(domains) if domains is not None else list(range(len(self.components)))
     tagged = [grain.MapDataset.range(len(c)).map(_Tag(k)) for k, c in enumerate(components)]
     self.keys = (grain.MapDataset.mix(tagged, self.weights) if mode == "mix"
                  else grain.MapDataset.concatenate(tagged))
@@ -789,6 +805,11 @@ class MixtureSource:
     c = self.components[k]
     inner = c.describe(j) if hasattr(c, "describe") else f"record {j}"
     return f"{self.names[k]}: {inner}"
+
+  def domain_of(self, i: int, record: dict) -> int:
+    """Record i's stream domain: the index k of its component's data.mixture[k] entry."""
+    del record
+    return self.domains[self.keys[i][0]]
 
 
 class _Tag:
@@ -875,6 +896,7 @@ def mixture_components(data_cfg):
     if unknown:
       raise ValueError(f"{prefix} has unknown keys {unknown}; expected some of {MIXTURE_KEYS}")
     weight = entry.pop("weight", None)
+    entry.pop("feedback_set", None)  # pairs the component with a feedback set (stream_domains)
     if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight > 0:
       raise ValueError(f"{prefix}.weight={weight!r}: expected a number > 0")
     if entry.get("source", data_cfg.source) == "mixture":
@@ -888,19 +910,53 @@ def mixture_components(data_cfg):
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamDomain:
+  """A domain of the training stream: its id in the LM batch's `domain_ids`, its name, the feedback set
+  it is paired with (None: none, its tokens are left out of domain-matched alignment) and the config
+  field that pairs it."""
+  id: int
+  name: str
+  feedback_set: str | None
+  field: str
+
+
+def stream_domains(data_cfg, main_set: str) -> list[StreamDomain]:
+  """The domains of a data_config()'s training stream and their feedback sets.
+
+  synthetic_math: 'math' (paired with the main feedback set, `main_set`) and 'filler' (none). A
+  mixture: component k is domain k, paired with data.mixture[k].feedback_set (unset or '': none).
+  Any other source is one domain, 'data', paired with the main set.
+  """
+  if data_cfg.source == "synthetic_math":
+    return [StreamDomain(DOMAIN_MATH, "math", main_set, "data.source"),
+            StreamDomain(DOMAIN_FILLER, "filler", None, "data.synthetic.irrelevant_fraction")]
+  if data_cfg.source != "mixture":
+    return [StreamDomain(0, "data", main_set, "data.source")]
+  out = []
+  for k, entry in enumerate(data_cfg.get("mixture", ()) or ()):
+    field = f"data.mixture[{k}].feedback_set"
+    name = entry.get("feedback_set", None) if hasattr(entry, "get") else None
+    if name is not None and not isinstance(name, str):
+      raise ValueError(f"config.{field}={name!r}: expected the name of a feedback set (a string)")
+    out.append(StreamDomain(k, f"data.mixture[{k}]", name or None, field))
+  return out
+
+
 def _make_source(data_cfg, split: str, prefix: str = "data"):
   kind = data_cfg.source
   if kind == "mixture":
-    comps, weights, names = [], [], []
-    for cfg, weight, cprefix in mixture_components(data_cfg):
+    comps, weights, names, domains = [], [], [], []
+    for k, (cfg, weight, cprefix) in enumerate(mixture_components(data_cfg)):
       if split == "eval" and not has_eval_split(cfg):
         continue  # Eval reads the components that have a held-out split.
       comps.append(make_source_component(cfg, split, cprefix))
       weights.append(weight)
       names.append(cprefix)
+      domains.append(k)
     if not comps:
       raise ValueError("data.mixture: no entry has an eval split (set eval_path on one)")
-    return MixtureSource(comps, weights, names, "mix" if split == "train" else "concat")
+    return MixtureSource(comps, weights, names, "mix" if split == "train" else "concat", domains)
   if kind == "synthetic_math":
     syn = data_cfg.synthetic
     if split == "train":
