@@ -33,7 +33,7 @@ def test_the_cache_key_holds_what_sets_the_weights_and_nothing_of_the_continued_
   same = key()
   for continued in ({"vpt.mode": "ntp"}, {"num_steps": 7}, {"data.synthetic.seed": 5}, {"seed": 3},
                     {"optimizer.learning_rate": 1e-2}, {"data.synthetic.downstream_format_fraction": 1.0},
-                    {"progress_bar": True}):
+                    {"progress_bar": True}, {"feedback.batch_size": 4}, {"vpt.top_k": 4}, {"mesh.num_devices": 0}):
     assert key(**continued) == same, continued
   for base_setting in ({"base.num_steps": 4}, {"base.irrelevant_fraction": 0.1}, {"base.data_seed": 7},
                        {"base.learning_rate": 1e-2}, {"model.d_model": 64}, {"data.seq_len": 64}):

@@ -32,10 +32,10 @@ import ml_collections
 from vpt import config_lib, paths
 
 DONE_FILE = "BASE_DONE.json"
-# Settings that do not change the base's weights (the mesh only lays them out: up to float rounding of
-# the reductions, a base trained on 8 devices is the one trained on 1); left out of its cache key.
-_KEY_EXCLUDED = ("progress_bar", "log_every_steps", "eval_every_steps", "eval_batches", "checkpoint",
-                 "compare_with_baseline", "mesh", "multihost")
+# What sets the base's weights: its cache key. Not the mesh (it only lays the weights out: up to float
+# rounding of the reductions, a base trained on 8 devices is the one trained on 1), nor the evals,
+# feedback, designer or logging settings an NTP run never trains on.
+_KEY_FIELDS = ("seed", "model", "data", "batch_size", "num_steps", "grad_accum_steps", "optimizer")
 
 
 def default_cache_dir() -> str:
@@ -72,7 +72,7 @@ def base_run_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 def cache_key(base: ml_collections.ConfigDict) -> str:
   """A hash of what determines the base's weights (12 hex digits)."""
-  fields = {k: v for k, v in base.to_dict().items() if k not in _KEY_EXCLUDED}
+  fields = {k: v for k, v in base.to_dict().items() if k in _KEY_FIELDS}
   return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
