@@ -190,7 +190,11 @@ def main():
   ap.add_argument("--max_new_tokens", type=int, default=96)
   ap.add_argument("--jobs", type=int, default=1, help="runs trained at once (one core each)")
   ap.add_argument("--smoke", action="store_true", help="nano model, 1 seed, few steps: checks the wiring")
+  ap.add_argument("--table_only", action="store_true",
+                  help="write table.md and the plots from --out/results.json (e.g. of a sweep cut short)")
   args = ap.parse_args()
+  if args.table_only:
+    return tabulate(args.out)
   args.base_steps = 0
   if args.smoke:
     args.size, args.seeds, args.steps, args.base_steps = "nano", 1, 8, 8
@@ -257,6 +261,20 @@ def main():
   print(f"done in {elapsed / 60:.1f} min; see {args.out}/table.md", flush=True)
 
 
+def tabulate(out):
+  """table.md and plots from a results.json, with the settings of the run that wrote it."""
+  with open(os.path.join(out, "results.json")) as f:
+    saved = json.load(f)
+  args = argparse.Namespace(**{**saved["args"], "out": out})
+  results = saved["results"]
+  arms = list(dict.fromkeys(r["arm"] for r in results))
+  protocols = [p for p in ("steps", "wallclock") if any(r["protocol"] == p for r in results)]
+  seeds = {p: sorted({r["seed"] for r in results if r["protocol"] == p}) for p in protocols}
+  print(f"tabulating {len(results)} runs: seeds per protocol {seeds}", flush=True)
+  write_table(args, results, arms, saved["seconds"], saved["wallclock_steps"], protocols)
+  write_plots(args, results, arms, saved["step_time_s"])
+
+
 def _mean_std(values):
   values = [v for v in values if v is not None and np.isfinite(v)]
   if not values:
@@ -295,13 +313,15 @@ def write_table(args, results, arms, elapsed, wallclock_steps, protocols=("steps
   for protocol in protocols:
     lines.append(f"### {'Matched learner updates' if protocol == 'steps' else 'Matched wall-clock'}")
     lines.append("")
-    lines.append("| arm | steps | " + " | ".join(c[1] for c in COLUMNS) + " | paper (Qwen1.5-4B, Pass@1) |")
-    lines.append("|---" * (len(COLUMNS) + 3) + "|")
+    lines.append("| arm | steps | seeds | " + " | ".join(c[1] for c in COLUMNS) + " | paper (Qwen1.5-4B, Pass@1) |")
+    lines.append("|---" * (len(COLUMNS) + 4) + "|")
     for arm in arms:
       rows = [r["final"] for r in results if r["arm"] == arm and r["protocol"] == protocol]
+      if not rows:
+        continue
       steps = args.steps if protocol == "steps" else wallclock_steps[arm]
       cells = [_mean_std([row.get(k) for row in rows]) for k, _ in COLUMNS]
-      lines.append(f"| {arm} | {steps} | " + " | ".join(cells) + f" | {PAPER_TABLE4.get(arm, '—')} |")
+      lines.append(f"| {arm} | {steps} | {len(rows)} | " + " | ".join(cells) + f" | {PAPER_TABLE4.get(arm, '—')} |")
     lines.append("")
   if "ntp" in arms:
     lines += ["### Paired differences to NTP (matched updates; mean ± s.e. over seeds, seeds with arm > NTP)", "",
@@ -330,7 +350,7 @@ def write_plots(args, results, arms, step_time):
     runs = [r for r in results if r["arm"] == arm and r["protocol"] == "steps"]
     steps = np.array([p["step"] for p in runs[0]["curve"]])
     eval_steps = np.array([m["step"] for m in runs[0]["evals"]])
-    series = [(steps, np.mean([[p["pass@1"] for p in r["curve"]] for r in runs], axis=0)),
+    series = [(steps, np.mean([[p["strict_pass@1"] for p in r["curve"]] for r in runs], axis=0)),
               (steps, np.mean([[p["facts_right"] for p in r["curve"]] for r in runs], axis=0)),
               (eval_steps, np.mean([[m["eval/feedback_loss"] for m in r["evals"]] for r in runs], axis=0))]
     for col, (x, y) in enumerate(series):
@@ -338,7 +358,7 @@ def write_plots(args, results, arms, step_time):
       seconds = step_time.get(arm) or np.mean([r["final"]["step_time_s"] for r in runs])  # side by side if measured
       axes[1, col].plot(x * seconds, y, marker="o", label=arm)
   for row, xlabel in enumerate(("learner step", "training seconds (side-by-side step time × step)")):
-    for col, (ylabel, title) in enumerate((("Pass@1 (format-agnostic)", "Held-out accuracy"),
+    for col, (ylabel, title) in enumerate((("strict Pass@1 (#### N)", "Held-out strict accuracy"),
                                            ("share of written facts right", "Arithmetic skill"),
                                            ("feedback-set L_down", "Feedback loss"))):
       axes[row, col].set(xlabel=xlabel, ylabel=ylabel, title=f"{title} vs {'step' if row == 0 else 'wall-clock'}")
