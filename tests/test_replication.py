@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_replication_smoke_writes_table_and_plots(tmp_path):
   out = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "toy_math", "replicate.py"),
                         "--out", str(tmp_path), "--smoke", "--arms", "ntp,value"],
-                       cwd=REPO, capture_output=True, text=True, timeout=900)
+                       cwd=REPO, capture_output=True, text=True, timeout=1800)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   table = (tmp_path / "table.md").read_text()
   assert "Matched learner updates" in table and "Matched wall-clock" in table and "| value |" in table
