@@ -90,7 +90,8 @@ class _FeedbackFeed:
 
   def _next(self):
     if self.plan.sets is None:
-      return sharding.global_batch(next(iter(self.iterators.values())), self.mesh)
+      (iterator,) = self.iterators.values()  # the one set's iterator (a batch per next())
+      return sharding.global_batch(next(iterator), self.mesh)
     return {name: sharding.global_batch(next(self.iterators[name]), self.mesh) for name, _ in self.plan.sets}
 
   def _zeros(self):
