@@ -2,7 +2,7 @@
 
     python -m vpt.main --config experiments/vision_dino.py:tiny,unet --workdir /tmp/vision
 
-The argument is `size[,variant][,chips=N]`. Sizes:
+The argument is `size[,variant][,dinov2][,chips=N]`. Sizes:
 
     nano   unit tests and CI: 16 px scenes, patch 4, d 32, 2 layers (seconds)
     tiny   the CPU replication: 32 px scenes, patch 4, d 96, 4 layers (minutes on 2 cores)
@@ -20,6 +20,13 @@ Variants (config.vpt.mode):
     candidates       V-Pretraining: M candidate augmentations scored by their value, soft-weighted
     random_feedback  control: the U-Net designer with g_down replaced by a random direction of equal norm
 
+Objective (config.dino). Every size trains the paper's objective by default: DINO's class-token loss
+alone, with DINO's centring (dino.ibot_weight = dino.koleo_weight = 0, dino.centering='centering').
+`dinov2` switches to the objective DINOv2 / DINOv3 checkpoints were trained with: DINO + the iBOT
+masked-patch loss (weight 1, the DINO head shared, half the global crops masked at 10–50 % of their
+patches) + KoLeo (weight 0.1) + Sinkhorn-Knopp teacher targets (3 iterations), the V-Pretraining value
+then differentiating all of it (vpt.tasks.dinov2_terms).
+
 `chips=N` lays the recipe out on N devices (a TPU slice: v5e-8 has 8 chips) without changing any batch:
 the data axis is the largest divisor of N that divides every batch (images, meta, feedback), the rest is
 tensor parallelism. vitl / vitb train on 50 images, which 8 chips do not divide: chips=8 is data 2 ×
@@ -32,6 +39,7 @@ VARIANTS = ("dino", "unet", "candidates", "random_feedback")
 
 
 def _nano(c):
+  # Objective: DINO only (the paper's) unless `dinov2`.
   c.model = vision_config.model_config("nano", image_size=16, patch_size=4, d_model=32, n_layers=2, n_heads=2)
   c.data.image_size = 16
   c.dino.update(global_size=16, local_size=8, n_local_crops=2, out_dim=64, head_hidden=64, head_bottleneck=32,
@@ -51,6 +59,7 @@ def _nano(c):
 
 
 def _tiny(c):
+  # Objective: DINO only (the paper's) unless `dinov2`.
   c.model = vision_config.model_config("nano", image_size=32, patch_size=4, d_model=96, n_layers=4, n_heads=3)
   c.data.image_size = 32
   c.dino.update(global_size=32, local_size=16, n_local_crops=4, out_dim=1024, head_hidden=256, head_bottleneck=64,
@@ -73,6 +82,8 @@ def _tiny(c):
 
 
 def _vitl(c):
+  # Objective: DINO only, as the paper trains it (PAPER §4: "a DINO-style student-teacher loss"), unless
+  # `dinov2` (the objective the DINOv3 checkpoint itself was trained with).
   # DINOv3 ViT-L/16 (facebook/dinov3-vitl16-pretrain-lvd1689m): 4 registers, 2-D RoPE, layer scale 1e-5.
   c.model = vision_config.model_config(
       "large", image_size=224, patch_size=16, d_ff=4096, n_registers=4, pos_embed="rope", rope_theta=100.0,
@@ -98,6 +109,7 @@ def _vitl(c):
 
 
 def _vitb(c):
+  # Objective: as vitl (DINO only unless `dinov2`).
   # DINOv3 ViT-B/16 (facebook/dinov3-vitb16-pretrain-lvd1689m): the ViT-L recipe on the base backbone
   # (4 registers, 2-D RoPE, layer scale 1e-5); PAPER §6b selects hyperparameters on ViT-L, reused here.
   _vitl(c)
@@ -108,6 +120,12 @@ def _vitb(c):
 
 
 SIZES = {"nano": _nano, "tiny": _tiny, "vitb": _vitb, "vitl": _vitl}
+
+
+def _dinov2_objective(c):
+  """DINO + iBOT + KoLeo + Sinkhorn-Knopp, DINOv2's weights (its ssl_default_config)."""
+  c.dino.update(ibot_weight=1.0, ibot_mask_ratio=(0.1, 0.5), ibot_mask_prob=0.5, ibot_separate_head=False,
+                ibot_out_dim=0, ibot_center_momentum=0.9, koleo_weight=0.1, centering="sinkhorn_knopp")
 
 
 def mesh_for_chips(config, chips: int) -> tuple[int, int, int]:
@@ -121,12 +139,14 @@ def mesh_for_chips(config, chips: int) -> tuple[int, int, int]:
 
 def get_config(arg: str = "tiny,dino"):
   size, *options = (arg or "tiny,dino").split(",")
-  size, chips, variant = size or "tiny", 0, "dino"
+  size, chips, variant, objective = size or "tiny", 0, "dino", "dino"
   for option in options:
     if option.startswith("chips="):
       if not (option[6:].isdigit() and int(option[6:]) >= 1):
         raise ValueError(f"option {option!r}: expected chips=N with N >= 1 devices")
       chips = int(option[6:])
+    elif option == "dinov2":
+      objective = option
     elif option:
       variant = option
   if size not in SIZES:
@@ -135,6 +155,8 @@ def get_config(arg: str = "tiny,dino"):
     raise ValueError(f"variant {variant!r} unknown; expected one of {list(VARIANTS)}")
   config = vision_config.vision_base_config()
   SIZES[size](config)
+  if objective == "dinov2":
+    _dinov2_objective(config)
   config.vpt.mode = variant
   if chips:
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_for_chips(config, chips)

@@ -15,6 +15,7 @@ import ml_collections
 from vpt import config_lib
 from vpt.data.images import image_data_config
 from vpt.models.vit import ACTIVATIONS, ViTConfig, vit_config
+from vpt.tasks.dinov2_terms import CENTERINGS
 from vpt.tasks.vision_candidates import KINDS, LEARNER_MODES, CandidateConfig
 from vpt.tasks.vision_views import MultiCropConfig
 
@@ -47,6 +48,17 @@ def dino_config() -> ml_collections.ConfigDict:
   c.center_momentum = 0.9
   c.momentum_base = 0.996  # cosine teacher momentum schedule: base at step 0 …
   c.momentum_final = 1.0  # … final at num_steps
+  # The objective: DINO's class-token loss (the paper's, the default), plus DINOv2's terms as switches
+  # (vpt.tasks.dinov2_terms). iBOT: masked patch tokens of the student's global crops predict the
+  # teacher's patch targets through the DINO head (or a separate one).
+  c.ibot_weight = 0.0  # 0: off; DINOv2 1.0
+  c.ibot_mask_ratio = (0.1, 0.5)  # (min, max) share of a masked crop's patches (DINOv2)
+  c.ibot_mask_prob = 0.5  # share of the global crops that are masked (DINOv2)
+  c.ibot_separate_head = False  # DINOv2 default: the DINO head scores the patches too
+  c.ibot_out_dim = 0  # the separate head's prototypes; 0: dino.out_dim
+  c.ibot_center_momentum = 0.9
+  c.koleo_weight = 0.0  # KoLeo on the student's global cls features; 0: off; DINOv2 0.1
+  c.centering = "centering"  # teacher targets: 'centering' (DINO's centre) | 'sinkhorn_knopp' (3 iterations)
   mc = MultiCropConfig()
   for f in dataclasses.fields(MultiCropConfig):
     c[_MULTICROP_RENAMES.get(f.name, f.name)] = getattr(mc, f.name)
@@ -211,6 +223,20 @@ def validate_vision(config: ml_collections.ConfigDict) -> None:
   need(d.global_scale[1] <= 1.0, "dino.global_scale", "at most 1 (a share of the image area)")
   need(d.local_scale[1] <= 1.0, "dino.local_scale", "at most 1 (a share of the image area)")
   need(d.blur_radius >= 0, "dino.blur_radius", ">= 0 (0: ceil(3·σ_max))")
+  need(d.get("ibot_weight", 0.0) >= 0, "dino.ibot_weight", ">= 0 (0: off)")
+  if d.get("ibot_weight", 0.0) > 0:
+    ratio = tuple(d.ibot_mask_ratio)
+    need(len(ratio) == 2 and 0 <= ratio[0] <= ratio[1] < 1 and ratio[1] > 0, "dino.ibot_mask_ratio",
+         "a pair (min, max) with 0 <= min <= max < 1 and max > 0")
+    need(0 < d.ibot_mask_prob <= 1, "dino.ibot_mask_prob", "in (0, 1]")
+    need(d.ibot_out_dim >= 0, "dino.ibot_out_dim", ">= 0 (0: dino.out_dim)")
+    need(d.ibot_separate_head or d.ibot_out_dim in (0, d.out_dim), "dino.ibot_out_dim",
+         f"0 or dino.out_dim={d.out_dim} with the shared head (dino.ibot_separate_head=False)")
+    need(0.0 <= d.ibot_center_momentum < 1.0, "dino.ibot_center_momentum", "in [0, 1)")
+  need(d.get("koleo_weight", 0.0) >= 0, "dino.koleo_weight", ">= 0 (0: off)")
+  need(d.get("koleo_weight", 0.0) == 0 or config.batch_size >= 2, "dino.koleo_weight",
+       "0 with batch_size < 2 (KoLeo needs a nearest neighbour in the batch)")
+  need(d.get("centering", "centering") in CENTERINGS, "dino.centering", f"one of {CENTERINGS}")
 
   o = config.optimizer
   need(o.learning_rate >= 0, "optimizer.learning_rate", ">= 0")

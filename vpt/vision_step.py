@@ -63,6 +63,7 @@ from vpt.models import dense_heads
 from vpt.models.unet import MaskUNet, UNetConfig, init_unet, keep_ratio_penalty, predict_mask, total_variation
 from vpt.models.vit import ViT, ViTConfig
 from vpt.tasks import dino
+from vpt.tasks import dinov2_terms as terms
 from vpt.tasks import vision_candidates as cand_lib
 from vpt.tasks.vision_views import MultiCropConfig, as_float, blend_views, gaussian_blur, multi_crop, normalize
 from vpt.vpt_step import DesignerState
@@ -101,6 +102,7 @@ class VisionState:
   heads: Any  # {"seg": variables, "depth": variables, "opt_state": …}; None in mode "dino"
   designer: Any  # DesignerState(params, opt_state, last_meta); None in mode "dino"
   rng: jax.Array
+  ibot_center: Any = None  # [iBOT out_dim] beside the DINO centre; None without iBOT (dino.ibot_weight = 0)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -168,6 +170,14 @@ class VisionSetup:
   lambda_tv: float = 0.0
   blur_sigma: float = 1.0
   grad_through_teacher: bool = True  # ∇_φ V includes the teacher's targets on the designer's views
+  # The DINOv2 terms (vpt.tasks.dinov2_terms); all off is the paper's DINO objective.
+  ibot_weight: float = 0.0
+  ibot_mask_ratio: tuple[float, float] = (0.1, 0.5)
+  ibot_mask_prob: float = 0.5
+  ibot_head_cfg: dino.DINOHeadConfig | None = None  # a separate iBOT head; None: the DINO head is shared
+  ibot_center_momentum: float = 0.9
+  koleo_weight: float = 0.0
+  centering: str = "centering"
 
   @classmethod
   def from_config(cls, config) -> "VisionSetup":
@@ -191,6 +201,18 @@ class VisionSetup:
     unet_cfg = UNetConfig.from_config(des) if mode in UNET_MODES else None
     cand_cfg = cand_lib.CandidateConfig.from_config(v.candidates) if mode == "candidates" else None
     t_t = float(d.t_t)
+    ibot_weight, koleo_weight = float(d.get("ibot_weight", 0.0)), float(d.get("koleo_weight", 0.0))
+    centering = d.get("centering", "centering")
+    if centering not in terms.CENTERINGS:
+      raise ValueError(f"config.dino.centering={centering!r}; expected one of {terms.CENTERINGS}")
+    ibot_head_cfg = None
+    if ibot_weight > 0 and d.get("ibot_separate_head", False):
+      ibot_head_cfg = dataclasses.replace(head_cfg, out_dim=int(d.get("ibot_out_dim", 0) or head_cfg.out_dim))
+    elif ibot_weight > 0 and int(d.get("ibot_out_dim", 0) or head_cfg.out_dim) != head_cfg.out_dim:
+      raise ValueError(f"config.dino.ibot_out_dim={d.ibot_out_dim}: the shared head (dino.ibot_separate_head=False) "
+                       f"has dino.out_dim={head_cfg.out_dim} prototypes")
+    if ibot_weight > 0:  # the student's masked patches need a mask token
+      vit_cfg = dataclasses.replace(vit_cfg, mask_token=True)
     return cls(
         mode=mode, vit_cfg=vit_cfg, head_cfg=head_cfg, crops=multicrop_config(d), unet_cfg=unet_cfg,
         cand_cfg=cand_cfg, num_steps=int(config.num_steps), n_last=n_last, align=align,
@@ -203,12 +225,42 @@ class VisionSetup:
         init_depth=float(fb.get("init_depth", 1.0)), head_steps=int(fb.get("head_steps", 4)),
         keep_ratio=float(des.get("keep_ratio", 0.5)), lambda_sparsity=float(des.get("lambda_sparsity", 0.0)),
         lambda_tv=float(des.get("lambda_tv", 0.0)), blur_sigma=float(des.get("blur_sigma", 1.0)),
-        grad_through_teacher=bool(des.get("grad_through_teacher", True)))
+        grad_through_teacher=bool(des.get("grad_through_teacher", True)),
+        ibot_weight=ibot_weight, ibot_mask_ratio=tuple(float(r) for r in d.get("ibot_mask_ratio", (0.1, 0.5))),
+        ibot_mask_prob=float(d.get("ibot_mask_prob", 0.5)), ibot_head_cfg=ibot_head_cfg,
+        ibot_center_momentum=float(d.get("ibot_center_momentum", 0.9)), koleo_weight=koleo_weight,
+        centering=centering)
 
   # Modules are cheap descriptions; build them on demand.
   @property
   def model(self) -> dino.DINOModel:
-    return dino.DINOModel(self.vit_cfg, self.head_cfg)
+    return dino.DINOModel(self.vit_cfg, self.head_cfg, self.ibot_head_cfg)
+
+  @property
+  def ibot(self) -> bool:
+    return self.ibot_weight > 0
+
+  @property
+  def koleo(self) -> bool:
+    return self.koleo_weight > 0
+
+  @property
+  def plain_dino(self) -> bool:
+    """DINO's class-token loss alone (the paper's objective): the original code path, bit for bit."""
+    return not self.ibot and not self.koleo and self.centering == "centering"
+
+  @property
+  def ibot_out_dim(self) -> int:
+    return (self.ibot_head_cfg or self.head_cfg).out_dim
+
+  @property
+  def ibot_head_name(self) -> str:
+    """The params entry that scores the masked patches: "ibot_head" (separate) or the DINO "head"."""
+    return "ibot_head" if self.ibot_head_cfg is not None else "head"
+
+  @property
+  def ibot_head(self) -> dino.DINOHead:
+    return dino.DINOHead(self.ibot_head_cfg or self.head_cfg, self.vit_cfg.dtype)
 
   @property
   def vit(self) -> ViT:
@@ -299,7 +351,7 @@ def _flat(views: jax.Array) -> jax.Array:
 def step_keys(state: VisionState) -> dict[str, jax.Array]:
   base = jax.random.fold_in(state.rng, state.step)
   return {"crops": jax.random.fold_in(base, 0), "candidates": jax.random.fold_in(base, 1),
-          "meta": jax.random.fold_in(base, 2)}
+          "meta": jax.random.fold_in(base, 2), "masks": jax.random.fold_in(base, 3)}
 
 
 def _apply_fn(setup: VisionSetup) -> Callable:
@@ -318,25 +370,28 @@ class StudentSplit:
   rest: dict  # backbone params outside S (flat)
   head_params: Params
   layer: int
+  ibot_head_params: Params = None  # the params that score masked patches (the DINO head's if shared)
 
   @classmethod
   def build(cls, setup: VisionSetup, student: Params) -> tuple["StudentSplit", dict]:
     n = setup.vit_cfg.n_layers
     subset, rest = value_lib.split_params(student["backbone"], n, setup.n_last)
     split = cls(setup, jax.lax.stop_gradient(student["backbone"]), rest, student["head"],
-                value_lib.first_aligned_layer(n, setup.n_last))
+                value_lib.first_aligned_layer(n, setup.n_last), student.get(setup.ibot_head_name))
     return split, subset
 
-  def prefix(self, images: jax.Array) -> jax.Array:
-    """The residual stream entering block `layer` of normalised images (the images if S is everything)."""
+  def prefix(self, images: jax.Array, masks: jax.Array | None = None) -> jax.Array:
+    """The residual stream entering block `layer` of normalised images (the images if S is everything);
+    `masks` [N, patches]: those patches become the mask token (iBOT)."""
     if not self.rest:
       return images
-    return self.setup.vit.apply({"params": self.full}, images, self.layer, method=ViT.hidden_before)
+    return self.setup.vit.apply({"params": self.full}, images, self.layer, masks=masks, method=ViT.hidden_before)
 
-  def features(self, subset: dict, h: jax.Array, grid) -> dict:
+  def features(self, subset: dict, h: jax.Array, grid, masks: jax.Array | None = None) -> dict:
+    """`masks` only matter when S is the whole backbone (the prefix is then the images themselves)."""
     params = {"params": value_lib.merge_params(subset, self.rest)}
     if not self.rest:
-      return self.setup.vit.apply(params, h)
+      return self.setup.vit.apply(params, h, masks=masks)
     return self.setup.vit.apply(params, h, self.layer, grid=grid, method=ViT.from_hidden)
 
   def dino_out(self, subset: dict, h: jax.Array, grid) -> jax.Array:
@@ -368,6 +423,83 @@ def learner_loss(setup: VisionSetup, student, teacher, center, global_views, loc
                              t_s=setup.t_s, t_t=setup.teacher_temperature(step))
 
 
+# ----------------------------------------------------------------------------- the DINOv2 objective
+
+
+def draw_masks(setup: VisionSetup, key: jax.Array, n_images: int, grid: tuple[int, int]) -> dict | None:
+  """iBOT masks of n_images global crops (view-major) from `key` alone, and their gathered positions:
+  {"masks" [M, N], "idx" [U], "valid" [U], "weights" [U]}; None without iBOT."""
+  if not setup.ibot:
+    return None
+  masks = terms.ibot_masks(key, n_images, grid, setup.ibot_mask_ratio, setup.ibot_mask_prob)
+  bound = terms.mask_upperbound(n_images, grid[0] * grid[1], setup.ibot_mask_ratio, setup.ibot_mask_prob)
+  idx, valid, weights = terms.masked_positions(masks, bound, jnp.promote_types(setup.vit_cfg.compute_dtype,
+                                                                               jnp.float32))
+  return {"masks": masks, "idx": idx, "valid": valid, "weights": weights}
+
+
+def _masked_tokens(patches: jax.Array, masks: dict) -> jax.Array:
+  """[U, D]: the patch tokens [M, N, D] at the masked positions (padding rows: token 0, weight 0)."""
+  return patches.reshape(-1, patches.shape[-1])[masks["idx"]]
+
+
+def objective_terms(setup: VisionSetup, student_out, student_cls, student_patch_out, teacher_out,
+                    teacher_patch_out, center, ibot_center, t_t, masks) -> tuple[jax.Array, dict]:
+  """(L, parts): L = L_DINO + w_iBOT·L_iBOT + w_KoLeo·Σ_g L_KoLeo(global crop g), DINOv2's sum.
+
+  student_out [V, B, K] (global views first), student_cls [G, B, D] (the global crops' cls features
+  after the final norm, before the head), student_patch_out / teacher_patch_out [U, K'] (masked
+  tokens), teacher_out [G, B, K]. The teacher's outputs are used as given: the caller decides
+  whether they are stop-gradient (the learner) or part of the task c_φ (the meta objective).
+  """
+  g = teacher_out.shape[0]
+  q = terms.teacher_probs(teacher_out, center, t_t, setup.centering)
+  dino_loss = terms.dino_pairs_loss(q, student_out, setup.t_s, g)
+  loss, parts = dino_loss, {"dino_loss": dino_loss}
+  if setup.ibot:
+    q_patch = terms.teacher_probs(teacher_patch_out, ibot_center, t_t, setup.centering, valid=masks["valid"])
+    parts["ibot_loss"] = terms.ibot_loss(student_patch_out, q_patch, masks["weights"], masks["masks"].shape[0],
+                                         setup.t_s)
+    loss = loss + setup.ibot_weight * parts["ibot_loss"]
+  if setup.koleo:
+    parts["koleo_loss"] = sum(terms.koleo_loss(student_cls[i]) for i in range(g))
+    loss = loss + setup.koleo_weight * parts["koleo_loss"]
+  return loss, parts
+
+
+def _teacher_outputs(setup: VisionSetup, teacher, flat_views, g: int, masks) -> tuple[jax.Array, jax.Array | None]:
+  """(cls head outputs [G, B, K], masked-patch head outputs [U, K'] or None) of normalised global views."""
+  features = setup.vit.apply({"params": teacher["backbone"]}, flat_views)
+  out = setup.dino_head.apply({"params": teacher["head"]}, features["cls"]).reshape(g, flat_views.shape[0] // g, -1)
+  patch_out = None
+  if masks is not None:
+    patch_out = setup.ibot_head.apply({"params": teacher[setup.ibot_head_name]},
+                                      _masked_tokens(features["patches"], masks))
+  return out, patch_out
+
+
+def full_learner_loss(setup: VisionSetup, student, teacher, center, ibot_center, global_views, local_views, step,
+                      masks) -> tuple[jax.Array, dict]:
+  """(L, aux) of the DINOv2 objective (`objective_terms`) with the teacher stop-gradient; the student's
+  global crops carry the iBOT masks, the teacher's do not. aux: teacher outputs (for the centres), parts."""
+  t_t = setup.teacher_temperature(step)
+  g, b = global_views.shape[:2]
+  flat = normalize(_flat(global_views))
+  teacher_out, teacher_patch = jax.lax.stop_gradient(_teacher_outputs(setup, teacher, flat, g, masks))
+  features = setup.vit.apply({"params": student["backbone"]}, flat,
+                             masks=None if masks is None else masks["masks"])
+  out = setup.dino_head.apply({"params": student["head"]}, features["cls"]).reshape(g, b, -1)
+  if local_views.shape[0]:
+    out = jnp.concatenate([out, dino.multicrop_apply(_apply_fn(setup), student, local_views)], axis=0)
+  patch_out = None
+  if masks is not None:
+    patch_out = setup.ibot_head.apply({"params": student[setup.ibot_head_name]},
+                                      _masked_tokens(features["patches"], masks))
+  loss, parts = objective_terms(setup, out, features["cls"].reshape(g, b, -1), patch_out, teacher_out, teacher_patch,
+                                center, ibot_center, t_t, masks)
+  return loss, {"teacher_out": teacher_out, "teacher_patch": teacher_patch, "parts": parts}
+
+
 def learner_update(setup: VisionSetup, optimizer, schedule, state: VisionState, batch_u: dict, designer_params,
                    keys: dict) -> tuple[VisionState, dict, Params]:
   """One DINO step of θ on the detached designer views of batch_u; returns (state, metrics, grads)."""
@@ -386,8 +518,25 @@ def learner_update(setup: VisionSetup, optimizer, schedule, state: VisionState, 
     else:
       global_views = cand
   global_views = jax.lax.stop_gradient(global_views)  # the designer's views are data for θ
+  masks = None
+  if setup.ibot:
+    gs = global_views.shape[-3:-1]
+    masks = draw_masks(setup, keys["masks"], global_views.shape[-5] * global_views.shape[-4],
+                       (gs[0] // setup.vit_cfg.patch_size, gs[1] // setup.vit_cfg.patch_size))
 
-  if weights is not None and setup.cand_cfg.learner == "weighted":
+  if not setup.plain_dino:
+    full = lambda student, views: full_learner_loss(setup, student, state.teacher, state.center, state.ibot_center,
+                                                    views, local_views, state.step, masks)
+    if weights is not None and setup.cand_cfg.learner == "weighted":
+      weights = jax.lax.stop_gradient(weights)
+
+      def loss_fn(student):  # Σ_c w_c L(θ; c), the teacher's outputs weighted alike (for the centres)
+        losses, aux = jax.vmap(lambda views: full(student, views))(global_views)
+        mix = lambda x: None if x is None else jnp.tensordot(weights.astype(x.dtype), x, axes=1)
+        return jnp.sum(weights * losses), jax.tree.map(mix, aux, is_leaf=lambda x: x is None)
+    else:
+      loss_fn = lambda student: full(student, global_views)
+  elif weights is not None and setup.cand_cfg.learner == "weighted":
     weights = jax.lax.stop_gradient(weights)
 
     def loss_fn(student):  # Σ_c w_c L_DINO(θ; c): the local crops' student outputs are shared.
@@ -408,16 +557,29 @@ def learner_update(setup: VisionSetup, optimizer, schedule, state: VisionState, 
     loss_fn = lambda student: learner_loss(setup, student, state.teacher, state.center, global_views, local_views,
                                            state.step)
 
-  (loss, teacher_out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.student)
   student = optax.apply_updates(state.student, updates)
   momentum = dino.momentum_schedule(state.step, setup.num_steps, setup.momentum_base, setup.momentum_final)
   teacher = dino.ema_update(state.teacher, student, momentum)
-  center = dino.update_center(state.center, teacher_out, setup.center_momentum)
+  ibot_center = state.ibot_center
+  if setup.plain_dino:
+    center = dino.update_center(state.center, aux, setup.center_momentum)
+  else:
+    metrics.update(aux["parts"])
+    center = state.center  # Sinkhorn-Knopp needs no centre (DINOv2 leaves it alone)
+    if setup.centering == "centering":
+      center = dino.update_center(state.center, aux["teacher_out"], setup.center_momentum)
+      if setup.ibot:
+        ibot_center = terms.update_ibot_center(state.ibot_center, aux["teacher_patch"], masks["valid"],
+                                               setup.ibot_center_momentum)
+    if setup.ibot:
+      metrics.update(ibot_center_norm=jnp.linalg.norm(ibot_center), masked_patches=jnp.sum(masks["valid"]))
   metrics.update(loss=loss, learning_rate=schedule(state.step), teacher_momentum=momentum,
                  teacher_temperature=setup.teacher_temperature(state.step), grad_norm=optax.tree.norm(grads),
                  center_norm=jnp.linalg.norm(center))
-  new = state.replace(step=state.step + 1, student=student, teacher=teacher, center=center, opt_state=opt_state)
+  new = state.replace(step=state.step + 1, student=student, teacher=teacher, center=center, opt_state=opt_state,
+                      ibot_center=ibot_center)
   return new, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}, grads
 
 
@@ -515,20 +677,28 @@ class SSLProblem:
   local_prefix: jax.Array | None  # [L·B, T, D] (stop-gradient) or None without local crops
   local_grid: tuple[int, int]
   n_local: int
+  ibot_center: jax.Array | None = None
+  mask_key: jax.Array | None = None  # the iBOT masks of the global views are drawn from it (the same at every call)
 
   @classmethod
-  def build(cls, setup: VisionSetup, student, teacher, center, step, local_views: jax.Array):
+  def build(cls, setup: VisionSetup, student, teacher, center, step, local_views: jax.Array, ibot_center=None,
+            mask_key=None):
+    if setup.ibot and (mask_key is None or ibot_center is None):
+      raise ValueError("SSLProblem with iBOT (config.dino.ibot_weight > 0) needs ibot_center and mask_key")
     split, subset = StudentSplit.build(setup, student)
     local_prefix, grid = None, (0, 0)
     if local_views.shape[0]:
       flat = normalize(_flat(local_views))
       local_prefix, grid = jax.lax.stop_gradient(split.prefix(flat)), _grid(setup, flat)
     return cls(setup, split, teacher, center, setup.teacher_temperature(step), local_prefix, grid,
-               local_views.shape[0]), subset
+               local_views.shape[0], ibot_center, mask_key), subset
 
   def loss_fn(self, views: jax.Array) -> Callable[[dict], jax.Array]:
     """S ↦ L_DINO for global views [G, B, H, W, C] in [0, 1]: their prefix and the teacher run here,
-    once; the returned function runs only the last K blocks (+ norm, head)."""
+    once; the returned function runs only the last K blocks (+ norm, head). With the DINOv2 terms on,
+    S ↦ the full objective (`objective_terms`) on the same split."""
+    if not self.setup.plain_dino:
+      return self._full_loss_fn(views)
     g, b = views.shape[:2]
     flat = normalize(_flat(views))
     grid = _grid(self.setup, flat)
@@ -546,11 +716,39 @@ class SSLProblem:
 
     return loss
 
+  def _full_loss_fn(self, views: jax.Array) -> Callable[[dict], jax.Array]:
+    setup, split = self.setup, self.split
+    g, b = views.shape[:2]
+    flat = normalize(_flat(views))
+    grid = _grid(setup, flat)
+    masks = draw_masks(setup, self.mask_key, g * b, grid)
+    mask_array = None if masks is None else masks["masks"]
+    h = split.prefix(flat, mask_array)  # the student's masked views; depends on φ, not on S
+    teacher_out, teacher_patch = _teacher_outputs(setup, jax.lax.stop_gradient(self.teacher), flat, g, masks)
+    if not setup.grad_through_teacher:
+      teacher_out, teacher_patch = jax.lax.stop_gradient((teacher_out, teacher_patch))
+
+    def loss(subset):
+      features = split.features(subset, h, grid, mask_array)
+      out = setup.dino_head.apply({"params": split.head_params}, features["cls"]).reshape(g, b, -1)
+      if self.local_prefix is not None:
+        local = split.dino_out(subset, self.local_prefix, self.local_grid).reshape(self.n_local, b, -1)
+        out = jnp.concatenate([out, local], axis=0)
+      patch_out = None
+      if masks is not None:
+        patch_out = setup.ibot_head.apply({"params": split.ibot_head_params},
+                                          _masked_tokens(features["patches"], masks))
+      return objective_terms(setup, out, features["cls"].reshape(g, b, -1), patch_out, teacher_out, teacher_patch,
+                             self.center, self.ibot_center, self.t_t, masks)[0]
+
+    return loss
+
 
 def meta_problem(setup: VisionSetup, state: VisionState, batch_meta_u: dict, key: jax.Array):
   """(SSLProblem, global crops [G, B, H, W, C], S) for the unlabeled meta batch (crops from `key`)."""
   global_views, local_views = multi_crop(key, as_float(batch_meta_u["image"]), setup.crops)
-  problem, subset = SSLProblem.build(setup, state.student, state.teacher, state.center, state.step, local_views)
+  problem, subset = SSLProblem.build(setup, state.student, state.teacher, state.center, state.step, local_views,
+                                     state.ibot_center, jax.random.fold_in(key, 3) if setup.ibot else None)
   return problem, global_views, subset
 
 
@@ -654,7 +852,10 @@ def init_vision_state(config, rng: jax.Array, sample_images: jax.Array) -> Visio
   sample_images = as_float(jnp.asarray(sample_images))
   c, gs = sample_images.shape[-1], setup.crops.global_size
   crop = jnp.zeros((1, gs, gs, c), jnp.float32)
-  student = setup.model.init(k_model, crop)["params"]
+  if setup.ibot_head_cfg is None:
+    student = setup.model.init(k_model, crop)["params"]
+  else:
+    student = setup.model.init(k_model, crop, method=dino.DINOModel.init_all)["params"]
   teacher = jax.tree.map(lambda x: jnp.array(x, copy=True), student)
   heads = designer = None
   if setup.uses_designer:
@@ -669,9 +870,10 @@ def init_vision_state(config, rng: jax.Array, sample_images: jax.Array) -> Visio
       dparams = init_unet(setup.unet, k_designer, crop)
     designer = DesignerState(params=dparams, opt_state=make_designer_optimizer(config).init(dparams),
                              last_meta={k: jnp.zeros((), jnp.float32) for k in setup.meta_metric_names()})
+  ibot_center = jnp.zeros((setup.ibot_out_dim,), jnp.float32) if setup.ibot else None
   return VisionState(step=jnp.zeros((), jnp.int32), student=student, teacher=teacher,
                      center=jnp.zeros((setup.head_cfg.out_dim,), jnp.float32), opt_state=optimizer.init(student),
-                     heads=heads, designer=designer, rng=k_state)
+                     heads=heads, designer=designer, rng=k_state, ibot_center=ibot_center)
 
 
 def make_vision_train_step(config, meta: bool | None = None) -> Callable:
@@ -757,7 +959,7 @@ def vision_state_shardings(config, abstract_state: VisionState, mesh) -> VisionS
   everything = lambda tree: jax.tree.map(lambda _: repl, tree)
   return abstract_state.replace(step=repl, student=params, teacher=params, center=repl, opt_state=opt_state,
                                 heads=everything(abstract_state.heads), designer=everything(abstract_state.designer),
-                                rng=repl)
+                                rng=repl, ibot_center=everything(abstract_state.ibot_center))
 
 
 def jit_vision_train_step(config, mesh, state_shardings: VisionState, donate: bool = True,

@@ -5,9 +5,10 @@ A checkpoint directory holds `config.json` and `model.safetensors` (or a sharded
 `save_pretrained` still writes (`encoder.layer.{i}.attention.attention.query`, `mlp.weights_in`,
 DINOv3's `layer.{i}`) and transformers 5.x's in-memory names (`attention.q_proj`, `mlp.gate_proj`,
 `model.layer.{i}`). Every ViT parameter comes from exactly one tensor (SwiGLU's fused `weights_in`
-is split into gate and up); the iBOT `mask_token` and a classification head are not used and are
-skipped; any other leftover tensor is an error, as is a missing tensor or a wrong shape — each
-naming the tensor and the checkpoint directory.
+is split into gate and up). The iBOT `mask_token` becomes the ViT's mask token when the ViT has one
+(`mask_token=True`: iBOT training; a checkpoint without it leaves the token at its zero init) and is
+skipped otherwise, as is a classification head; any other leftover tensor is an error, as is a
+missing tensor or a wrong shape — each naming the tensor and the checkpoint directory.
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ _PREFIXES = ("dinov2.", "dinov2_with_registers.")
 _SKIPPED = ("embeddings.mask_token", "classifier.")
 
 
-def load_dinov2(path: str, *, dtype: str = "float32") -> tuple[ViTConfig, dict]:
-  """(ViTConfig, float32 params) from a HF checkpoint directory; `dtype` is the compute dtype."""
+def load_dinov2(path: str, *, dtype: str = "float32", mask_token: bool = False) -> tuple[ViTConfig, dict]:
+  """(ViTConfig, float32 params) from a HF checkpoint directory; `dtype` is the compute dtype;
+  `mask_token`: the ViT gets the checkpoint's mask token (iBOT)."""
   hf = read_config(path)
-  cfg = config_from_hf(hf, dtype=dtype)
+  cfg = dataclasses.replace(config_from_hf(hf, dtype=dtype), mask_token=mask_token)
   return cfg, params_from_state_dict(read_safetensors(path), cfg, hf_family(hf), source=path)
 
 
@@ -173,6 +175,9 @@ def _spec(cfg: ViTConfig, family: str) -> dict[str, list[_Source]]:
   tree["patch_embeddings"] = {"kernel": [_conv(patch + ".weight")], "bias": [_identity(patch + ".bias")]}
   if cfg.n_registers:
     tree["register_tokens"] = [_identity("embeddings.register_tokens")]
+  if cfg.mask_token:  # DINOv2 [1, D]; DINOv3 [1, 1, D]
+    tree["mask_token"] = [_Source("embeddings.mask_token", lambda w: w.reshape(1, -1),
+                                  (lambda s: (1,) + s) if v3 else (lambda s: s))]
   if cfg.pos_embed == "learned":
     tree["position_embeddings"] = [_identity("embeddings.position_embeddings")]
   # Hub names first, then transformers 5.x in-memory names.
@@ -234,6 +239,9 @@ def params_from_state_dict(state: dict[str, np.ndarray], cfg: ViTConfig, family:
   used, flat = set(), {}
   for path, sources in spec.items():
     src = next((s for s in sources if s.key in state), None)
+    if src is None and path == "mask_token":  # an inference-only export without it: DINOv2's zero init
+      flat[path] = jnp.zeros(shapes[path].shape, param_dtype)
+      continue
     if src is None:
       alternatives = f" (or {[s.key for s in sources[1:]]})" if len(sources) > 1 else ""
       raise KeyError(f"{where}checkpoint is missing tensor {sources[0].key!r}{alternatives} for ViT parameter "

@@ -67,6 +67,9 @@ class ViTConfig:
   o_bias: bool = True
   mlp_bias: bool = True
   num_channels: int = 3
+  # A learned mask token (iBOT: the student's masked patches are replaced by it before the position
+  # embeddings, as DINOv2/DINOv3 do); vision runs turn it on with dino.ibot_weight > 0.
+  mask_token: bool = False
   dtype: str = "float32"
   remat: bool = False
   init_std: float = 0.02
@@ -319,6 +322,8 @@ class ViT(nn.Module):
     self.cls_token = self.param("cls_token", std, (1, 1, cfg.d_model), jnp.float32)
     if cfg.n_registers:
       self.register_tokens = self.param("register_tokens", std, (1, cfg.n_registers, cfg.d_model), jnp.float32)
+    if cfg.mask_token:  # HF Dinov2Embeddings.mask_token [1, D]; DINOv2 initialises it at zero
+      self.mask_token_param = self.param("mask_token", nn.initializers.zeros, (1, cfg.d_model), jnp.float32)
     if cfg.pos_embed == "learned":
       self.position_embeddings = self.param("position_embeddings", std, (1, 1 + cfg.grid_size ** 2, cfg.d_model),
                                             jnp.float32)
@@ -326,8 +331,8 @@ class ViT(nn.Module):
     self.layers = [block_cls(cfg) for _ in range(cfg.n_layers)]
     self.norm = _layer_norm(cfg)
 
-  def __call__(self, images, *, return_all: bool = False, pos_rng=None):
-    h = self.hidden_before(images, 0, pos_rng=pos_rng)
+  def __call__(self, images, *, masks=None, return_all: bool = False, pos_rng=None):
+    h = self.hidden_before(images, 0, masks=masks, pos_rng=pos_rng)
     return self.from_hidden(h, 0, grid=self.grid_of(images), return_all=return_all, pos_rng=pos_rng)
 
   def grid_of(self, images) -> tuple[int, int]:
@@ -337,14 +342,24 @@ class ViT(nn.Module):
       raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
     return height // p, width // p
 
-  def embed(self, images):
-    """Tokens entering block 0: [cls, registers, patches], [B, 1 + R + N, D]."""
+  def embed(self, images, masks=None):
+    """Tokens entering block 0: [cls, registers, patches], [B, 1 + R + N, D].
+
+    `masks` [B, N] bool (row-major patches): those patch embeddings become the mask token, before
+    the position embeddings are added (HF / DINOv2 `bool_masked_pos`).
+    """
     cfg = self.cfg
     if images.ndim != 4 or images.shape[-1] != cfg.num_channels:
       raise ValueError(f"ViT expects images [B, H, W, {cfg.num_channels}], got shape {images.shape}")
     gh, gw = self.grid_of(images)
     b = images.shape[0]
     x = self.patch_embeddings(images.astype(cfg.compute_dtype)).reshape(b, gh * gw, cfg.d_model)
+    if masks is not None:
+      if not cfg.mask_token:
+        raise ValueError("ViT: masks given but ViTConfig.mask_token=False (no mask token to put there)")
+      if masks.shape != (b, gh * gw):
+        raise ValueError(f"ViT: masks of shape {masks.shape}, expected {(b, gh * gw)} (batch, patches)")
+      x = jnp.where(masks[..., None], self.mask_token_param.astype(x.dtype)[None], x)
     cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (b, 1, cfg.d_model))
     if cfg.pos_embed == "learned":
       pos = self.position_embeddings[0].astype(x.dtype)
@@ -360,9 +375,9 @@ class ViT(nn.Module):
       parts.append(jnp.broadcast_to(self.register_tokens.astype(x.dtype), (b, cfg.n_registers, cfg.d_model)))
     return jnp.concatenate(parts + [x], axis=1)
 
-  def hidden_before(self, images, layer: int = 0, *, pos_rng=None):
+  def hidden_before(self, images, layer: int = 0, *, masks=None, pos_rng=None):
     """The residual stream entering block `layer` (the embeddings when layer == 0)."""
-    x = self.embed(images)
+    x = self.embed(images, masks)
     rope = self._rope(self.grid_of(images), x.dtype, pos_rng)
     for block in self.layers[:layer]:
       x = block(x, rope)

@@ -60,7 +60,8 @@ class DINOHead(nn.Module):
 
 
 class DINOModel(nn.Module):
-  """Backbone (ViT, cls feature) + projection head; params {"backbone": …, "head": …}.
+  """Backbone (ViT, cls feature) + projection head; params {"backbone": …, "head": …}, plus
+  "ibot_head" with a separate iBOT patch head (DINOv2's `ibot.separate_head`; `init_all` creates it).
 
   `hidden_before`/`from_hidden` split at a backbone block like the ViT's, with the head on top, so
   the value can differentiate the last K blocks while the prefix runs once.
@@ -68,13 +69,24 @@ class DINOModel(nn.Module):
 
   vit_cfg: ViTConfig
   head_cfg: DINOHeadConfig
+  ibot_head_cfg: DINOHeadConfig | None = None
 
   def setup(self):
     self.backbone = ViT(self.vit_cfg)
     self.head = DINOHead(self.head_cfg, self.vit_cfg.dtype)
+    if self.ibot_head_cfg is not None:
+      self.ibot_head = DINOHead(self.ibot_head_cfg, self.vit_cfg.dtype)
 
   def __call__(self, images):
     return self.head(self.backbone(images)["cls"])
+
+  def init_all(self, images):
+    """Runs every submodule once (for `init`): the cls head and, if separate, the iBOT head on the patches."""
+    features = self.backbone(images)
+    out = self.head(features["cls"])
+    if self.ibot_head_cfg is not None:
+      self.ibot_head(features["patches"])
+    return out
 
   def hidden_before(self, images, layer: int):
     return self.backbone.hidden_before(images, layer)

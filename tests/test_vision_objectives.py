@@ -1,0 +1,285 @@
+"""The DINOv2 objective terms (vpt.tasks.dinov2_terms) against explicit float64 references: iBOT's
+masked-patch loss, KoLeo, Sinkhorn-Knopp; the masks; the objective with every term off is today's DINO
+step bit for bit; the V-Pretraining value of the full objective by JVP == double backward; the HF mask
+token; and a loop resume with iBOT on == an uninterrupted run."""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vpt import value as value_lib
+from vpt import vision_step as vs
+from vpt.models.unet import total_variation
+from vpt.tasks import dino
+from vpt.tasks import dinov2_terms as terms
+
+import test_vision_step as tvs  # the nano step config, batches and compiled-once helpers
+from test_vision_step import fast_jit, unet_run  # noqa: F401 (a fixture)
+
+
+@pytest.fixture
+def x64():
+  jax.config.update("jax_enable_x64", True)
+  yield
+  jax.config.update("jax_enable_x64", False)
+
+
+def _softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def _log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _reference_sinkhorn(t, t_t, n_iterations=3):
+  """DINOv2's sinkhorn_knopp_teacher, line by line in float64 NumPy; also the deviation of B × the column
+  sums entering the last column normalisation (the iteration's tolerance)."""
+  q = np.exp(t / t_t).T  # K × B
+  b, k = q.shape[1], q.shape[0]
+  q /= q.sum()
+  tol = None
+  for _ in range(n_iterations):
+    q /= q.sum(axis=1, keepdims=True)
+    q /= k
+    tol = np.abs(b * q.sum(axis=0) - 1).max()
+    q /= q.sum(axis=0, keepdims=True)
+    q /= b
+  return (q * b).T, tol
+
+
+# ----------------------------------------------------------------------------- the terms against references
+
+
+@pytest.mark.parametrize("centering", ["centering", "sinkhorn_knopp"])
+def test_ibot_loss_and_centre_match_the_float64_reference(x64, centering):
+  """Masked positions only; per image the mean over its masked patches, then the mean over all images
+  (an unmasked image counts as 0, as in DINOv2's forward_masked); padding rows of the buffer take no part."""
+  rng = np.random.default_rng(0)
+  m, n, k, t_s, t_t = 6, 9, 7, 0.1, 0.04
+  masks = rng.random((m, n)) < 0.4
+  masks[2] = False  # an unmasked crop
+  masks[4, :3] = True
+  student, teacher = rng.normal(size=(m, n, k)), rng.normal(size=(m, n, k))
+  center = 0.3 * rng.normal(size=(k,))
+  upper = int(masks.sum()) + 3  # three padding rows
+
+  @jax.jit
+  def ours(student, teacher, center, masks):
+    idx, valid, weights = terms.masked_positions(masks, upper, jnp.float64)
+    s, t = student.reshape(-1, k)[idx], teacher.reshape(-1, k)[idx]
+    q = terms.teacher_probs(t, center, t_t, centering, valid=valid)
+    return (terms.ibot_loss(s, q, weights, m, t_s), terms.update_ibot_center(center, t, valid, 0.9), valid)
+
+  loss, new_center, valid = ours(student, teacher, center, masks)
+  assert loss.dtype == jnp.float64 and int(valid.sum()) == masks.sum() and valid.shape == (upper,)
+  t_masked = teacher[masks]  # [n_masked, K], row-major = the order of the flat token indices
+  if centering == "centering":
+    q_all = _softmax((t_masked - center) / t_t)
+  else:  # Sinkhorn-Knopp over the masked tokens of the whole batch (B = their count)
+    q_all = _reference_sinkhorn(t_masked, t_t)[0]
+  total, row = 0.0, 0
+  for i in range(m):
+    rows = []
+    for p in range(n):
+      if masks[i, p]:
+        rows.append(-np.sum(q_all[row] * _log_softmax(student[i, p] / t_s)))
+        row += 1
+    if rows:
+      total += np.mean(rows)
+  np.testing.assert_allclose(loss, total / m, rtol=1e-12)
+  np.testing.assert_allclose(new_center, 0.9 * center + 0.1 * t_masked.mean(0), rtol=1e-12)
+  # No masked patch at all: the loss is 0 and the centre stays.
+  none = np.zeros_like(masks)
+  loss0, center0, _ = ours(student, teacher, center, none)
+  assert float(loss0) == 0.0 and np.array_equal(center0, center)
+
+
+def test_koleo_matches_the_float64_reference(x64):
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(7, 5)) * rng.uniform(0.5, 3.0, size=(7, 1))  # not normalised: the loss normalises
+  x[5] = 2.0 * x[2]  # same direction as row 2: distance 0 after normalisation
+
+  def reference(x, eps=1e-8):
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    d = np.linalg.norm(xn[:, None] - xn[None, :], axis=-1)
+    np.fill_diagonal(d, np.inf)
+    return -np.mean(np.log(d.min(axis=1) + eps))
+
+  loss, grad = jax.jit(jax.value_and_grad(terms.koleo_loss))(jnp.asarray(x))
+  np.testing.assert_allclose(loss, reference(x), rtol=1e-12)
+  assert np.all(np.isfinite(np.asarray(grad)))  # the zero distance has a (sub)gradient, not NaN
+  y = np.delete(x, 5, axis=0)  # distinct rows: the gradient is the reference's (nearest neighbours held fixed)
+  np.testing.assert_allclose(terms.koleo_loss(jnp.asarray(y)), reference(y), rtol=1e-12)
+  g = np.asarray(jax.grad(terms.koleo_loss)(jnp.asarray(y)))
+  eps = 1e-6
+  for i, j in [(0, 1), (3, 4), (5, 0)]:
+    d = np.zeros_like(y)
+    d[i, j] = eps
+    np.testing.assert_allclose((reference(y + d) - reference(y - d)) / (2 * eps), g[i, j], rtol=1e-6)
+
+
+def test_sinkhorn_knopp_matches_the_reference_and_is_doubly_stochastic_up_to_its_tolerance(x64):
+  rng = np.random.default_rng(2)
+  b, k, t_t = 12, 5, 0.1
+  t = rng.normal(size=(b, k))
+  q = np.asarray(jax.jit(lambda t: terms.sinkhorn_knopp(t, t_t))(jnp.asarray(t)))
+  ref, tol = _reference_sinkhorn(t, t_t)
+  np.testing.assert_allclose(q, ref, rtol=1e-12)
+  np.testing.assert_allclose(q.sum(axis=1), 1.0, rtol=1e-12)  # each sample's assignment sums to 1
+  # Each prototype's mass is B/K up to what the last column step moved: |K/B·Σ_i q_ik − 1| ≤ e/(1 − e), e the
+  # deviation of B × the column sums entering it; more iterations shrink it.
+  rows = np.abs(q.sum(axis=0) * k / b - 1).max()
+  assert 0 < rows <= tol / (1 - tol) + 1e-12
+  errs = [np.abs(np.asarray(terms.sinkhorn_knopp(jnp.asarray(t), t_t, n)).sum(0) * k / b - 1).max()
+          for n in (1, 2, 3, 30)]
+  assert errs[0] > errs[1] > errs[2] > errs[3] and errs[3] < 1e-10
+  # Padding rows (valid False) take no part: the valid rows are the reference on them alone.
+  valid = np.ones(b + 4, bool)
+  valid[[1, 6, 9, 15]] = False
+  padded = np.zeros((b + 4, k))
+  padded[valid] = t
+  padded[~valid] = 50.0  # would dominate exp() if it took part
+  q_pad = np.asarray(terms.sinkhorn_knopp(jnp.asarray(padded), t_t, valid=jnp.asarray(valid)))
+  np.testing.assert_allclose(q_pad[valid], ref, rtol=1e-12)
+  assert np.all(q_pad[~valid] == 0)
+  # The DINO loss from Sinkhorn-Knopp targets: the pairs of dino.dino_loss, teacher probabilities given.
+  student, teacher = rng.normal(size=(4, 3, k)), rng.normal(size=(2, 3, k))
+  q2 = _reference_sinkhorn(teacher.reshape(6, k), 0.04)[0].reshape(2, 3, k)
+  want = np.mean([np.mean(-np.sum(q2[g] * _log_softmax(student[v] / 0.1), -1))
+                  for g in range(2) for v in range(4) if v != g])
+  got = terms.dino_pairs_loss(terms.teacher_probs(jnp.asarray(teacher), jnp.zeros(k), 0.04, "sinkhorn_knopp"),
+                              jnp.asarray(student), 0.1, 2)
+  np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_masks_are_deterministic_block_wise_and_within_their_budget():
+  """DINOv2's recipe: ⌊M·mask_prob⌋ crops masked, stratified ratios in (min, max), shuffled; every draw
+  from the key alone (two separately compiled programs agree), at most the static upper bound."""
+  grid, m, ratio, prob = (6, 6), 16, (0.1, 0.5), 0.5
+  draw = lambda key: terms.ibot_masks(key, m, grid, ratio, prob)
+  a = jax.jit(draw)(jax.random.PRNGKey(3))
+  b = jax.jit(lambda key: draw(key) & True)(jax.random.PRNGKey(3))  # another program, same key
+  c = jax.jit(draw)(jax.random.PRNGKey(4))
+  assert a.shape == (m, 36) and a.dtype == jnp.bool_
+  assert np.array_equal(a, b) and not np.array_equal(a, c)
+  counts = np.asarray(a).sum(-1)
+  bins = terms.mask_ratio_bins(m, ratio, prob)
+  assert (counts > 0).sum() == int(m * prob) == len(bins) - 1
+  caps = sorted(int(36 * p) for p in bins[1:])
+  assert all(x <= cap for x, cap in zip(sorted(counts[counts > 0]), caps))
+  assert counts.sum() <= terms.mask_upperbound(m, 36, ratio, prob)
+  assert counts.max() >= 10  # the large bins are (mostly) filled: DINOv2's 10 tries per rectangle
+  # Block-wise: a masked patch has a masked 4-neighbour, unless its rectangle is 1 × 1 (rare).
+  grid_masks = np.asarray(a).reshape(m, 6, 6)
+  pad = np.pad(grid_masks, ((0, 0), (1, 1), (1, 1)))
+  neighbours = pad[:, :-2, 1:-1] | pad[:, 2:, 1:-1] | pad[:, 1:-1, :-2] | pad[:, 1:-1, 2:]
+  assert (grid_masks & neighbours).sum() >= 0.9 * grid_masks.sum()
+  idx, valid, weights = terms.masked_positions(a, terms.mask_upperbound(m, 36, ratio, prob))
+  assert int(valid.sum()) == counts.sum()
+  np.testing.assert_array_equal(np.asarray(idx)[np.asarray(valid)], np.flatnonzero(np.asarray(a)))
+  np.testing.assert_allclose(np.asarray(weights)[np.asarray(valid)],
+                             1 / counts[np.flatnonzero(np.asarray(a)) // 36], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the objective in the step
+
+
+def _with_objective(setup, state, centering="centering"):
+  """The float64 math fixture with iBOT (shared head) + KoLeo on: a non-zero mask token and iBOT centre."""
+  setup = dataclasses.replace(setup, ibot_weight=1.0, koleo_weight=0.1, centering=centering,
+                              vit_cfg=dataclasses.replace(setup.vit_cfg, mask_token=True))
+  d = setup.vit_cfg.d_model
+  token = 0.3 * jnp.sin(jnp.arange(d, dtype=jnp.float64))[None]
+  student = {**state.student, "backbone": {**state.student["backbone"], "mask_token": token}}
+  teacher = {**state.teacher, "backbone": {**state.teacher["backbone"], "mask_token": 0.5 * token}}
+  ibot_center = 0.1 * jnp.cos(jnp.arange(setup.head_cfg.out_dim, dtype=jnp.float64))
+  return setup, state.replace(student=student, teacher=teacher, ibot_center=ibot_center)
+
+
+@pytest.mark.parametrize("centering", ["centering", "sinkhorn_knopp"])
+def test_meta_value_of_the_full_objective_by_jvp_equals_double_backward(unet_run, x64, centering):
+  """The existing equality test (test_vision_step: reverse-over-JVP == double backward == finite
+  differences) with iBOT + KoLeo on: the designer's views change the DINO, iBOT and KoLeo terms, and
+  the prefix-once split of the meta problem computes the learner's full objective on the same masks."""
+  setup, state = _with_objective(*tvs._math_state(unet_run), centering)
+  gv, lv = tvs._views(2)
+  subset, _ = value_lib.split_params(state.student["backbone"], 2, setup.n_last)
+  g_down = tvs._random_like(subset, 3)
+  phi = state.designer.params
+  mask_key = jax.random.PRNGKey(7)
+
+  def problem():
+    return vs.SSLProblem.build(setup, state.student, state.teacher, state.center, 0, lv, state.ibot_center, mask_key)
+
+  def objective(phi):  # the meta step's objective (reverse-over-JVP)
+    p, subset = problem()
+    loss, aux = vs.unet_meta_objective(setup, p, gv, subset, g_down, phi)(phi)
+    return loss, aux["value"]
+
+  def reference(phi):  # explicit ⟨g_down, ∇_S L⟩ (nested grad), regularisers written out
+    p, subset = problem()
+    views, mu = vs.unet_views(setup, phi, gv)
+    v = vs.reference_value(p, subset, g_down, views)
+    return -v + 0.3 * jnp.mean((jnp.mean(mu, axis=(1, 2)) - 0.6) ** 2) + 0.2 * total_variation(mu), v
+
+  @fast_jit
+  def pieces(phi):
+    p, subset = problem()
+    views = vs.unet_views(setup, phi, gv)[0]
+    masks = vs.draw_masks(setup, mask_key, 6, (4, 4))
+    whole, aux = vs.full_learner_loss(setup, state.student, state.teacher, state.center, state.ibot_center, views,
+                                      lv, 0, masks)
+    plain = dataclasses.replace(setup, ibot_weight=0.0, koleo_weight=0.0, centering="centering")
+    p0, _ = vs.SSLProblem.build(plain, state.student, state.teacher, state.center, 0, lv)
+    return (p.loss_fn(views)(subset), whole, aux["parts"], masks["valid"].sum(),
+            vs.reference_value(p0, subset, g_down, views))
+
+  split_loss, whole, parts, n_masked, v_dino = pieces(phi)
+  np.testing.assert_allclose(split_loss, whole, rtol=1e-12)
+  assert int(n_masked) > 0 and float(parts["ibot_loss"]) > 0 and abs(float(parts["koleo_loss"])) > 0
+  value_and_grad = fast_jit(jax.value_and_grad(objective, has_aux=True))
+  (loss, v), grad = value_and_grad(phi)
+  (loss_ref, v_ref), grad_ref = fast_jit(jax.value_and_grad(reference, has_aux=True))(phi)
+  assert abs(float(v) - float(v_dino)) > 1e-6 * abs(float(v))  # the new terms move the value
+  np.testing.assert_allclose(v, v_ref, rtol=1e-10)
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-10)
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad_ref))
+  for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(grad)[0], jax.tree.leaves(grad_ref)):
+    np.testing.assert_allclose(g, r, rtol=1e-8, atol=1e-10 * scale, err_msg=jax.tree_util.keystr(path))
+  eps, phi_np = 1e-7, jax.device_get(phi)
+  d = tvs._random_like(phi_np, 50)
+  plus = jax.tree.map(lambda p, u: p + eps * u, phi_np, d)
+  minus = jax.tree.map(lambda p, u: p - eps * u, phi_np, d)
+  fd = (float(value_and_grad(plus)[0][0]) - float(value_and_grad(minus)[0][0])) / (2 * eps)
+  analytic = sum(np.vdot(g, u) for g, u in zip(jax.tree.leaves(jax.device_get(grad)), jax.tree.leaves(d)))
+  np.testing.assert_allclose(fd, analytic, rtol=1e-6)
+
+
+def test_every_term_off_is_todays_dino_step_bit_for_bit(unet_run):
+  """ibot_weight = koleo_weight = 0 with centering='centering' (whatever the other iBOT knobs say) is the
+  paper's DINO objective on the original code path: same state tree (no mask token, no iBOT centre, no
+  iBOT head) and bit-identical steps (a meta step, then a plain one) to the config without the fields."""
+  cfg, state, step, _ = unet_run
+  off = tvs.vision_config("unet", **{"vpt.designer.learning_rate": 0.0, "dino.n_local_crops": 0,
+                                     "vpt.designer.depth": 1})
+  off.dino.update(dict(ibot_weight=0.0, koleo_weight=0.0, centering="centering", ibot_separate_head=True,
+                       ibot_out_dim=48, ibot_mask_prob=1.0, ibot_mask_ratio=(0.2, 0.3)))
+  assert "ibot_weight" not in cfg.dino and vs.VisionSetup.from_config(off).plain_dino
+  shapes = jax.eval_shape(lambda: vs.init_vision_state(off, jax.random.PRNGKey(0), tvs._batch(0)["image"]))
+  assert jax.tree.structure(shapes) == jax.tree.structure(state)
+  assert state.ibot_center is None and "mask_token" not in state.student["backbone"]
+  off_step = fast_jit(vs.make_vision_train_step(off))
+  a = b = state
+  for i in range(2):
+    batches = tvs._batches(30 + i)
+    a, ma = step(a, *batches)
+    b, mb = off_step(b, *batches)
+    assert tvs._leaves_equal(a, b) and ma.keys() == mb.keys()
+    assert all(np.array_equal(ma[k], mb[k]) for k in ma)
