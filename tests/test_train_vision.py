@@ -101,11 +101,23 @@ def test_designer_mode_resume_equals_uninterrupted(tmp_path):
     ("dino.global_scale", (0.5, 0.2)),
     ("feedback.batch_size", 0),
     ("eval.knn_k", 0),
+    ("dino.centering", "mean"),
+    ("dino.ibot_weight", -1.0),
+    ("dino.koleo_weight", -0.1),
 ])
 def test_bad_config_field_is_named(field, value):
   config = nano_config(**{field: value})
   with pytest.raises(ValueError, match=f"config.{field}="):
     vision_config.validate_vision(config)
+
+
+def test_bad_ibot_fields_are_named():
+  on = {"dino.ibot_weight": 1.0}
+  for field, value in [("dino.ibot_mask_ratio", (0.5, 0.1)), ("dino.ibot_mask_prob", 0.0), ("dino.ibot_out_dim", 48),
+                       ("dino.ibot_center_momentum", 1.0)]:
+    with pytest.raises(ValueError, match=f"config.{field}="):
+      vision_config.validate_vision(nano_config(**on, **{field: value}))
+  vision_config.validate_vision(nano_config(**on, **{"dino.ibot_out_dim": 48, "dino.ibot_separate_head": True}))
 
 
 def test_run_config_written_before_the_heads_moved_into_the_meta_step_still_loads(tmp_path):
@@ -160,5 +172,13 @@ def test_experiment_configs_validate(size):
       config = config_lib.with_overrides(config, {"data.root": "/data/imagenet", "data.labeled.root": "/data/ade"})
     vision_config.validate_vision(config)
     assert config.vpt.mode == variant
+    # Every size trains the paper's objective (DINO only) unless `dinov2` asks for DINOv2's.
+    assert config.dino.ibot_weight == config.dino.koleo_weight == 0 and config.dino.centering == "centering"
+    objective = config_lib.load_config_file(EXPERIMENT, f"{size},{variant},dinov2")
+    objective = config_lib.with_overrides(objective, {"data.root": config.data.root,
+                                                      "data.labeled.root": config.data.labeled.root})
+    vision_config.validate_vision(objective)
+    assert objective.dino.ibot_weight == 1.0 and objective.dino.koleo_weight == 0.1
+    assert objective.dino.centering == "sinkhorn_knopp" and objective.vpt.mode == variant
   with pytest.raises(ValueError, match="variant 'bogus'"):
     config_lib.load_config_file(EXPERIMENT, f"{size},bogus")

@@ -14,6 +14,7 @@ import pytest
 from vpt import value as value_lib
 from vpt import vision_step as vs
 from vpt.models.unet import total_variation
+from vpt.models.vit import ViT
 from vpt.tasks import dino
 from vpt.tasks import dinov2_terms as terms
 
@@ -284,3 +285,85 @@ def test_every_term_off_is_todays_dino_step_bit_for_bit(unet_run):
     b, mb = off_step(b, *batches)
     assert tvs._leaves_equal(a, b) and ma.keys() == mb.keys()
     assert all(np.array_equal(ma[k], mb[k]) for k in ma)
+
+
+# ----------------------------------------------------------------------------- the mask token from Hugging Face
+
+
+@pytest.mark.parametrize("name", ["dinov2", "dinov3"])
+def test_hf_mask_token_is_imported_and_masked_forward_matches_hf(tmp_path, name):
+  """load_dinov2(mask_token=True) takes the checkpoint's iBOT mask token; the ViT with masks equals HF's
+  forward with bool_masked_pos. Without it (mask_token=False) the tensor is skipped as before; a
+  checkpoint that lacks it leaves the token at DINOv2's zero init."""
+  import torch  # noqa: PLC0415 (torch only for this test)
+  from safetensors.numpy import load_file, save_file  # noqa: PLC0415
+  from test_vit import _forward, _hf_model, _images, _save  # noqa: PLC0415
+  from vpt.interop import dinov2  # noqa: PLC0415
+
+  model = _hf_model(name)  # every parameter perturbed, the mask token too
+  path = _save(model, tmp_path / "hf")
+  cfg, params = dinov2.load_dinov2(path, mask_token=True)
+  hf_token = model.embeddings.mask_token.detach().numpy().reshape(1, -1)
+  assert cfg.mask_token and np.abs(hf_token).max() > 0.05
+  np.testing.assert_array_equal(params["mask_token"], hf_token)
+  x = _images((28, 28))
+  masks = np.random.default_rng(0).random((2, 16)) < 0.4
+  with torch.no_grad():
+    ref = model(torch.tensor(x), bool_masked_pos=torch.tensor(masks)).last_hidden_state.numpy()
+    unmasked = model(torch.tensor(x)).last_hidden_state.numpy()
+  out = jax.jit(lambda p, x, m: ViT(cfg).apply({"params": p}, x, masks=m))(
+      params, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(masks))
+  np.testing.assert_allclose(out["cls"], ref[:, 0], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(out["patches"], ref[:, cfg.n_prefix:], atol=1e-4, rtol=0)
+  assert np.abs(ref - unmasked).max() > 1e-2  # the masks matter
+  cfg0, params0 = dinov2.load_dinov2(path)
+  assert not cfg0.mask_token and "mask_token" not in params0
+  np.testing.assert_allclose(_forward(cfg0, params0, x)["cls"], unmasked[:, 0], atol=1e-4, rtol=0)
+  state = load_file(os.path.join(path, "model.safetensors"))
+  del state["embeddings.mask_token"]
+  os.makedirs(tmp_path / "no_token")
+  save_file(state, str(tmp_path / "no_token" / "model.safetensors"))
+  with open(os.path.join(path, "config.json")) as f, open(tmp_path / "no_token" / "config.json", "w") as g:
+    g.write(f.read())
+  _, params1 = dinov2.load_dinov2(str(tmp_path / "no_token"), mask_token=True)
+  assert np.all(np.asarray(params1["mask_token"]) == 0)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory):
+  """The three runs of the resume test compile identical programs: each once."""
+  from conftest import persistent_xla_cache  # noqa: PLC0415
+  with persistent_xla_cache(str(tmp_path_factory.mktemp("xla_cache"))) as directory:
+    yield directory
+
+
+@pytest.mark.slow
+def test_loop_resume_with_ibot_equals_uninterrupted(tmp_path, xla_cache):
+  """experiments/vision_dino.py:nano,unet,dinov2 (DINO + iBOT + KoLeo + Sinkhorn-Knopp, U-Net designer):
+  stopped at step 3 (not a meta step) and resumed through meta step 4, the state — the iBOT centre
+  beside the DINO centre, the mask token, heads, designer, optimizer — equals an uninterrupted run's,
+  bit for bit; the masks come from the step's rng, so the resumed steps draw the same ones."""
+  from test_train_vision import _assert_same_state, nano_config  # noqa: PLC0415
+  from vpt import metrics, train_vision  # noqa: PLC0415
+  config = nano_config("unet,dinov2", num_steps=6, **{"eval.num_train": 0, "checkpoint.every_steps": 1000,
+                                                      "log_every_steps": 1})
+  assert config.dino.ibot_weight > 0 and config.dino.koleo_weight > 0 and config.dino.centering == "sinkhorn_knopp"
+  straight = train_vision.run(config, str(tmp_path / "straight"))
+  train_vision.run(config, str(tmp_path / "resumed"), stop_after=3)
+  resumed = train_vision.run(config, str(tmp_path / "resumed"))
+  assert resumed["start_step"] == 3 and resumed["step"] == 6
+  _assert_same_state(resumed["state"], straight["state"])
+  for name in ("ibot_center", "step", "rng"):
+    np.testing.assert_array_equal(jax.device_get(getattr(resumed["state"], name)),
+                                  jax.device_get(getattr(straight["state"], name)), err_msg=name)
+  assert "mask_token" in straight["state"].student["backbone"]
+  records = metrics.read_jsonl(os.path.join(tmp_path, "straight", "metrics.jsonl"))
+  assert [r["train/meta/is_meta_step"] for r in records] == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+  assert all(r["train/masked_patches"] > 0 and np.isfinite(r["train/ibot_loss"] + r["train/koleo_loss"])
+             for r in records)
+  resumed_records = metrics.read_jsonl(os.path.join(tmp_path, "resumed", "metrics.jsonl"))
+  for a, b in zip(records[3:], [r for r in resumed_records if r["step"] > 3]):
+    assert a["train/loss"] == b["train/loss"] and a["train/masked_patches"] == b["train/masked_patches"]

@@ -216,7 +216,9 @@ def _initialise_from(config, state, shardings):
     print(f"Initialised the student, teacher and centre from {path} (step {step})", flush=True)
     return state.replace(**loaded)
   from vpt.interop import dinov2  # noqa: PLC0415
-  _, backbone = dinov2.load_dinov2(path, dtype=config.model.dtype)
+  # With iBOT on, the student's mask token is the checkpoint's (DINOv2/DINOv3 trained it with iBOT).
+  mask_token = VisionSetup.from_config(config).vit_cfg.mask_token
+  _, backbone = dinov2.load_dinov2(path, dtype=config.model.dtype, mask_token=mask_token)
   backbone = jax.device_put(backbone, shardings.student["backbone"])
   print(f"Initialised the student and teacher backbones from {path} (Hugging Face)", flush=True)
   return state.replace(student={**state.student, "backbone": backbone},

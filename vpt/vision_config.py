@@ -304,6 +304,8 @@ def validate_vision(config: ml_collections.ConfigDict) -> None:
   need(0 <= cand.block_keep <= 1, "vpt.candidates.block_keep", "in [0, 1]")
   need(cand.block_grid >= 1, "vpt.candidates.block_grid", ">= 1")
   if v.mode in DESIGNER_MODES:
+    need(d.get("koleo_weight", 0.0) == 0 or v.meta_batch_size >= 2, "vpt.meta_batch_size",
+         ">= 2 with dino.koleo_weight > 0 (KoLeo needs a nearest neighbour in the meta batch)")
     need(labeled_source in ("scenes", "ade20k", "nyuv2"), "data.labeled.source",
          f"a source with seg/depth labels for vpt.mode={v.mode!r} (data.source={data.source!r} has none)")
     need(fb.alpha_seg > 0 or fb.alpha_dep > 0, "feedback.alpha_seg", "> 0 (or feedback.alpha_dep > 0)")

@@ -40,8 +40,19 @@ Modes (config.vpt.mode): "dino" (baseline: μ ≡ 1, no designer, no heads, no m
 and meta batches are ignored and may be None), "unet", "candidates" (vision_candidates), and
 "random_feedback" (U-Net designer, g_down replaced by a random direction of the same norm).
 
+Objective (config.dino). By default DINO's class-token loss alone (the paper's), on the original
+code path. DINOv2's terms are switches (vpt.tasks.dinov2_terms): L = L_DINO + w_iBOT·L_iBOT +
+w_KoLeo·Σ_g L_KoLeo, teacher targets by centring or Sinkhorn-Knopp (`objective_terms`). With iBOT
+the student's global crops get block-wise masks (their patches become the ViT's learned mask
+token; the teacher sees them unmasked) and the masked patch tokens go through the DINO head (or a
+separate iBOT head) against the teacher's; the iBOT centre is `VisionState.ibot_center`. The meta
+step differentiates the same full objective: the designer's views move every term, and V stays the
+one directional derivative along g_down.
+
 Step randomness: base = fold_in(state.rng, state.step); learner crops use fold_in(base, 0),
-the learner's candidate draws fold_in(base, 1), the meta step fold_in(base, 2) (`step_keys`).
+the learner's candidate draws fold_in(base, 1), the meta step fold_in(base, 2), the learner's iBOT
+masks fold_in(base, 3) (`step_keys`); the meta problem's masks fold_in of its crop key. Masks are a
+function of the checkpointed (rng, step) alone, so a resumed run draws the same ones.
 """
 
 from __future__ import annotations

@@ -180,7 +180,7 @@ def block_mask(key: jax.Array, grid: tuple[int, int], target, min_num_patches: i
     top = jax.random.randint(k_top, (), 0, jnp.maximum(gh - h, 0) + 1)
     lft = jax.random.randint(k_left, (), 0, jnp.maximum(gw - w, 0) + 1)
     rect = (rows >= top) & (rows < top + h) & (cols >= lft) & (cols < lft + w)
-    delta = jnp.sum(rect & ~mask)
+    delta = jnp.sum(rect & ~mask, dtype=jnp.int32)
     ok = fits & (delta > 0) & (delta <= left)
     return (jnp.where(ok, mask | rect, mask), count + jnp.where(ok, delta, 0), jnp.where(ok, 0, fails + 1), key)
 
