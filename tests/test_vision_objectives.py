@@ -367,3 +367,39 @@ def test_loop_resume_with_ibot_equals_uninterrupted(tmp_path, xla_cache):
   resumed_records = metrics.read_jsonl(os.path.join(tmp_path, "resumed", "metrics.jsonl"))
   for a, b in zip(records[3:], [r for r in resumed_records if r["step"] > 3]):
     assert a["train/loss"] == b["train/loss"] and a["train/masked_patches"] == b["train/masked_patches"]
+
+
+def test_a_checkpoint_from_before_the_ibot_centre_field_still_restores(tmp_path):
+  """VisionState gained `ibot_center` (None without iBOT): a state checkpointed without the field (every
+  run before it) restores into today's state with the field None; with iBOT on, the missing centre is a
+  mismatch naming it."""
+  import flax.struct  # noqa: PLC0415
+  from typing import Any  # noqa: PLC0415
+  from vpt import checkpoint as ckpt_lib  # noqa: PLC0415
+
+  @flax.struct.dataclass
+  class Before:  # VisionState as it was
+    step: jax.Array
+    student: Any
+    teacher: Any
+    center: jax.Array
+    opt_state: Any
+    heads: Any
+    designer: Any
+    rng: jax.Array
+
+  w = {"backbone": {"w": jnp.arange(6.0).reshape(2, 3)}}
+  before = Before(jnp.asarray(7, jnp.int32), w, jax.tree.map(lambda x: x + 1, w), jnp.arange(4.0),
+                  (jnp.zeros(()), {"mu": w}), None, None, jnp.asarray([1, 2], jnp.uint32))
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), keep=2, iterator_names=())
+  checkpointer.save(7, before, {}, force=True)
+  checkpointer.close()
+  now = vs.VisionState(**{f.name: getattr(before, f.name) for f in dataclasses.fields(before)}, ibot_center=None)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), now)
+  restored, step = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), keep=2, iterator_names=()).restore_latest(abstract,
+                                                                                                            {})
+  assert step == 7 and isinstance(restored, vs.VisionState) and restored.ibot_center is None
+  assert tvs._leaves_equal(restored, now) and jax.tree.structure(restored) == jax.tree.structure(now)
+  with_ibot = abstract.replace(ibot_center=jax.ShapeDtypeStruct((4,), jnp.float32))
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match="ibot_center"):
+    ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), keep=2, iterator_names=()).restore_latest(with_ibot, {})

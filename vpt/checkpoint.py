@@ -20,6 +20,7 @@ A set-aside name that exists already gets a `.1`, `.2`, … suffix.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -153,8 +154,9 @@ class Checkpointer:
             "Nothing was changed. Resume with the run's settings, or set --config.checkpoint.on_mismatch=restart "
             "to start over (the old checkpoints are kept, renamed <step>.replaced).")
       try:
+        target, added = self._restore_target(step, abstract_state)
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), **{
+            state=ocp.args.StandardRestore(target), **{
                 name: grain.checkpoint.CheckpointRestore(iterators[name]) for name in self.iterator_names}))
       except Exception as e:  # noqa: BLE001 — classified as above.
         if not is_damaged_checkpoint_error(e):
@@ -163,8 +165,31 @@ class Checkpointer:
           raise
         self._report_damaged(step, e)
         continue
+      if added:
+        return type(abstract_state)(**restored["state"], **{name: None for name in added}), step
       return restored["state"], step
     return None, None
+
+  def _restore_target(self, step: int, abstract_state: Any) -> tuple[Any, tuple[str, ...]]:
+    """(what to restore into, the state's fields the checkpoint predates). A checkpoint written before a
+    dataclass field was added (one that holds no array in this run, e.g. VisionState.ibot_center without
+    iBOT: `_differences` found no array leaf missing) restores into the fields it has, as a dict; the
+    caller rebuilds the state with None for the others."""
+    if not dataclasses.is_dataclass(abstract_state):
+      return abstract_state, ()
+    step_dir = epath.Path(self.directory) / str(step)
+    handler = ocp.StandardCheckpointHandler()
+    try:
+      stored = handler.metadata(step_dir / "state").tree
+    finally:
+      handler.close()
+    if not isinstance(stored, dict):
+      return abstract_state, ()
+    fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+    added = tuple(name for name in fields if name not in stored)
+    if not added or any(jax.tree.leaves(fields[name]) for name in added):
+      return abstract_state, ()
+    return {name: v for name, v in fields.items() if name not in added}, added
 
   def _differences(self, step: int, abstract_state: Any) -> list[str]:
     """The checkpoint's items and state leaves that differ from this run's (reads metadata only)."""
