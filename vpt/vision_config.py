@@ -34,7 +34,8 @@ def model_config(size: str = "nano", **overrides) -> ml_collections.ConfigDict:
 
 
 def dino_config() -> ml_collections.ConfigDict:
-  """DINO head, loss temperatures, EMA/centering and the multi-crop recipe (PAPER §4, §6b)."""
+  """DINO head, loss temperatures, EMA/centering, the multi-crop recipe (PAPER §4, §6b) and the objective:
+  DINO only (the paper's, the default) or with DINOv2's iBOT / KoLeo / Sinkhorn-Knopp terms."""
   c = ml_collections.ConfigDict()
   c.out_dim = 8192
   c.head_hidden = 2048
