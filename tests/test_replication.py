@@ -12,10 +12,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow
 def test_replication_smoke_writes_table_and_plots(tmp_path):
-  out = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "toy_math", "replicate.py"),
-                        "--out", str(tmp_path), "--smoke", "--arms", "ntp,value"],
-                       cwd=REPO, capture_output=True, text=True, timeout=1800)
+  # Matched updates first; then --resume adds the matched wall-clock runs and keeps the others.
+  drive = lambda *flags: subprocess.run([sys.executable, os.path.join(REPO, "experiments", "toy_math", "replicate.py"),
+                                         "--out", str(tmp_path), "--smoke", "--arms", "ntp,value", *flags],
+                                        cwd=REPO, capture_output=True, text=True, timeout=1800)
+  out = drive("--skip_wallclock")
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  first = json.load(open(tmp_path / "results.json"))["results"]
+  assert {(r["arm"], r["protocol"]) for r in first} == {("ntp", "steps"), ("value", "steps")}
+  out = drive("--resume")
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  assert "--resume: 2 runs kept" in out.stdout
+  kept = [r for r in json.load(open(tmp_path / "results.json"))["results"] if r["protocol"] == "steps"]
+  assert kept == first
+  mismatch = drive("--resume", "--stream", "skill")
+  assert mismatch.returncode != 0 and "--stream format (now skill)" in mismatch.stderr
   table = (tmp_path / "table.md").read_text()
   assert "Matched learner updates" in table and "Matched wall-clock" in table and "| value |" in table
   assert "Paired differences to NTP" in table

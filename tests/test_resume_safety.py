@@ -285,3 +285,40 @@ def test_vision_sigterm_on_a_checkpoint_step_saves_once_and_resumes_exactly(tmp_
       np.testing.assert_array_equal(x, y, err_msg=name)
   assert (tmp_path / "resumed" / "config.json").read_bytes() == original
   assert [n for n in os.listdir(tmp_path / "resumed") if n.startswith("config")] == ["config.json"]
+
+
+def test_a_checkpoint_from_before_the_designers_g_down_average_still_restores(tmp_path):
+  """DesignerState gained `g_down_avg` (None without vpt.g_down_average): a V-Pretraining checkpoint
+  written before the field (nested in TrainState.designer) restores with it None; a run that does
+  average is told the checkpoint lacks it, and nothing is changed."""
+  import flax.struct  # noqa: PLC0415
+  from typing import Any  # noqa: PLC0415
+  from vpt.steps import TrainState  # noqa: PLC0415
+  from vpt.vpt_step import DesignerState  # noqa: PLC0415
+
+  @flax.struct.dataclass
+  class DesignerBefore:  # DesignerState as it was
+    params: Any
+    opt_state: Any
+    last_meta: dict
+
+  w = {"layers_1": {"w": jnp.arange(6.0).reshape(2, 3)}}
+  before = TrainState(step=jnp.asarray(9, jnp.int32), params=w, opt_state=({"mu": w}, jnp.zeros((), jnp.int32)),
+                      rng=jnp.asarray([1, 2], jnp.uint32),
+                      designer=DesignerBefore({"gate": jnp.ones(4)}, (jnp.zeros(()),), {"value": jnp.asarray(0.5)}))
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), keep=2, iterator_names=())
+  checkpointer.save(9, before, {}, force=True)
+  checkpointer.close()
+  now = before.replace(designer=DesignerState(**{f: getattr(before.designer, f) for f in ("params", "opt_state",
+                                                                                         "last_meta")}))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), now)
+  restored, step = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), keep=2, iterator_names=()).restore_latest(abstract, {})
+  assert step == 9 and isinstance(restored, TrainState) and isinstance(restored.designer, DesignerState)
+  assert restored.designer.g_down_avg is None and jax.tree.structure(restored) == jax.tree.structure(now)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(now)):
+    np.testing.assert_array_equal(a, b)
+  averaging = abstract.replace(designer=abstract.designer.replace(
+      g_down_avg={"layers_1": {"w": jax.ShapeDtypeStruct((2, 3), jnp.float32)}}))
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match="designer/g_down_avg"):
+    ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), keep=2, iterator_names=()).restore_latest(averaging, {})
+  assert ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), keep=2, iterator_names=()).all_steps() == [9]

@@ -247,3 +247,34 @@ def test_gate_confidence_features_are_the_learners_explicit_statistics():
   expected = np.stack([logp[..., 0], logp[..., 1:].max(-1), logp[..., 0] - logp[..., 1:].max(-1),
                        -(p * np.log(p)).sum(-1)], -1)
   np.testing.assert_allclose(feats, expected, rtol=1e-12)
+
+
+def test_averaged_g_down_is_the_bias_corrected_running_mean_and_the_designer_aligns_with_it():
+  # vpt.g_down_average = β: m_n = β m_{n−1} + (1 − β) g_n, the designer aligns with m_n / (1 − β^n).
+  beta = 0.8
+  vpt_cfg = _vpt_cfg(g_down_average=beta)
+  model, params, designer, dparams, opt_state, opt_cfg = _setup(vpt_cfg)
+  m = vpt_step.g_down_average_init(vpt_cfg, params, LAYERS)
+  assert set(m) == set(value_lib.split_params(params, LAYERS, vpt_cfg.align_last_n_layers)[0])
+  assert all(not np.any(x) for x in jax.tree.leaves(m))
+  raw = [vpt_step.downstream_grad(model, params, _batch(seed), vpt_cfg.align_last_n_layers)[0] for seed in (2, 5)]
+  assert float(value_lib.tree_vdot(raw[0], raw[1])) < 0.99 * float(value_lib.tree_norm(raw[0]) * value_lib.tree_norm(raw[1]))
+  mask = _batch(1)["loss_mask"]
+  for n, (fb_seed, g) in enumerate(zip((2, 5), raw), start=1):
+    objective, info = meta_objective(params, opt_state, dparams, _batch(1), _batch(fb_seed), jax.random.PRNGKey(3),
+                                     model=model, designer=designer, vpt_cfg=vpt_cfg, learner_opt_cfg=opt_cfg,
+                                     g_down_avg=m, n_meta=jnp.asarray(n))
+    explicit_m = {k: beta * m[k] + (1 - beta) * g[k] for k in g}
+    explicit_avg = {k: explicit_m[k] / (1 - beta ** n) for k in g}
+    for k in g:
+      np.testing.assert_allclose(info["g_down_avg"][k], explicit_m[k], rtol=1e-12, atol=1e-16)
+      np.testing.assert_allclose(info["tangent"][k], explicit_avg[k], rtol=1e-12, atol=1e-16)
+    if n == 1:  # the first meta step's bias-corrected average is its own g_down
+      for k in g:
+        np.testing.assert_allclose(info["tangent"][k], g[k], rtol=1e-12, atol=1e-16)
+    grad = jax.jit(jax.grad(lambda d: objective(d)[0]))(dparams)  # jitted: op by op takes minutes
+    ref = jax.jit(jax.grad(lambda d: -value_lib.reference_value(
+        info["aligned"], info["subset"], explicit_avg, info["cand_ids"], info["targets_of"](d)[2], mask)))(dparams)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref)):
+      np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-14)
+    m = info["g_down_avg"]

@@ -153,11 +153,14 @@ def test_every_ablation_runs_end_to_end(tmp_path, variant):
 
 
 @pytest.mark.slow
-def test_resume_between_meta_steps_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"vpt.g_down_average": 0.9, "vpt.burn_in_steps": 6}],
+                         ids=["plain", "g_down_average"])
+def test_resume_between_meta_steps_equals_uninterrupted(tmp_path, extra):
+  # With a running g_down average (meta steps 8, 12, …) the resumed run continues the same average.
   steps = 40
   args = [f"--config={REPO}/experiments/lm_vpt.py:nano,value", "--config.num_steps=40", "--config.log_every_steps=1",
           "--config.checkpoint.every_steps=1000", "--config.progress_bar=False", "--config.mesh.num_devices=1",
-          "--config.vpt.meta_every=4"]
+          "--config.vpt.meta_every=4", *(f"--config.{k}={v}" for k, v in extra.items())]
   workdir = tmp_path / "interrupted"
   proc = subprocess.Popen([sys.executable, "-m", "vpt.main", f"--workdir={workdir}", *args], cwd=REPO,
                           env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -171,10 +174,12 @@ def test_resume_between_meta_steps_equals_uninterrupted(tmp_path):
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 143, out
-  overrides = {"num_steps": steps, "log_every_steps": 1, "checkpoint.every_steps": 1000, "vpt.meta_every": 4}
+  overrides = {"num_steps": steps, "log_every_steps": 1, "checkpoint.every_steps": 1000, "vpt.meta_every": 4, **extra}
   resumed = train.run(vpt_config("nano,value", **overrides), str(workdir))
   assert 9 <= resumed["start_step"] < steps
   straight = train.run(vpt_config("nano,value", **overrides), str(tmp_path / "straight"))
   for a, b in zip(jax.tree.leaves(jax.device_get((resumed["state"].params, resumed["state"].designer))),
                   jax.tree.leaves(jax.device_get((straight["state"].params, straight["state"].designer)))):
     np.testing.assert_array_equal(a, b)
+  if extra:
+    assert all(np.any(np.asarray(x)) for x in jax.tree.leaves(jax.device_get(resumed["state"].designer.g_down_avg)))

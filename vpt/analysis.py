@@ -43,8 +43,8 @@ from vpt.models.lm import LMConfig, Transformer
 from vpt.optim import make_optimizer
 from vpt.steps import init_train_state, make_train_step
 from vpt.tasks.lm_soft_targets import candidate_logprobs, candidates, soft_targets
-from vpt.vpt_step import (designer_targets, init_designer_state, make_designer_optimizer, make_vpt_train_step,
-                          uses_designer)
+from vpt.vpt_step import (designer_targets, g_down_average_init, init_designer_state, make_designer_optimizer,
+                          make_vpt_train_step, uses_designer)
 
 Params = Any
 
@@ -120,7 +120,7 @@ def _abstract_state(config, model):
     if designer is not None:
       state = state.replace(designer=init_designer_state(
           designer, make_designer_optimizer(config.vpt), state.params, config.data.seq_len, config.vpt.top_k,
-          config.seed))
+          config.seed, g_down_average_init(config.vpt, state.params, model.cfg.n_layers)))
     return state
 
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -166,7 +166,8 @@ def tiny_run(seed: int = 0, *, train_steps: int = 0, variant: str = "value", dty
     if designer is None:
       return state
     return state.replace(designer=init_designer_state(designer, make_designer_optimizer(config.vpt), state.params,
-                                                      config.data.seq_len, config.vpt.top_k, seed))
+                                                      config.data.seq_len, config.vpt.top_k, seed,
+                                                      g_down_average_init(config.vpt, state.params, model.cfg.n_layers)))
 
   state = jax.jit(init_fn)()
   if train_steps:

@@ -99,6 +99,15 @@ def state_differences(saved: dict[tuple, Any], abstract_state: Any) -> list[str]
   return out
 
 
+def _rebuild(template: Any, restored: Any) -> Any:
+  """`restored` (the dicts `_restore_target` made of the dataclasses of `template`) as `template`'s
+  dataclasses again, None in the fields it lacks."""
+  if not dataclasses.is_dataclass(template) or not isinstance(restored, dict):
+    return restored
+  return type(template)(**{f.name: _rebuild(getattr(template, f.name), restored[f.name]) if f.name in restored
+                           else None for f in dataclasses.fields(template)})
+
+
 class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int, async_save: bool = True,
@@ -165,31 +174,41 @@ class Checkpointer:
           raise
         self._report_damaged(step, e)
         continue
-      if added:
-        return type(abstract_state)(**restored["state"], **{name: None for name in added}), step
+      if added:  # the dataclasses back, with None in the fields the checkpoint predates
+        return _rebuild(abstract_state, restored["state"]), step
       return restored["state"], step
     return None, None
 
-  def _restore_target(self, step: int, abstract_state: Any) -> tuple[Any, tuple[str, ...]]:
+  def _restore_target(self, step: int, abstract_state: Any) -> tuple[Any, list[str]]:
     """(what to restore into, the state's fields the checkpoint predates). A checkpoint written before a
-    dataclass field was added (one that holds no array in this run, e.g. VisionState.ibot_center without
-    iBOT: `_differences` found no array leaf missing) restores into the fields it has, as a dict; the
-    caller rebuilds the state with None for the others."""
-    if not dataclasses.is_dataclass(abstract_state):
-      return abstract_state, ()
+    dataclass field was added — at any depth, e.g. VisionState.ibot_center without iBOT, or
+    DesignerState.g_down_avg without a running g_down average — and that holds no array in this run
+    (`_differences` found no array leaf missing) restores into the fields it has, every dataclass of
+    the state as a dict; `_rebuild` then puts None in the others."""
     step_dir = epath.Path(self.directory) / str(step)
     handler = ocp.StandardCheckpointHandler()
     try:
       stored = handler.metadata(step_dir / "state").tree
     finally:
       handler.close()
-    if not isinstance(stored, dict):
-      return abstract_state, ()
-    fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
-    added = tuple(name for name in fields if name not in stored)
-    if not added or any(jax.tree.leaves(fields[name]) for name in added):
-      return abstract_state, ()
-    return {name: v for name, v in fields.items() if name not in added}, added
+    added = []
+
+    def strip(node, stored_node, path):
+      if not dataclasses.is_dataclass(node) or not isinstance(stored_node, dict):
+        return node
+      out = {}
+      for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if f.name in stored_node:
+          out[f.name] = strip(value, stored_node[f.name], f"{path}{f.name}.")
+        elif not jax.tree.leaves(value):
+          added.append(path + f.name)
+        else:  # an array the checkpoint lacks: a real mismatch (reported by _differences)
+          return node
+      return out
+
+    target = strip(abstract_state, stored, "")
+    return (target, added) if added else (abstract_state, [])
 
   def _differences(self, step: int, abstract_state: Any) -> list[str]:
     """The checkpoint's items and state leaves that differ from this run's (reads metadata only)."""

@@ -148,6 +148,9 @@ def vpt_config() -> ml_collections.ConfigDict:
   c.meta_batch_size = 0  # evenly spaced rows of the batch (0: all)
   c.meta_seq_len = 0  # first positions of each row (0: all)
   c.burn_in_steps = 0  # ...after this many learner steps.
+  # β of a running average of g_down over the meta steps (bias-corrected; vpt_step.py): the designer
+  # aligns with ≈ the last 1/(1 − β) feedback batches at the cost of one. 0: this step's g_down only.
+  c.g_down_average = 0.0
   c.reg_alpha = 0.0  # λ · mean α
   c.reg_entropy = 0.0  # −λ · mean entropy of r (positive λ favours spread-out r)
   c.reg_trust_region = 0.0  # λ · expected increase of the learner's pretraining loss under q
@@ -345,6 +348,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(0 <= v.align_last_n_layers <= m.n_layers, "vpt.align_last_n_layers", f"in [0, model.n_layers={m.n_layers}]")
   need(v.meta_every >= 1, "vpt.meta_every", ">= 1")
   need(v.burn_in_steps >= 0, "vpt.burn_in_steps", ">= 0")
+  need(0.0 <= v.g_down_average < 1.0, "vpt.g_down_average", "in [0, 1) (0: off)")
+  need(v.g_down_average == 0.0 or v.alignment == "pooled", "vpt.g_down_average",
+       "0 with vpt.alignment='domain_matched' (the running average is of the pooled g_down)")
   need(0 <= v.meta_batch_size <= config.batch_size, "vpt.meta_batch_size", f"in [0, batch_size={config.batch_size}]")
   need(0 <= v.meta_seq_len <= d.seq_len, "vpt.meta_seq_len", f"in [0, data.seq_len={d.seq_len}]")
   need(v.designer.d_model % v.designer.n_heads == 0, "vpt.designer.n_heads", "a divisor of vpt.designer.d_model")

@@ -226,7 +226,7 @@ def make_init_fn(config: ml_collections.ConfigDict, model: Transformer, optimize
       designer = TaskDesigner(DesignerConfig.from_config(vpt_cfg))
       state = state.replace(designer=vpt_step.init_designer_state(
           designer, vpt_step.make_designer_optimizer(vpt_cfg), state.params, config.data.seq_len,
-          vpt_cfg.top_k, config.seed))
+          vpt_cfg.top_k, config.seed, vpt_step.g_down_average_init(vpt_cfg, state.params, model.cfg.n_layers)))
     return state
 
   return init_fn

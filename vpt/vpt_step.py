@@ -33,6 +33,18 @@ unpaired domains (filler) enter no alignment term. Each set needs one JVP (one v
 the regularisers and the trust region stay on the whole batch. Isolation is unchanged: every g_j is
 read only by the designer's objective.
 
+Averaged feedback (vpt.g_down_average = β > 0). The meta step's g_down comes from one small feedback
+batch, and its per-token signal is mostly sampling noise there (`meta/g_down_split_cos`). With β > 0
+the designer aligns with a running average over the meta steps instead, at no extra compute:
+
+    m_n = β·m_{n−1} + (1 − β)·g_down,n,    ḡ_n = m_n / (1 − β^n),    m_0 = 0,
+
+n = the meta steps taken so far, this one included (a function of `state.step`: a resumed run
+continues the same average). ḡ_n weights the last ≈ 1/(1 − β) feedback batches; their gradients were
+taken at slightly older learner parameters (an EMA of gradients, as Adam's first moment is). m lives in
+`DesignerState.g_down_avg` (None with β = 0: today's state, and its checkpoints, unchanged). Random
+feedback replaces g_down,n before it is averaged. Pooled alignment only.
+
 LoRA: S is the adapters of the last blocks (value.split_params), the learner steps on the adapters
 only, and adapter dropout is on in the learner step and off in the meta step (g_down, the JVP and
 g_pre are taken at the deterministic network, the direction the learner moves along on average).
@@ -67,6 +79,7 @@ class DesignerState:
   params: Any
   opt_state: Any
   last_meta: dict  # the latest meta step's metrics, reported on every step
+  g_down_avg: Any = None  # m of the running g_down average on S (vpt.g_down_average > 0), else None
 
 
 def uses_designer(vpt_cfg) -> bool:
@@ -107,15 +120,24 @@ def make_designer_optimizer(vpt_cfg) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
+def g_down_average_init(vpt_cfg, learner_params, n_layers: int):
+  """m_0 = 0 on S when vpt.g_down_average > 0, else None (no running average in the state)."""
+  if not vpt_cfg.get("g_down_average", 0.0):
+    return None
+  subset, _ = value_lib.split_params(learner_params, n_layers, vpt_cfg.align_last_n_layers)
+  return jax.tree.map(jnp.zeros_like, subset)
+
+
 def init_designer_state(designer: TaskDesigner, optimizer: optax.GradientTransformation, learner_params,
-                        seq_len: int, top_k: int, seed: int) -> DesignerState:
+                        seq_len: int, top_k: int, seed: int, g_down_avg=None) -> DesignerState:
+  """g_down_avg: `g_down_average_init`'s m_0 (None: no running average)."""
   embedding = learner_params["embed_tokens"]["embedding"]
   tokens = jnp.zeros((1, seq_len), jnp.int32)
   cands = jnp.zeros((1, seq_len, top_k), jnp.int32)
   params = designer.init(jax.random.PRNGKey(seed + 7919), embedding, tokens, tokens, tokens, tokens + 1, cands,
                          jnp.zeros(cands.shape, jnp.float32))["params"]
   return DesignerState(params=params, opt_state=optimizer.init(params),
-                       last_meta={k: jnp.zeros((), jnp.float32) for k in META_METRICS})
+                       last_meta={k: jnp.zeros((), jnp.float32) for k in META_METRICS}, g_down_avg=g_down_avg)
 
 
 def designer_targets(vpt_cfg, designer: TaskDesigner | None, designer_params, embedding, batch, cand_ids,
@@ -213,13 +235,17 @@ def feedback_grads(model, params, fb_batch: dict, n_last: int,
 
 
 def meta_objective(params, learner_opt_state, designer_params, batch: dict, fb_batch: dict, rng: jax.Array, *,
-                   model, designer, vpt_cfg, learner_opt_cfg, plan: FeedbackPlan | None = None):
+                   model, designer, vpt_cfg, learner_opt_cfg, plan: FeedbackPlan | None = None,
+                   g_down_avg=None, n_meta=None):
   """The designer's loss φ ↦ −Align(g_down, g_pre(q_φ)) + λ·R(φ), everything learner-side precomputed.
 
   With plan.domains (domain-matched alignment) the alignment term is the mean over the paired domains
   d of Align(ω_j(d) g_j(d), g_pre,d(q_φ)), each on the loss tokens of domain d (the module docstring);
   the reported value is the same mean of the values. Everything else (regularisers, trust region,
   cosine variants, Adam geometry, random feedback) is the pooled objective's code, per term.
+
+  g_down_avg, n_meta: the running average's m_{n−1} and n (vpt.g_down_average > 0; the module
+  docstring): the designer then aligns with ḡ_n, and info["g_down_avg"] is m_n.
 
   Returns (objective, info): objective(φ) -> (loss, aux) is what the designer step differentiates
   (a backward through q_φ only); info holds the gradients and norms computed on the way.
@@ -241,6 +267,11 @@ def meta_objective(params, learner_opt_state, designer_params, batch: dict, fb_b
       g_down = jax.tree.map(lambda *xs: sum(xs), *set_grads.values())
     else:
       g_down = value_lib.random_like(rng, g_down, value_lib.tree_norm(g_down))
+  if g_down_avg is not None:
+    beta = vpt_cfg.g_down_average
+    g_down_avg = jax.tree.map(lambda m, g: beta * m + (1 - beta) * g.astype(m.dtype), g_down_avg, g_down)
+    debias = 1 - jnp.asarray(beta, jax.tree.leaves(g_down_avg)[0].dtype) ** n_meta
+    g_down = jax.tree.map(lambda m, g: (m / debias).astype(g.dtype), g_down_avg, g_down)
   geometry = lambda g: g
   if vpt_cfg.geometry == "adam":
     precond = value_lib.adam_preconditioner(learner_opt_state, n_last, model.cfg.n_layers,
@@ -323,7 +354,7 @@ def meta_objective(params, learner_opt_state, designer_params, batch: dict, fb_b
       loss = loss + vpt_cfg.reg_trust_region * jax.nn.relu(trust)
     return loss, {"value": v, "trust_region": trust}
 
-  info = {"g_down": g_down, "g_down_split_cos": split_cos, "tangent": tangent,
+  info = {"g_down": g_down, "g_down_avg": g_down_avg, "g_down_split_cos": split_cos, "tangent": tangent,
           "tangent_norm": value_lib.tree_norm(tangent), "set_grads": set_grads, "cand_ids": cand_ids,
           "aligned": aligned, "subset": subset, "targets_of": targets_of}
   return objective, info
@@ -331,7 +362,7 @@ def meta_objective(params, learner_opt_state, designer_params, batch: dict, fb_b
 
 def meta_update(state: TrainState, batch: dict, fb_batch: dict, rng: jax.Array, *, model, designer, vpt_cfg,
                 designer_opt, learner_opt_cfg, plan: FeedbackPlan | None = None) -> tuple[DesignerState, dict]:
-  """One designer step on the meta objective; returns (new DesignerState, g_down on S)."""
+  """One designer step on the meta objective; returns (new DesignerState, the g_down it aligned with, on S)."""
   dstate = state.designer
   rows = vpt_cfg.meta_batch_size or batch["inputs"].shape[0]
   cols = vpt_cfg.meta_seq_len or batch["inputs"].shape[1]
@@ -339,8 +370,13 @@ def meta_update(state: TrainState, batch: dict, fb_batch: dict, rng: jax.Array, 
   # contiguous block of the batch, contributes its share, so the slice needs no resharding).
   stride = batch["inputs"].shape[0] // rows if batch["inputs"].shape[0] % rows == 0 else 1
   batch = jax.tree.map(lambda x: x[::stride][:rows, :cols], batch)
+  n_meta = None
+  if dstate.g_down_avg is not None:  # meta steps so far, this one included: a function of the step alone
+    first = -(-vpt_cfg.burn_in_steps // vpt_cfg.meta_every) * vpt_cfg.meta_every
+    n_meta = (state.step - first) // vpt_cfg.meta_every + 1
   objective, info = meta_objective(state.params, state.opt_state, dstate.params, batch, fb_batch, rng, model=model,
-                                   designer=designer, vpt_cfg=vpt_cfg, learner_opt_cfg=learner_opt_cfg, plan=plan)
+                                   designer=designer, vpt_cfg=vpt_cfg, learner_opt_cfg=learner_opt_cfg, plan=plan,
+                                   g_down_avg=dstate.g_down_avg, n_meta=n_meta)
   (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(dstate.params)
   updates, opt_state = designer_opt.update(grads, dstate.opt_state, dstate.params)
   metrics = dict(dstate.last_meta)
@@ -348,7 +384,8 @@ def meta_update(state: TrainState, batch: dict, fb_batch: dict, rng: jax.Array, 
                  designer_grad_norm=optax.tree.norm(grads), trust_region=aux["trust_region"],
                  g_down_split_cos=info["g_down_split_cos"])
   new = DesignerState(params=optax.apply_updates(dstate.params, updates), opt_state=opt_state,
-                      last_meta={k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()})
+                      last_meta={k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()},
+                      g_down_avg=info["g_down_avg"])
   return new, info["g_down"]
 
 

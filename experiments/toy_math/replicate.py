@@ -3,6 +3,8 @@
     python experiments/toy_math/replicate.py --out /tmp/repl-format                   # the default stream
     python experiments/toy_math/replicate.py --out /tmp/repl-skill --stream skill     # the skill experiment
     python experiments/toy_math/replicate.py --out /tmp/smoke --smoke                 # minutes: wiring only
+    python experiments/toy_math/replicate.py --out /tmp/repl-skill --stream skill --resume --arms ntp,value_avg0.9
+                                              # adds arms / seeds / the runs a cut-short sweep missed
 
 1. The base model of the main job (`experiments/lm_vpt.py:tiny`, vpt/base_model.py): 600 NTP steps on
    the clean synthetic generator with 60 % filler, trained once and cached (`--base_cache`).
@@ -59,6 +61,10 @@ ARMS = {
     "self_distill": {"vpt.mode": "self_distill"},
     "value_tr0.3": {"vpt.mode": "value", "vpt.align": "dot", "vpt.reg_trust_region": 0.3},
     "value_tr3": {"vpt.mode": "value", "vpt.align": "dot", "vpt.reg_trust_region": 3.0},
+    # The signal options of issue 14 (item 3): g_down averaged over ≈ 10 meta steps' feedback batches;
+    # a gate that reads the learner's confidence (log p(y), best other, gap, entropy).
+    "value_avg0.9": {"vpt.mode": "value", "vpt.align": "dot", "vpt.g_down_average": 0.9},
+    "value_gate": {"vpt.mode": "value", "vpt.align": "dot", "vpt.designer.gate_features": True},
 }
 DEFAULT_ARMS = "ntp,value,value_cosine,random_feedback,uniform_topk,self_distill,value_tr0.3"
 STREAMS = {  # overrides of the main job's continued-pretraining stream (experiments/lm_ntp.py)
@@ -68,6 +74,9 @@ STREAMS = {  # overrides of the main job's continued-pretraining stream (experim
 }
 PAPER_TABLE4 = {  # Qwen1.5-4B GSM8K Pass@1 (v1 Table 4 / v2 Table 5)
     "ntp": 56.48, "random_feedback": 54.31, "uniform_topk": 54.58, "self_distill": 57.61, "value": 58.98}
+# What a resumed sweep must share with the runs it keeps.
+RESUME_MUST_MATCH = ("stream", "size", "steps", "test_items", "curve_items", "curve_points", "nll_items",
+                     "max_new_tokens", "smoke")
 TEST_SEED = 910_001  # 'test'-partition problems; the settings were chosen on 'validation' problems.
 
 
@@ -190,6 +199,9 @@ def main():
   ap.add_argument("--max_new_tokens", type=int, default=96)
   ap.add_argument("--jobs", type=int, default=1, help="runs trained at once (one core each)")
   ap.add_argument("--smoke", action="store_true", help="nano model, 1 seed, few steps: checks the wiring")
+  ap.add_argument("--resume", action="store_true",
+                  help="keep the runs of --out/results.json and train only the missing (arm, seed, protocol) runs; "
+                       "the settings must match the saved ones, the step times of the matched wall-clock are reused")
   ap.add_argument("--table_only", action="store_true",
                   help="write table.md and the plots from --out/results.json (e.g. of a sweep cut short)")
   args = ap.parse_args()
@@ -208,16 +220,32 @@ def main():
   from vpt.data.tokenizer import SentencePieceTokenizer
   tokenizer = SentencePieceTokenizer(os.path.join(base_dir, "tokenizer", "spm.model"))
 
-  results, step_time, wallclock_steps = [], {}, {}
+  results, step_time, wallclock_steps, earlier_seconds = [], {}, {}, 0.0
+  if args.resume and os.path.exists(os.path.join(args.out, "results.json")):
+    with open(os.path.join(args.out, "results.json")) as f:
+      saved = json.load(f)
+    differ = [k for k in RESUME_MUST_MATCH if saved["args"].get(k) != getattr(args, k)]
+    if differ:
+      raise SystemExit(f"--resume: {args.out}/results.json was measured with other settings: "
+                       + ", ".join(f"--{k} {saved['args'].get(k)} (now {getattr(args, k)})" for k in differ))
+    results, step_time, wallclock_steps = saved["results"], saved["step_time_s"], saved["wallclock_steps"]
+    earlier_seconds = saved["seconds"]
+    arms = list(dict.fromkeys([r["arm"] for r in results] + arms))
+    args.arms = ",".join(arms)
+    print(f"--resume: {len(results)} runs kept from {args.out}/results.json", flush=True)
+  done = {(r["arm"], r["seed"], r["protocol"]) for r in results}
 
   def save(elapsed):
     with open(os.path.join(args.out, "results.json"), "w") as f:
-      json.dump({"args": vars(args), "base_dir": base_dir, "seconds": elapsed, "step_time_s": step_time,
-                 "wallclock_steps": wallclock_steps, "results": results}, f, indent=1, default=float)
+      json.dump({"args": vars(args), "base_dir": base_dir, "seconds": earlier_seconds + elapsed,
+                 "step_time_s": step_time, "wallclock_steps": wallclock_steps, "results": results}, f, indent=1,
+                default=float)
 
   def run_all(jobs):
     """Trains and evaluates every (arm, seed, steps, protocol) of `jobs`, `args.jobs` at a time (each run
-    keeps one core busy: the tiny learner does not scale to two)."""
+    keeps one core busy: the tiny learner does not scale to two); runs already in `results` are skipped."""
+    jobs = [job for job in jobs if (job[0], job[1], job[3]) not in done]
+
     def record(result):
       results.append(result)
       save(time.perf_counter() - start)  # a sweep cut short keeps what it measured
@@ -239,7 +267,8 @@ def main():
   if not args.skip_wallclock:
     # Matched wall-clock: V-Pretraining's seconds per step sets the budget; cheaper arms get more steps.
     protocols.append("wallclock")
-    step_time.update(interleaved_step_times(args, arms, tokenizer))
+    if not all(arm in step_time for arm in arms):  # (a resumed sweep keeps the times its budget came from)
+      step_time.update(interleaved_step_times(args, arms, tokenizer))
     print("seconds per step, measured side by side:", {a: round(t, 4) for a, t in step_time.items()}, flush=True)
     budget = step_time.get("value", max(step_time.values())) * args.steps
     wallclock_steps.update({arm: int(round(budget / step_time[arm])) for arm in arms})
@@ -247,6 +276,8 @@ def main():
     for seed in range(args.seeds):
       for arm in arms:
         # Within the timing's noise (a few %) of the matched-steps run: that run is the answer.
+        if (arm, seed, "wallclock") in done:
+          continue
         if abs(wallclock_steps[arm] - args.steps) <= 0.03 * args.steps:
           twin = next(r for r in results if r["arm"] == arm and r["seed"] == seed and r["protocol"] == "steps")
           results.append({**twin, "protocol": "wallclock"})
