@@ -22,6 +22,8 @@ if not os.environ.get("VPT_FASHION_MNIST_DIR"):
   os.environ["VPT_FASHION_MNIST_DIR"] = fashion_stand_in.directory_for()  # before vpt.data.images reads it
   fashion_stand_in.ensure(os.environ["VPT_FASHION_MNIST_DIR"])
 
+import pytest  # noqa: E402
+
 from vpt.data.tokenizer import Tokenizer  # noqa: E402 (after XLA_FLAGS; imports no JAX)
 
 
@@ -80,3 +82,12 @@ def persistent_xla_cache(directory):
     jax.config.update("jax_compilation_cache_dir", before[0])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
     compilation_cache.reset_cache()
+
+
+@pytest.fixture
+def x64():
+  """Float64 for one test: the explicit references the math is checked against."""
+  import jax  # pylint: disable=g-import-not-at-top (conftest imports no JAX before XLA_FLAGS is set)
+  jax.config.update("jax_enable_x64", True)
+  yield
+  jax.config.update("jax_enable_x64", False)

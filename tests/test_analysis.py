@@ -26,13 +26,6 @@ from vpt.vpt_step import init_designer_state, make_designer_optimizer
 VOCAB, SEQ, LAYERS, K = 40, 9, 3, 5
 
 
-@pytest.fixture
-def x64():
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", False)
-
-
 def _batch(seed, b=3, dtype=jnp.float64):
   rng = np.random.default_rng(seed)
   toks = rng.integers(1, VOCAB, (b, SEQ + 1))

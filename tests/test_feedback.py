@@ -32,13 +32,6 @@ def gsm8k():
   return fb.load_gsm8k_jsonl(GSM8K_TRAIN)
 
 
-@pytest.fixture
-def x64():
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", False)
-
-
 def _fb_cfg(**overrides):
   c = config_lib.feedback_config()
   c.update(overrides)

@@ -80,13 +80,6 @@ def test_lora_model_at_init_is_the_base_model_exactly():
   # (That adapters do change the output once B moves: test_merge_lora_gives_the_adapted_models_logits.)
 
 
-@pytest.fixture
-def x64():
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", False)
-
-
 def _vpt_cfg(**kw):
   c = config_lib.vpt_config()
   c.mode, c.top_k, c.meta_every = "value", K, 2

@@ -50,13 +50,6 @@ def reference_forward(p, tokens, positions, segment_ids, cfg):
   return x @ head
 
 
-@pytest.fixture
-def x64():
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", False)
-
-
 @pytest.mark.parametrize("tie,bias,kv", [(True, True, 2), (False, False, 4), (True, False, 1)])
 def test_forward_matches_float64_reference(x64, tie, bias, kv):
   cfg = LMConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=kv, d_ff=48,

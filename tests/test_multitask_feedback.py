@@ -64,12 +64,6 @@ def _vpt_cfg(**kw):
 # prefix) keeps the compiled programs small: compiling dominates these tests.
 
 
-@pytest.fixture
-def x64():
-  with jax.enable_x64(True):
-    yield
-
-
 def _f64(batch):
   return {k: jnp.asarray(v, jnp.float64 if v.dtype == np.float32 else v.dtype) for k, v in batch.items()}
 

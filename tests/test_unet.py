@@ -24,13 +24,6 @@ def _init(net, images):
   return fast_jit(lambda r, x: net.init(r, x)["params"])(jax.random.PRNGKey(0), images)
 
 
-@pytest.fixture
-def x64():
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", False)
-
-
 def test_mask_starts_uniform_near_one_for_any_crop_size():
   cfg = unet_lib.UNetConfig(base_channels=4, depth=3, init_keep=0.97)
   net = unet_lib.MaskUNet(cfg)

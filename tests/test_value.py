@@ -20,13 +20,7 @@ from vpt import vpt_step
 from vpt.vpt_step import init_designer_state, make_designer_optimizer, meta_objective
 
 VOCAB, SEQ, LAYERS, K = 48, 10, 3, 6
-
-
-@pytest.fixture(autouse=True)
-def x64():
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", False)
+pytestmark = pytest.mark.usefixtures("x64")  # every test here is float64
 
 
 def _batch(seed, b=3):

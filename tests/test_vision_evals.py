@@ -14,13 +14,6 @@ from vpt.evals import vision
 from vpt.models import dense_heads
 
 
-@pytest.fixture
-def x64():
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", False)
-
-
 # --- segmentation metrics -----------------------------------------------------------
 
 

@@ -19,19 +19,8 @@ from vpt.tasks import dino
 from vpt.tasks import dinov2_terms as terms
 
 import test_vision_step as tvs  # the nano step config, batches and compiled-once helpers
+from test_dino import _softmax  # the float64 reference softmax
 from test_vision_step import fast_jit, unet_run  # noqa: F401 (a fixture)
-
-
-@pytest.fixture
-def x64():
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", False)
-
-
-def _softmax(x):
-  e = np.exp(x - x.max(-1, keepdims=True))
-  return e / e.sum(-1, keepdims=True)
 
 
 def _log_softmax(x):

@@ -11,13 +11,6 @@ import pytest
 from vpt.tasks import vision_views as vv
 
 
-@pytest.fixture
-def x64():
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", False)
-
-
 # DINO's recipe at toy sizes; the second global view is always solarised so that the per-view
 # probabilities are visible: a solarised [0, 1] image never exceeds 0.5.
 CFG = vv.MultiCropConfig(global_size=16, local_size=8, n_global=2, n_local=3, blur_sigma=(0.1, 1.0),

@@ -17,13 +17,6 @@ from vpt.models import vit as vit_lib
 from vpt.models.vit import ViT, ViTConfig, vit_config
 
 
-@pytest.fixture
-def x64():
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", False)
-
-
 # name → (model class, config class, config kwargs, a second image size); hidden 32, 2 layers, 4 heads,
 # pretrained at 28 px with patch 7 (a 4×4 grid). The second size exercises, in turn, bicubic
 # downsampling (2×2), upsampling (6×6), antialiased interpolation to a non-square 3×5 grid, and
