@@ -287,7 +287,7 @@ def main():
 
   elapsed = time.perf_counter() - start
   save(elapsed)
-  write_table(args, results, arms, elapsed, wallclock_steps, protocols)
+  write_table(args, results, arms, earlier_seconds + elapsed, wallclock_steps, protocols)
   write_plots(args, results, arms, step_time)
   print(f"done in {elapsed / 60:.1f} min; see {args.out}/table.md", flush=True)
 
