@@ -354,15 +354,16 @@ def write_table(args, results, arms, elapsed, wallclock_steps, protocols=("steps
       cells = [_mean_std([row.get(k) for row in rows]) for k, _ in COLUMNS]
       lines.append(f"| {arm} | {steps} | {len(rows)} | " + " | ".join(cells) + f" | {PAPER_TABLE4.get(arm, '—')} |")
     lines.append("")
-  if "ntp" in arms:
-    lines += ["### Paired differences to NTP (matched updates; mean ± s.e. over seeds, seeds with arm > NTP)", "",
+  for protocol in protocols if "ntp" in arms else ():
+    label = "matched updates" if protocol == "steps" else "matched wall-clock: each arm's own step count"
+    lines += [f"### Paired differences to NTP ({label}; mean ± s.e. over seeds, seeds with arm > NTP)", "",
               "| arm | " + " | ".join(c[1] for c in PAIRED) + " |", "|---" * (len(PAIRED) + 1) + "|"]
     for arm in arms:
       if arm == "ntp":
         continue
       cells = []
       for key, _ in PAIRED:
-        d = paired_difference(results, arm, key)
+        d = paired_difference(results, arm, key, protocol)
         cells.append("—" if d is None else f"{d[0]:+.3f} ± {d[1]:.3f} ({d[2]}/{d[3]})")
       lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines.append("")
