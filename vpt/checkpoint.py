@@ -141,7 +141,8 @@ class Checkpointer:
       raise ValueError(f"config.checkpoint.on_mismatch={on_mismatch!r}: expected one of {ON_MISMATCH}")
     for step in reversed(self.all_steps()):
       try:
-        differences = self._differences(step, abstract_state)
+        stored = self._stored_state_tree(step)
+        differences = self._differences(step, stored, abstract_state)
       except Exception as e:  # noqa: BLE001 — classified: only damage sets the checkpoint aside.
         if not is_damaged_checkpoint_error(e):
           raise
@@ -163,7 +164,7 @@ class Checkpointer:
             "Nothing was changed. Resume with the run's settings, or set --config.checkpoint.on_mismatch=restart "
             "to start over (the old checkpoints are kept, renamed <step>.replaced).")
       try:
-        target, added = self._restore_target(step, abstract_state)
+        target, added = self._restore_target(stored, abstract_state)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), **{
                 name: grain.checkpoint.CheckpointRestore(iterators[name]) for name in self.iterator_names}))
@@ -179,18 +180,12 @@ class Checkpointer:
       return restored["state"], step
     return None, None
 
-  def _restore_target(self, step: int, abstract_state: Any) -> tuple[Any, list[str]]:
+  def _restore_target(self, stored: Any, abstract_state: Any) -> tuple[Any, list[str]]:
     """(what to restore into, the state's fields the checkpoint predates). A checkpoint written before a
     dataclass field was added — at any depth, e.g. VisionState.ibot_center without iBOT, or
     DesignerState.g_down_avg without a running g_down average — and that holds no array in this run
     (`_differences` found no array leaf missing) restores into the fields it has, every dataclass of
-    the state as a dict; `_rebuild` then puts None in the others."""
-    step_dir = epath.Path(self.directory) / str(step)
-    handler = ocp.StandardCheckpointHandler()
-    try:
-      stored = handler.metadata(step_dir / "state").tree
-    finally:
-      handler.close()
+    the state as a dict; `_rebuild` then puts None in the others. `stored`: the checkpoint's state tree."""
     added = []
 
     def strip(node, stored_node, path):
@@ -210,14 +205,18 @@ class Checkpointer:
     target = strip(abstract_state, stored, "")
     return (target, added) if added else (abstract_state, [])
 
-  def _differences(self, step: int, abstract_state: Any) -> list[str]:
-    """The checkpoint's items and state leaves that differ from this run's (reads metadata only)."""
-    step_dir = epath.Path(self.directory) / str(step)
+  def _stored_state_tree(self, step: int) -> Any:
+    """The state tree of checkpoint `step` as its metadata records it (no array is read)."""
     handler = ocp.StandardCheckpointHandler()
     try:
-      saved = ocp.tree.to_flat_dict(handler.metadata(step_dir / "state").tree)
+      return handler.metadata(epath.Path(self.directory) / str(step) / "state").tree
     finally:
       handler.close()
+
+  def _differences(self, step: int, stored: Any, abstract_state: Any) -> list[str]:
+    """The checkpoint's items and state leaves (`stored`: its state tree) that differ from this run's."""
+    step_dir = epath.Path(self.directory) / str(step)
+    saved = ocp.tree.to_flat_dict(stored)
     items = {p.name for p in step_dir.iterdir() if p.is_dir()} - {"state"}
     out = [f"data iterator {name!r}: not in the checkpoint" for name in self.iterator_names if name not in items]
     out += [f"data iterator {name!r}: in the checkpoint, not in this run"
