@@ -1,13 +1,33 @@
-"""Test set-up: 8 simulated CPU devices (for sharding tests) before JAX is imported."""
+"""Test set-up: 8 simulated CPU devices (for sharding tests) and a persistent XLA compilation cache,
+both before JAX is imported.
 
-import contextlib
+The cache: most of the suite's time is XLA compiling, and many tests compile the same program more
+than once — a resume test compiles it in the preempted subprocess, in the resumed run and in the
+uninterrupted one. One cache directory per test worker (pytest-xdist), inherited by the subprocesses
+the tests start, compiles each program once. A cached executable is the one XLA built for the same
+program, options and devices, so results are bit-identical; a developer's own JAX_COMPILATION_CACHE_DIR
+is respected.
+"""
+
+import atexit
 import os
+import shutil
+import signal
 import string
+import subprocess
+import sys
+import tempfile
+import time
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Keep the measured-peak cache out of the user's home and avoid measuring in tests.
 os.environ.setdefault("VPT_CPU_PEAK_FLOPS", "1e11")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix=f"vpt-xla-cache-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 # ../shared beside the repository holds data for tests (GSM8K); VPT_SHARED_DIR overrides.
 SHARED_DIR = os.environ.get(
@@ -66,22 +86,30 @@ def assert_batches_equal(xs, ys):
       assert x[k].dtype == y[k].dtype and np.array_equal(x[k], y[k]), k
 
 
-@contextlib.contextmanager
-def persistent_xla_cache(directory):
-  """JAX's persistent compilation cache in `directory` for a block (a test module whose runs compile
-  identical programs: each is compiled once); the previous settings afterwards."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
-  before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", directory)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  compilation_cache.reset_cache()
+def preempt_run(argv, workdir, after_step: int, *, timeout: float = 180.0, cwd=None):
+  """Starts `python -m vpt.main --workdir=workdir *argv` as a real process, sends it SIGTERM once its
+  metrics.jsonl has logged `after_step` (or a later step), and returns (exit code, its output). The
+  process is killed if it ends early, never gets there within `timeout` s, or the test fails."""
+  from vpt import metrics  # pylint: disable=g-import-not-at-top (conftest imports no JAX before XLA_FLAGS is set)
+  jsonl = os.path.join(str(workdir), "metrics.jsonl")
+  reached = lambda: os.path.exists(jsonl) and any(r.get("step", 0) >= after_step for r in metrics.read_jsonl(jsonl))
+
+  proc = subprocess.Popen([sys.executable, "-m", "vpt.main", f"--workdir={workdir}", *argv], cwd=cwd,
+                          env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
-    yield directory
+    deadline = time.time() + timeout
+    while not reached():
+      if proc.poll() is not None or time.time() > deadline:
+        raise AssertionError(f"the run ended or stalled before step {after_step}:\n"
+                             f"{proc.stdout.read() if proc.poll() is not None else ''}")
+      time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
   finally:
-    jax.config.update("jax_compilation_cache_dir", before[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
-    compilation_cache.reset_cache()
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  return proc.returncode, out
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import pytest
 from vpt import analysis, config_lib, sharding
 from vpt import checkpoint as ckpt_lib
 from vpt import value as value_lib
+from vpt.core import alignment
 from vpt.data.feedback import downstream_nll
 from vpt.models.designer import DesignerConfig, TaskDesigner
 from vpt.models.lm import LMConfig, Transformer
@@ -65,7 +66,7 @@ def test_per_layer_dots_sum_to_the_full_parameter_dot(x64, tie, soft):
         model.apply({"params": p}, batch["inputs"]))
     loss_down = lambda p: downstream_nll(model.apply({"params": p}, fb["inputs"]), fb["targets"], fb["loss_mask"])
     g_pre, g_down = jax.grad(loss_pre)(p), jax.grad(loss_down)(p)
-    return value_lib.tree_vdot(analysis._flat(g_down), analysis._flat(g_pre)), optax.tree.norm(g_pre)
+    return alignment.tree_vdot(analysis._flat(g_down), analysis._flat(g_pre)), optax.tree.norm(g_pre)
 
   full, g_pre_norm = (float(x) for x in reference(params))
   expected_groups = ["embed_tokens"] + [f"layers_{i}" for i in range(LAYERS)] + ["norm"] + ([] if tie else ["lm_head"])
@@ -94,7 +95,7 @@ def test_candidate_scores_are_per_candidate_gradient_dots(x64, n_last, tie):
   def explicit(b, t, v):  # ⟨g_down, ∇_S log p(v | x_<t)⟩ by reverse mode, and log p itself
     logp = lambda s: jax.nn.log_softmax(aligned.logits(s)[b, t])[v]
     value, grad = jax.value_and_grad(logp)(subset)
-    return value_lib.tree_vdot(g_down, grad), value
+    return alignment.tree_vdot(g_down, grad), value
 
   for b, t, k in [(0, 3, 0), (1, 5, 2), (2, 8, K - 1), (0, 0, 1)]:
     s, logp = explicit(b, t, int(out["cand_ids"][b, t, k]))
@@ -189,7 +190,7 @@ def test_load_run_restores_a_saved_state(tmp_path):
     assert jax.tree.structure(want) == jax.tree.structure(got)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert int(value_lib._find_adam_state(loaded.opt_state).count) == 1
+  assert int(alignment._find_adam_state(loaded.opt_state).count) == 1
   assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves((loaded.params, loaded.opt_state)))
   with pytest.raises(ValueError, match="no checkpoint at that step"):
     analysis.load_run(str(tmp_path), step=3)

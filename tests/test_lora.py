@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from vpt import config_lib, generate as gen, sharding
 from vpt import value as value_lib
+from vpt.core import alignment
 from vpt.data.feedback import downstream_nll
 from vpt.models import lora as lora_lib
 from vpt.models.designer import DesignerConfig, TaskDesigner
@@ -108,17 +109,17 @@ def test_value_jvp_on_lora_subset_equals_explicit_dot_product(x64):
     objective, info = meta_objective(params, opt_state, dparams, batch, fb, jax.random.PRNGKey(3), model=model,
                                      designer=designer, vpt_cfg=vpt_cfg, learner_opt_cfg=opt_cfg)
     # Explicit references through the whole network (no prefix split): g_down and g_pre on S.
-    subset, rest = value_lib.split_params(params, LAYERS, 1)
-    full = lambda s, b: model.apply({"params": value_lib.merge_params(s, rest)}, b["inputs"], b["positions"],
+    subset, rest = alignment.split_params(params, LAYERS, 1)
+    full = lambda s, b: model.apply({"params": alignment.merge_params(s, rest)}, b["inputs"], b["positions"],
                                     b["segment_ids"])
     g_down = jax.grad(lambda s: downstream_nll(full(s, fb), fb["targets"], fb["loss_mask"]))(subset)
     q = info["targets_of"](dparams)[2]
     g_pre = jax.grad(lambda s: value_lib.soft_loss_of_logits(info["cand_ids"], q, batch["loss_mask"])(
         full(s, batch)))(subset)
-    nu = traverse_util.flatten_dict(value_lib._find_adam_state(opt_state).nu, sep="/")
-    precond = value_lib.adam_preconditioner(opt_state, 1, LAYERS, opt_cfg.eps, opt_cfg.b2)
+    nu = traverse_util.flatten_dict(alignment._find_adam_state(opt_state).nu, sep="/")
+    precond = alignment.adam_preconditioner(opt_state, 1, LAYERS, opt_cfg.eps, opt_cfg.b2)
     explicit_precond = {k: 1.0 / (jnp.sqrt(nu[k] / (1 - opt_cfg.b2)) + opt_cfg.eps) for k in g_down}
-    return (objective(dparams)[1]["value"], value_lib.tree_vdot(g_down, g_pre), info["g_down"], g_down,
+    return (objective(dparams)[1]["value"], alignment.tree_vdot(g_down, g_pre), info["g_down"], g_down,
             precond, explicit_precond)
 
   value, explicit, g_down_jvp_path, g_down, precond, explicit_precond = values()

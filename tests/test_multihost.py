@@ -98,7 +98,7 @@ def test_second_sigterm_ends_the_process(tmp_path):
   """The first SIGTERM only raises the flag; a second one (the scheduler insisting, or a host stuck in
   a collective) ends the process even though the loop never polls again."""
   script = ("import os, signal, time\n"
-            "from vpt.loop_utils import Preemption\n"
+            "from vpt.core.loop import Preemption\n"
             "with Preemption() as p:\n"
             "  os.kill(os.getpid(), signal.SIGTERM)\n"
             "  time.sleep(0.2)\n"

@@ -19,7 +19,7 @@ import pytest
 from flax import traverse_util
 
 from vpt import aot, config_lib, metrics, sharding, train
-from vpt import value as value_lib
+from vpt.core import alignment
 from vpt import vpt_step
 from vpt.data import feedback as feedback_lib
 from vpt.data import pipeline, sources
@@ -100,10 +100,10 @@ def _fb_batches():
 
 def _explicit_down_grads(params, fb):
   """{name: ω_j ∇_S L_down on set j's whole batch}, through the full model (no prefix, no halves)."""
-  subset, rest = value_lib.split_params(params, 1, 1)
+  subset, rest = alignment.split_params(params, 1, 1)
 
   def grad(b):
-    logits = lambda s: _MODEL64.apply({"params": value_lib.merge_params(s, rest)}, b["inputs"], b["positions"],
+    logits = lambda s: _MODEL64.apply({"params": alignment.merge_params(s, rest)}, b["inputs"], b["positions"],
                                       b["segment_ids"])
     return jax.grad(lambda s: downstream_nll(logits(s), b["targets"], b["loss_mask"]))(subset)
 
@@ -148,15 +148,15 @@ def test_g_down_of_two_sets_is_the_weighted_sum_of_their_gradients(x64):
   def pooled_reference(d, info, g):
     """−⟨ω_a g_a + ω_b g_b, g_pre(q)⟩, explicit."""
     g_down = {k: g["a"][k] + g["b"][k] for k in g["a"]}
-    v = value_lib.tree_vdot(g_down, _explicit_gpre(info, info["targets_of"](d)[2], batch["loss_mask"]))
+    v = alignment.tree_vdot(g_down, _explicit_gpre(info, info["targets_of"](d)[2], batch["loss_mask"]))
     return -v, v
 
   ours, ref, g_down, set_grads, g = _objective_and_reference(_vpt_cfg(align_last_n_layers=1), TWO_SETS, batch,
                                                              pooled_reference)
   _assert_trees_close(g_down, {k: g["a"][k] + g["b"][k] for k in g["a"]}, rtol=1e-10, atol=1e-14)
   _assert_trees_close(set_grads, g, rtol=1e-10, atol=1e-14)  # ω_j g_j per set
-  norm = lambda t: float(value_lib.tree_norm(t))
-  assert norm(g["a"]) > 1e-3 and abs(float(value_lib.tree_vdot(g["a"], g["b"]))) < 0.99 * norm(g["a"]) * norm(g["b"])
+  norm = lambda t: float(alignment.tree_norm(t))
+  assert norm(g["a"]) > 1e-3 and abs(float(alignment.tree_vdot(g["a"], g["b"]))) < 0.99 * norm(g["a"]) * norm(g["b"])
   assert abs(float(ref[1])) > 1e-8
   np.testing.assert_allclose(float(ours[1]), float(ref[1]), rtol=1e-8)  # value
   _assert_trees_close(ours[2], ref[2], rtol=1e-7, atol=1e-13)  # designer gradient vs double backward
@@ -181,12 +181,12 @@ def test_domain_matched_value_and_gradient_match_the_explicit_double_backward(x6
 
     def term(mask, g_dom):
       g_pre = _explicit_gpre(info, q, mask)
-      v = value_lib.tree_vdot(g_dom, g_pre)
+      v = alignment.tree_vdot(g_dom, g_pre)
       if align == "dot":
         return v, v
       # An absent domain has g_pre = 0: its cosine is 0 (the code's guard), with a gradient-safe norm.
-      norm = jnp.sqrt(jnp.maximum(value_lib.tree_vdot(g_pre, g_pre), 1e-60))
-      return v / (value_lib.tree_norm(g_dom) * norm), v
+      norm = jnp.sqrt(jnp.maximum(alignment.tree_vdot(g_pre, g_pre), 1e-60))
+      return v / (alignment.tree_norm(g_dom) * norm), v
 
     aligns, values = jax.vmap(term)(masks, g_of_domain)
     return -jnp.mean(aligns), jnp.mean(values)

@@ -6,28 +6,18 @@ import errno
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import persistent_xla_cache
+from conftest import preempt_run
+
 from vpt import checkpoint as ckpt_lib
 from vpt import config_lib, metrics, train, train_vision
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def xla_cache(tmp_path_factory):
-  """A persistent XLA cache for this module only: its runs (straight, preempted, resumed) compile
-  identical programs, so each is compiled once."""
-  with persistent_xla_cache(str(tmp_path_factory.mktemp("xla_cache"))) as directory:
-    yield directory
 
 
 # ----------------------------------------------------------------------------- Checkpointer
@@ -213,29 +203,14 @@ def _params(summary):
 
 
 @pytest.mark.slow
-def test_lm_sigterm_on_a_checkpoint_step_saves_once_exits_143_and_resumes_exactly(tmp_path, xla_cache):
+def test_lm_sigterm_on_a_checkpoint_step_saves_once_exits_143_and_resumes_exactly(tmp_path):
   """With a checkpoint every step, any SIGTERM lands on a checkpoint step: one save, exit 143."""
   steps, workdir = 30, tmp_path / "interrupted"
   overrides = {"num_steps": steps, "log_every_steps": 1, "checkpoint.every_steps": 1, "eval_every_steps": 1000}
   flags = [f"--config.{k}={v}" for k, v in {**overrides, "progress_bar": False, "mesh.num_devices": 1,
                                              "eval_batches": 1}.items()]
-  proc = subprocess.Popen([sys.executable, "-m", "vpt.main", f"--config={REPO}/experiments/lm_ntp.py:nano",
-                           f"--workdir={workdir}", *flags], cwd=REPO,
-                          env={**os.environ, "JAX_COMPILATION_CACHE_DIR": xla_cache,  # shared with the runs below
-                               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"},
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  try:
-    jsonl, deadline = workdir / "metrics.jsonl", time.time() + 180
-    while not (jsonl.exists() and any(r.get("step", 0) >= 4 for r in metrics.read_jsonl(str(jsonl)))):
-      assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else ""
-      time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-  assert proc.returncode == 143, out
+  code, out = preempt_run([f"--config={REPO}/experiments/lm_ntp.py:nano", *flags], workdir, 4, cwd=REPO)
+  assert code == 143, out
   saved = max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
   assert 4 <= saved < steps and f"saving at step {saved}" in out, out
 
@@ -294,7 +269,7 @@ def test_a_checkpoint_from_before_the_designers_g_down_average_still_restores(tm
   import flax.struct  # noqa: PLC0415
   from typing import Any  # noqa: PLC0415
   from vpt.steps import TrainState  # noqa: PLC0415
-  from vpt.vpt_step import DesignerState  # noqa: PLC0415
+  from vpt.core.meta import DesignerState  # noqa: PLC0415
 
   @flax.struct.dataclass
   class DesignerBefore:  # DesignerState as it was

@@ -2,14 +2,14 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
+
+from conftest import preempt_run
 
 from vpt import config_lib, metrics, train
 
@@ -65,20 +65,9 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
   overrides = ["--config.num_steps=60", "--config.log_every_steps=2", "--config.checkpoint.every_steps=1000",
                "--config.progress_bar=False", "--config.mesh.num_devices=1"]
   workdir = tmp_path / "interrupted"
-  env = dict(os.environ)  # same XLA flags as this process, so the programs compile identically.
-  proc = subprocess.Popen([sys.executable, "-m", "vpt.main", f"--config={REPO}/experiments/lm_ntp.py:nano",
-                           f"--workdir={workdir}", *overrides], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  jsonl = workdir / "metrics.jsonl"
-  deadline = time.time() + 120
-  while time.time() < deadline:  # wait until it has trained a few steps, then preempt it.
-    if jsonl.exists() and any(r.get("step", 0) >= 6 for r in metrics.read_jsonl(str(jsonl))):
-      break
-    assert proc.poll() is None, proc.stdout.read()
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 143, out
+  code, out = preempt_run([f"--config={REPO}/experiments/lm_ntp.py:nano", *overrides], workdir, 6, timeout=120,
+                          cwd=REPO)
+  assert code == 143, out
   saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
   assert len(saved) == 1 and 6 <= saved[0] < steps, (saved, out)
 

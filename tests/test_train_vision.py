@@ -10,19 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import persistent_xla_cache
 from vpt import config_lib, metrics, train_vision, vision_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT = os.path.join(REPO, "experiments", "vision_dino.py")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def xla_cache(tmp_path_factory):
-  """A persistent XLA cache for this module only: the runs here (a straight run, a stopped one and its
-  resumption, the subprocess) compile identical programs, so each is compiled once."""
-  with persistent_xla_cache(str(tmp_path_factory.mktemp("xla_cache"))) as directory:
-    yield directory
 
 
 def nano_config(variant="dino", **overrides):
@@ -146,8 +137,8 @@ def test_bad_setups_fail_before_any_checkpoint(tmp_path):
     assert not (workdir / "checkpoints").exists()
 
 
-def test_main_dispatches_vision_configs(tmp_path, xla_cache):
-  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": xla_cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+def test_main_dispatches_vision_configs(tmp_path):
+  env = dict(os.environ)  # conftest's XLA cache: the subprocesses share this worker's compiled programs
   base = [sys.executable, "-m", "vpt.main", f"--config={EXPERIMENT}:nano,dino", "--config.num_steps=4",
           "--config.eval.num_train=0", "--config.mesh.num_devices=1", "--config.progress_bar=False",
           "--config.checkpoint.every_steps=2"]

@@ -12,6 +12,7 @@ import pytest
 
 from vpt import config_lib
 from vpt import value as value_lib
+from vpt.core import alignment
 from vpt.data.feedback import downstream_nll
 from vpt.models.designer import DesignerConfig, TaskDesigner
 from vpt.models.lm import LMConfig, Transformer
@@ -76,7 +77,7 @@ def test_jvp_value_equals_explicit_dot_product(n_last, tie):
   objective, info, dparams, _ = _objective(_vpt_cfg(align_last_n_layers=n_last), tie)
   _, aux = objective(dparams)
   q = info["targets_of"](dparams)[2]
-  explicit = value_lib.tree_vdot(info["g_down"], _explicit_gpre(info, q))
+  explicit = alignment.tree_vdot(info["g_down"], _explicit_gpre(info, q))
   assert abs(float(explicit)) > 1e-6
   np.testing.assert_allclose(float(aux["value"]), float(explicit), rtol=1e-8)
   if n_last == 0:  # S = all parameters really is all of them.
@@ -128,7 +129,7 @@ def test_exact_cosine_gradient_matches_finite_differences_of_explicit_cosine():
                                   lambda logits: -jnp.sum(mask[..., None] * q * jax.nn.log_softmax(logits)[
                                       jnp.arange(3)[:, None, None], jnp.arange(SEQ)[None, :, None],
                                       info["cand_ids"]]) / jnp.sum(mask))
-    return -value_lib.tree_vdot(info["tangent"], g_pre) / (info["tangent_norm"] * value_lib.tree_norm(g_pre))
+    return -alignment.tree_vdot(info["tangent"], g_pre) / (info["tangent_norm"] * alignment.tree_norm(g_pre))
 
   np.testing.assert_allclose(float(objective(dparams)[0]), float(explicit_cosine_loss(dparams)), rtol=1e-9)
   grad = jax.grad(lambda d: objective(d)[0])(dparams)
@@ -148,14 +149,14 @@ def test_adam_geometry_value_is_preconditioned_dot_product():
   objective, info = meta_objective(params, opt_state, dparams, _batch(1), _batch(2), jax.random.PRNGKey(3),
                                    model=model, designer=designer, vpt_cfg=vpt_cfg, learner_opt_cfg=opt_cfg)
   v = objective(dparams)[1]["value"]
-  adam = value_lib._find_adam_state(opt_state)
-  nu_s, _ = value_lib.split_params(adam.nu, LAYERS, 2)
+  adam = alignment._find_adam_state(opt_state)
+  nu_s, _ = alignment.split_params(adam.nu, LAYERS, 2)
   vhat = {k: x / (1 - opt_cfg.b2) for k, x in nu_s.items()}
   q = info["targets_of"](dparams)[2]
   g_pre = _explicit_gpre(info, q)
   explicit = sum(jnp.vdot(info["g_down"][k] / (jnp.sqrt(vhat[k]) + opt_cfg.eps), g_pre[k]) for k in g_pre)
   np.testing.assert_allclose(float(v), float(explicit), rtol=1e-8)
-  raw = value_lib.tree_vdot(info["g_down"], g_pre)
+  raw = alignment.tree_vdot(info["g_down"], g_pre)
   assert abs(float(explicit) - float(raw)) > 1e-3 * abs(float(raw))  # the geometry really changes V
 
 
@@ -166,10 +167,10 @@ def test_first_order_value_predicts_one_step_downstream_drop():
   q = info["targets_of"](dparams)[2]
   g_pre = _explicit_gpre(info, q)
   fb = _batch(2)
-  subset, rest = value_lib.split_params(params, LAYERS, vpt_cfg.align_last_n_layers)
+  subset, rest = alignment.split_params(params, LAYERS, vpt_cfg.align_last_n_layers)
 
   def l_down(sub):
-    p = value_lib.merge_params(sub, rest)
+    p = alignment.merge_params(sub, rest)
     logits = model.apply({"params": p}, fb["inputs"], fb["positions"], fb["segment_ids"])
     return float(downstream_nll(logits, fb["targets"], fb["loss_mask"]))
 
@@ -190,7 +191,7 @@ def test_trust_region_penalty_matches_explicit_gradients():
   mask = _batch(1)["loss_mask"]
   onehot = jnp.zeros((3, SEQ, K)).at[..., 0].set(1.0)
   g_ntp = _explicit_gpre(info, onehot)
-  ntp_sq = value_lib.tree_vdot(g_ntp, g_ntp)
+  ntp_sq = alignment.tree_vdot(g_ntp, g_ntp)
 
   def explicit(d):
     q = info["targets_of"](d)[2]
@@ -217,8 +218,8 @@ def test_g_down_from_two_halves_equals_the_whole_batch_and_the_split_cosine_is_e
   fb = _batch(2, b=5)
   fb["loss_mask"] = fb["loss_mask"].at[2].set(0.0)
   g_down, split_cos = vpt_step.downstream_grad(model, params, fb, n_last)
-  subset, rest = value_lib.split_params(params, LAYERS, n_last)
-  full = lambda s, b: model.apply({"params": value_lib.merge_params(s, rest)}, b["inputs"], b["positions"],
+  subset, rest = alignment.split_params(params, LAYERS, n_last)
+  full = lambda s, b: model.apply({"params": alignment.merge_params(s, rest)}, b["inputs"], b["positions"],
                                   b["segment_ids"])
   grad_on = lambda b: jax.grad(lambda s: downstream_nll(full(s, b), b["targets"], b["loss_mask"]))(subset)
   whole = grad_on(fb)
@@ -226,7 +227,7 @@ def test_g_down_from_two_halves_equals_the_whole_batch_and_the_split_cosine_is_e
   for k in whole:
     np.testing.assert_allclose(g_down[k], whole[k], rtol=1e-10, atol=1e-14)
   even, odd = (grad_on(jax.tree.map(lambda x, i=i: x[i::2], fb)) for i in (0, 1))
-  explicit = value_lib.tree_vdot(even, odd) / (value_lib.tree_norm(even) * value_lib.tree_norm(odd))
+  explicit = alignment.tree_vdot(even, odd) / (alignment.tree_norm(even) * alignment.tree_norm(odd))
   np.testing.assert_allclose(split_cos, explicit, rtol=1e-10)
   assert -1.0 < float(split_cos) < 1.0
 
@@ -249,10 +250,10 @@ def test_averaged_g_down_is_the_bias_corrected_running_mean_and_the_designer_ali
   vpt_cfg = _vpt_cfg(g_down_average=beta)
   model, params, designer, dparams, opt_state, opt_cfg = _setup(vpt_cfg)
   m = vpt_step.g_down_average_init(vpt_cfg, params, LAYERS)
-  assert set(m) == set(value_lib.split_params(params, LAYERS, vpt_cfg.align_last_n_layers)[0])
+  assert set(m) == set(alignment.split_params(params, LAYERS, vpt_cfg.align_last_n_layers)[0])
   assert all(not np.any(x) for x in jax.tree.leaves(m))
   raw = [vpt_step.downstream_grad(model, params, _batch(seed), vpt_cfg.align_last_n_layers)[0] for seed in (2, 5)]
-  assert float(value_lib.tree_vdot(raw[0], raw[1])) < 0.99 * float(value_lib.tree_norm(raw[0]) * value_lib.tree_norm(raw[1]))
+  assert float(alignment.tree_vdot(raw[0], raw[1])) < 0.99 * float(alignment.tree_norm(raw[0]) * alignment.tree_norm(raw[1]))
   mask = _batch(1)["loss_mask"]
   for n, (fb_seed, g) in enumerate(zip((2, 5), raw), start=1):
     objective, info = meta_objective(params, opt_state, dparams, _batch(1), _batch(fb_seed), jax.random.PRNGKey(3),

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vpt import value as value_lib
+from vpt.core import alignment
 from vpt import vision_step as vs
 from vpt.models.unet import total_variation
 from vpt.models.vit import ViT
@@ -202,7 +202,7 @@ def test_meta_value_of_the_full_objective_by_jvp_equals_double_backward(unet_run
   the prefix-once split of the meta problem computes the learner's full objective on the same masks."""
   setup, state = _with_objective(*tvs._math_state(unet_run), centering)
   gv, lv = tvs._views(2)
-  subset, _ = value_lib.split_params(state.student["backbone"], 2, setup.n_last)
+  subset, _ = alignment.split_params(state.student["backbone"], 2, setup.n_last)
   g_down = tvs._random_like(subset, 3)
   phi = state.designer.params
   mask_key = jax.random.PRNGKey(7)
@@ -218,7 +218,7 @@ def test_meta_value_of_the_full_objective_by_jvp_equals_double_backward(unet_run
   def reference(phi):  # explicit ⟨g_down, ∇_S L⟩ (nested grad), regularisers written out
     p, subset = problem()
     views, mu = vs.unet_views(setup, phi, gv)
-    v = vs.reference_value(p, subset, g_down, views)
+    v = alignment.reference_value(p.loss_fn(views), subset, g_down)
     return -v + 0.3 * jnp.mean((jnp.mean(mu, axis=(1, 2)) - 0.6) ** 2) + 0.2 * total_variation(mu), v
 
   @fast_jit
@@ -231,7 +231,7 @@ def test_meta_value_of_the_full_objective_by_jvp_equals_double_backward(unet_run
     plain = dataclasses.replace(setup, ibot_weight=0.0, koleo_weight=0.0, centering="centering")
     p0, _ = vs.SSLProblem.build(plain, state.student, state.teacher, state.center, 0, lv)
     return (p.loss_fn(views)(subset), whole, aux["parts"], masks["valid"].sum(),
-            vs.reference_value(p0, subset, g_down, views))
+            alignment.reference_value(p0.loss_fn(views), subset, g_down))
 
   split_loss, whole, parts, n_masked, v_dino = pieces(phi)
   np.testing.assert_allclose(split_loss, whole, rtol=1e-12)
@@ -322,16 +322,8 @@ def test_hf_mask_token_is_imported_and_masked_forward_matches_hf(tmp_path, name)
 # ----------------------------------------------------------------------------- the loop
 
 
-@pytest.fixture(scope="module")
-def xla_cache(tmp_path_factory):
-  """The three runs of the resume test compile identical programs: each once."""
-  from conftest import persistent_xla_cache  # noqa: PLC0415
-  with persistent_xla_cache(str(tmp_path_factory.mktemp("xla_cache"))) as directory:
-    yield directory
-
-
 @pytest.mark.slow
-def test_loop_resume_with_ibot_equals_uninterrupted(tmp_path, xla_cache):
+def test_loop_resume_with_ibot_equals_uninterrupted(tmp_path):
   """experiments/vision_dino.py:nano,unet,dinov2 (DINO + iBOT + KoLeo + Sinkhorn-Knopp, U-Net designer):
   stopped at step 3 (not a meta step) and resumed through meta step 4, the state — the iBOT centre
   beside the DINO centre, the mask token, heads, designer, optimizer — equals an uninterrupted run's,

@@ -35,7 +35,7 @@ def test_vision_replication_refuses_to_run_arms_from_a_base_no_better_than_rando
   # before any arm.
   out = subprocess.run([sys.executable, DRIVER, "--out", str(tmp_path), "--smoke", "--arms", "dino",
                         "--gate_margin", "1.0",
-                        "--xla_cache", str(tmp_path / "xla_cache")],
+                        "--xla_cache", os.environ["JAX_COMPILATION_CACHE_DIR"]],  # conftest's cache
                        cwd=REPO, capture_output=True, text=True, timeout=900)
   assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
   assert "not better than a randomly initialised ViT on val" in out.stderr and "--ignore_gate" in out.stderr
@@ -50,7 +50,7 @@ def test_vision_replication_refuses_to_run_arms_from_a_base_no_better_than_rando
 def test_vision_replication_smoke_writes_table_and_plots(tmp_path):
   out = subprocess.run([sys.executable, DRIVER, "--out", str(tmp_path), "--smoke", "--arms", "dino,unet",
                         "--ignore_gate",
-                        "--xla_cache", str(tmp_path / "xla_cache")],
+                        "--xla_cache", os.environ["JAX_COMPILATION_CACHE_DIR"]],  # conftest's cache
                        cwd=REPO, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   table = (tmp_path / "table.md").read_text()

@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from vpt import sharding
-from vpt import value as value_lib
+from vpt.core import alignment
 from vpt import vision_step as vs
 from vpt.models.unet import total_variation
 from vpt.models.vit import ViTConfig
@@ -155,7 +155,7 @@ def test_unet_designer_gradient_reverse_over_jvp_equals_double_backward_and_fini
   mode, against V by an explicit backward differentiated by double backward, and central differences."""
   setup, state = _math_state(unet_run)
   gv, lv = _views(2)
-  subset, _ = value_lib.split_params(state.student["backbone"], 2, setup.n_last)
+  subset, _ = alignment.split_params(state.student["backbone"], 2, setup.n_last)
   g_down = _random_like(subset, 3)
   phi = state.designer.params
 
@@ -167,7 +167,7 @@ def test_unet_designer_gradient_reverse_over_jvp_equals_double_backward_and_fini
   def reference(phi):  # explicit ⟨g_down, ∇_S L⟩ (nested grad), regularisers written out
     problem, subset = vs.SSLProblem.build(setup, state.student, state.teacher, state.center, 0, lv)
     views, mu = vs.unet_views(setup, phi, gv)
-    v = vs.reference_value(problem, subset, g_down, views)
+    v = alignment.reference_value(problem.loss_fn(views), subset, g_down)
     return -v + 0.3 * jnp.mean((jnp.mean(mu, axis=(1, 2)) - 0.6) ** 2) + 0.2 * total_variation(mu), v
 
   value_and_grad = fast_jit(jax.value_and_grad(objective, has_aux=True))
@@ -202,7 +202,7 @@ def test_detached_teacher_targets_keep_the_value_and_drop_the_teachers_path_from
   views_φ, the teacher views_φ0)."""
   setup, state = _math_state(unet_run)
   gv, lv = _views(4)
-  subset, _ = value_lib.split_params(state.student["backbone"], 2, setup.n_last)
+  subset, _ = alignment.split_params(state.student["backbone"], 2, setup.n_last)
   g_down = _random_like(subset, 5)
   phi0 = state.designer.params
 

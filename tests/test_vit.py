@@ -156,7 +156,7 @@ def test_hidden_before_then_from_hidden_equals_the_full_forward(x64, pos_embed, 
 
 
 def test_block_names_make_value_split_pick_the_last_blocks_and_final_norm():
-  from vpt.value import split_params
+  from vpt.core.alignment import split_params
   cfg = vit_config("nano", n_layers=4)
   params = jax.eval_shape(ViT(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
   subset, rest = split_params(params, cfg.n_layers, 2)

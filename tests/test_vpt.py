@@ -2,17 +2,15 @@
 sharded == single device, resume between meta steps == uninterrupted, every ablation runs."""
 
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vpt import config_lib, metrics, sharding, train
+from conftest import preempt_run
+
+from vpt import config_lib, sharding, train
 from vpt.models.designer import DesignerConfig, TaskDesigner
 from vpt.models.lm import LMConfig, Transformer
 from vpt.optim import make_optimizer
@@ -162,18 +160,8 @@ def test_resume_between_meta_steps_equals_uninterrupted(tmp_path, extra):
           "--config.checkpoint.every_steps=1000", "--config.progress_bar=False", "--config.mesh.num_devices=1",
           "--config.vpt.meta_every=4", *(f"--config.{k}={v}" for k, v in extra.items())]
   workdir = tmp_path / "interrupted"
-  proc = subprocess.Popen([sys.executable, "-m", "vpt.main", f"--workdir={workdir}", *args], cwd=REPO,
-                          env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  jsonl = workdir / "metrics.jsonl"
-  deadline = time.time() + 180
-  while time.time() < deadline:  # preempt after step 9 (meta steps are 0, 4, 8, 12, ...)
-    if jsonl.exists() and any(r.get("step", 0) >= 9 for r in metrics.read_jsonl(str(jsonl))):
-      break
-    assert proc.poll() is None, proc.stdout.read()
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 143, out
+  code, out = preempt_run(args, workdir, 9, cwd=REPO)  # after step 9 (meta steps are 0, 4, 8, 12, ...)
+  assert code == 143, out
   overrides = {"num_steps": steps, "log_every_steps": 1, "checkpoint.every_steps": 1000, "vpt.meta_every": 4, **extra}
   resumed = train.run(vpt_config("nano,value", **overrides), str(workdir))
   assert 9 <= resumed["start_step"] < steps

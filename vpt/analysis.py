@@ -34,6 +34,7 @@ from flax import traverse_util
 
 from vpt import config_lib
 from vpt import value as value_lib
+from vpt.core import alignment
 from vpt.data import sources as sources_lib
 from vpt.data.feedback import downstream_nll, heldout_records, make_feedback_iterator
 from vpt.data.pipeline import make_lm_iterator
@@ -280,7 +281,7 @@ def g_down_signal_quality(run: Run, batch_sizes: Sequence[int] = (4, 8, 16, 32, 
       batch = feedback_batch(run, batch_size=2 * b, seed=seed + 1000 * r + b)
       halves = [jax.tree.map(lambda x, i=i: x[i * b:(i + 1) * b], batch) for i in range(2)]
       g = [downstream_grad(run.model, run.params, h, n_last) for h in halves]
-      cosines.append(float(value_lib.tree_vdot(g[0], g[1]) / (value_lib.tree_norm(g[0]) * value_lib.tree_norm(g[1]))))
+      cosines.append(float(alignment.tree_vdot(g[0], g[1]) / (alignment.tree_norm(g[0]) * alignment.tree_norm(g[1]))))
     rows.append({"batch_size": b, "cos_mean": float(np.mean(cosines)), "cos_std": float(np.std(cosines)),
                  "repeats": repeats})
   return rows
@@ -317,7 +318,7 @@ def _group_stats(model, params, batch, fb_batch, cand_ids, q):
   g_pre = jax.grad(_soft_ce(model, batch, cand_ids, q))(params)
   g_down = jax.grad(lambda p: downstream_nll(_logits(model, p, fb_batch), fb_batch["targets"],
                                               fb_batch["loss_mask"]))(params)
-  return {name: (value_lib.tree_vdot(_flat(g_down[name]), _flat(g_pre[name])), optax.tree.norm(g_down[name]),
+  return {name: (alignment.tree_vdot(_flat(g_down[name]), _flat(g_pre[name])), optax.tree.norm(g_down[name]),
                  optax.tree.norm(g_pre[name])) for name in params}
 
 
@@ -436,14 +437,14 @@ def value_probe(run: Run, batches: Sequence[dict], probe_batch: dict, *, eta: fl
   model, vpt_cfg, designer = run.model, _TargetSpec.of(run.vpt_cfg), run.designer
   n_last = run.vpt_cfg.align_last_n_layers if n_last is None else n_last
   optimizer, schedule = run.optimizer()
-  adam = value_lib._find_adam_state(run.opt_state)  # pylint: disable=protected-access
+  adam = alignment._find_adam_state(run.opt_state)  # pylint: disable=protected-access
   if adam is None:
     raise ValueError("run.opt_state holds no Adam state: the probe needs the learner's AdamW optimizer state")
   if not batches:
     raise ValueError("value_probe needs at least one unlabeled batch")
   opt = run.config.optimizer
   lr = float(schedule(adam.count))  # the learning rate of the learner's next step
-  precond = value_lib.adam_preconditioner(run.opt_state, 0, model.cfg.n_layers, opt.eps, opt.b2)
+  precond = alignment.adam_preconditioner(run.opt_state, 0, model.cfg.n_layers, opt.eps, opt.b2)
 
   def probe_loss(params, pb):
     return downstream_nll(_logits(model, params, pb), pb["targets"], pb["loss_mask"])
@@ -466,14 +467,14 @@ def value_probe(run: Run, batches: Sequence[dict], probe_batch: dict, *, eta: fl
     g_pre, updates = grads_and_step(params, opt_state, dparams, batch)
     flat_g = _flat(g_pre)
     drop = lambda p: loss0 - probe_loss(p, pb)
-    out = {"dot_raw": value_lib.tree_vdot(g_probe, flat_g),
-           "pred_adam": lr * value_lib.tree_vdot({k: precond[k] * v for k, v in g_probe.items()}, flat_g),
-           "pred_step": -value_lib.tree_vdot(g_probe, _flat(updates)),
+    out = {"dot_raw": alignment.tree_vdot(g_probe, flat_g),
+           "pred_adam": lr * alignment.tree_vdot({k: precond[k] * v for k, v in g_probe.items()}, flat_g),
+           "pred_step": -alignment.tree_vdot(g_probe, _flat(updates)),
            "drop_adamw": drop(optax.apply_updates(params, updates)),
            "drop_sgd_eta": jax.vmap(lambda e: drop(jax.tree.map(lambda p, g: p - e * g, params, g_pre)))(etas),
            "g_pre_norm": optax.tree.norm(g_pre), "step_norm": optax.tree.norm(updates)}
     if g_fb is not None:
-      out["value_fb_s"] = value_lib.tree_vdot(g_fb, {k: flat_g[k] for k in g_fb})
+      out["value_fb_s"] = alignment.tree_vdot(g_fb, {k: flat_g[k] for k in g_fb})
     return out
 
   args = (run.params, run.opt_state, run.designer_params)

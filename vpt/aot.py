@@ -56,6 +56,7 @@ import ml_collections
 import numpy as np
 
 from vpt import config_lib, metrics as metrics_lib, sharding, tpu, train, vpt_step
+from vpt.core import meta as meta_lib
 from vpt.models import lora as lora_lib
 from vpt.models.lm import LMConfig, Transformer, count_nonembedding_params, count_params
 
@@ -151,7 +152,7 @@ def _with_step(jitted, step_value: int):
 def _first_step(vpt_cfg, meta: bool) -> int:
   """The first step (≥ burn-in) that is a meta step (meta=True) or a plain one."""
   step = int(vpt_cfg.burn_in_steps)
-  while bool(vpt_step.is_meta_step(step, vpt_cfg)) != meta:
+  while bool(meta_lib.is_meta_step(step, vpt_cfg.burn_in_steps, vpt_cfg.meta_every)) != meta:
     step += 1
   return step
 

@@ -17,6 +17,7 @@ from absl import logging
 
 from vpt import checkpoint as ckpt_lib
 from vpt import config_lib, metrics as metrics_lib, paths, sharding, vpt_step
+from vpt.core import loop as loop_lib, meta as meta_lib
 from vpt.data.feedback import feedback_set_records, make_feedback_iterator
 from vpt.data.pipeline import make_lm_iterator
 from vpt.data import tokenizer as tokenizer_lib
@@ -27,7 +28,6 @@ from vpt.models.designer import DesignerConfig, TaskDesigner
 from vpt.models import lora as lora_lib
 from vpt.models.lm import LMConfig, Transformer, count_nonembedding_params, count_params
 from vpt.optim import make_optimizer
-from vpt.loop_utils import Preemption, StepTimer
 from vpt.steps import init_train_state, make_eval_step, make_train_step
 
 
@@ -104,7 +104,7 @@ class _FeedbackFeed:
   def batch_for(self, step: int):
     if not self.iterators:
       return None
-    if vpt_step.is_meta_step(step, self.vpt_cfg):
+    if meta_lib.is_meta_step(step, self.vpt_cfg.burn_in_steps, self.vpt_cfg.meta_every):
       self.current = self._next()
     elif self.current is None:
       self.current = self._zeros()
@@ -249,10 +249,12 @@ def jit_train_step(config: ml_collections.ConfigDict, model: Transformer, optimi
   return jax.jit(step_fn, in_shardings=(shardings, batch_sh, fb_sh), out_shardings=out_sh, donate_argnums=(0,))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
   """Trains to `config.num_steps` (resuming from `workdir` if it holds checkpoints).
 
-  Returns a summary dict (final train/eval metrics, throughput, whether the run was preempted).
+  `stop_after`: stop (and checkpoint) after this step as a preemption would — for tests and
+  time-sliced schedules; a later `run` resumes there. Returns a summary dict (final train/eval
+  metrics, throughput, whether the run stopped early) with the final state under "state".
   """
   config_lib.validate(config)
   sharding.maybe_initialize_distributed(config.multihost)
@@ -357,64 +359,37 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if is_main and start_step == 0:
     print(f"Learner: {n_params:,} params ({n_nonembed:,} non-embedding); mesh {dict(mesh.shape)}; "
           f"{config.num_steps} steps of {config.batch_size}×{config.data.seq_len} tokens", flush=True)
-  progress = metrics_lib.ProgressBar(config.num_steps, start_step, enabled=is_main and config.progress_bar,
-                                     print_every=config.log_every_steps)  # logs: a line per logged step
   tokens_per_step = config.batch_size * config.data.seq_len
-
-  summary: dict[str, Any] = {"preempted": False, "start_step": start_step}
   rates = lambda steps, seconds: metrics_lib.throughput_stats(
       steps=steps, seconds=seconds, tokens=steps * tokens_per_step, flops_per_token=flops_per_token,
       peak_flops_per_device=peak_flops, num_devices=jax.device_count())
-  timer = StepTimer()
-  logged_steps, logged_seconds = 0, 0.0
-  last_train: dict[str, float] = {}
-  step = start_step
-  with Preemption() as preemption:
-    while step < config.num_steps:
-      batch = pending_batch if pending_batch is not None else next(train_iter)
-      pending_batch = None
-      timed_meta = uses_designer and vpt_step.is_meta_step(step, vpt_cfg) and step > start_step
-      state, metrics = timer.step(train_step, state, sharding.global_batch(batch, mesh), feedback.batch_for(step),
-                                  meta=timed_meta, first=step == start_step)
-      step += 1
 
-      if step % config.log_every_steps == 0 or step == config.num_steps:
-        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        timer.pause()
-        if timer.steps > logged_steps:
-          host.update(rates(timer.steps - logged_steps, timer.seconds - logged_seconds))
-          logged_steps, logged_seconds = timer.steps, timer.seconds
-          if timer.meta_steps and timer.steps > timer.meta_steps:
-            host["meta_time_fraction"] = timer.meta_fraction()
-        writer.write_scalars(step, host, prefix="train")
-        last_train = host
-        progress.update(step, {"loss": host["loss"], "tok/s": host.get("tokens_per_sec", 0.0)})
-        timer.resume()
+  def next_step(step: int) -> loop_lib.StepCall:
+    nonlocal pending_batch
+    batch, pending_batch = (pending_batch if pending_batch is not None else next(train_iter)), None
+    meta = uses_designer and meta_lib.is_meta_step(step, vpt_cfg.burn_in_steps, vpt_cfg.meta_every)
+    return loop_lib.StepCall("train", train_step, (sharding.global_batch(batch, mesh), feedback.batch_for(step)),
+                             meta)
 
-      if step % config.eval_every_steps == 0 or step == config.num_steps:
-        timer.pause(state.params)
-        summary["eval"] = _evaluate(config, tokenizer, eval_step, state.params, mesh)
-        summary["eval"].update(downstream_eval(state.params))
-        if generation_eval is not None and (step == config.num_steps or not config.eval_generation.final_only):
-          summary["eval"].update(generation_eval(jax.device_get(state.params)))
-        writer.write_scalars(step, summary["eval"], prefix="eval")
-        timer.resume()
+  def evaluate(state, step: int) -> dict[str, float]:
+    result = _evaluate(config, tokenizer, eval_step, state.params, mesh)
+    result.update(downstream_eval(state.params))
+    if generation_eval is not None and (step == config.num_steps or not config.eval_generation.final_only):
+      result.update(generation_eval(jax.device_get(state.params)))
+    return result
 
-      # Every host asks every step (a collective); one save per step, preempted or periodic.
-      stop = preemption.should_stop(step) and step < config.num_steps
-      if stop:
-        print(f"Preemption notice (on this or another host): saving at step {step} and exiting.", flush=True)
-      if stop or step % config.checkpoint.every_steps == 0 or step == config.num_steps:
-        timer.pause(state)
-        checkpointer.save(step, state, iterators, force=True)
-        timer.resume()
-      if stop:
-        summary["preempted"] = True
-        break
-
-  progress.close()
+  loop_schedule = loop_lib.Schedule(config.num_steps, config.log_every_steps, config.eval_every_steps,
+                                    config.checkpoint.every_steps, stop_after)
+  result = loop_lib.run_loop(
+      state, start_step, loop_schedule, next_step=next_step, evaluate=evaluate, rates=rates,
+      progress_fields=lambda host: {"loss": host["loss"], "tok/s": host.get("tokens_per_sec", 0.0)},
+      checkpointer=checkpointer, iterators=iterators, writer=writer, show_progress=is_main and config.progress_bar)
+  state, step, timer, last_train = result.state, result.step, result.timer, result.last_train
   checkpointer.close()
   writer.close()
+  summary: dict[str, Any] = {"preempted": result.preempted, "start_step": start_step}
+  if result.last_eval is not None:
+    summary["eval"] = result.last_eval
   summary.update(step=step, train=last_train, num_params=n_params, peak_flops=peak_flops, peak_source=peak_source)
   if timer.steps:
     summary["throughput"] = rates(timer.steps, timer.seconds)

@@ -40,7 +40,7 @@ from vpt.evals import vision as vision_evals
 from vpt.models.vit import ViT, ViTConfig, count_params
 from vpt.vision_step import VisionSetup
 from vpt import train as lm_train
-from vpt.loop_utils import Preemption, StepTimer
+from vpt.core import loop as loop_lib
 from vpt.train import restore_run, write_config
 
 
@@ -391,7 +391,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
     pending = None  # the restored iterators continue where the checkpoint left them.
 
   programs = jit_step_programs(config, shardings, mesh)
-  compiled = set()
   meta_feed = _MetaFeed(iterators, config, mesh, first_labeled) if uses_designer else None
 
   if is_main:  # nothing more fails on bad input: the run starts. config.json, or config.<n>.json if changed.
@@ -404,68 +403,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
     print(f"Learner: ViT {n_params:,} params (d {m.d_model}, {m.n_layers} layers, patch {m.patch_size}); "
           f"mode {config.vpt.mode}; mesh {dict(mesh.shape)}; {config.num_steps} steps of {config.batch_size} "
           f"images", flush=True)
-  progress = metrics_lib.ProgressBar(config.num_steps, start_step, enabled=is_main and config.progress_bar,
-                                     print_every=config.log_every_steps)  # logs: a line per logged step
 
-  summary: dict[str, Any] = {"preempted": False, "start_step": start_step, "mode": config.vpt.mode}
-  timer = StepTimer()
-  logged_steps, logged_seconds = 0, 0.0
-  last_train: dict[str, float] = {}
-  step = start_step
-  end = config.num_steps if stop_after is None else min(config.num_steps, stop_after)
-  with Preemption() as preemption:
-    while step < end:
-      if pending is not None:
-        batch_u, pending = pending, None
-      else:
-        batch_u = _images_only(next(train_iter))
-      args = [sharding.global_batch(batch_u, mesh), None, None, None]
-      meta = uses_designer and setup.is_meta_step(step)
-      if uses_designer:
-        args[1:] = meta_feed.batches_for(step)
-      first = meta not in compiled  # this call compiles its program: not timed
-      compiled.add(meta)
-      state, metrics = timer.step(programs[meta], state, *args, meta=meta and not first, first=first)
-      step += 1
+  def next_step(step: int) -> loop_lib.StepCall:
+    nonlocal pending
+    batch_u, pending = (pending if pending is not None else _images_only(next(train_iter))), None
+    meta = uses_designer and bool(setup.is_meta_step(step))
+    feeds = meta_feed.batches_for(step) if uses_designer else (None, None, None)
+    return loop_lib.StepCall(meta, programs[meta], (sharding.global_batch(batch_u, mesh), *feeds), meta)
 
-      if step % config.log_every_steps == 0 or step == config.num_steps:
-        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        timer.pause()
-        if timer.steps > logged_steps:
-          host.update(_rates(timer.steps - logged_steps, timer.seconds - logged_seconds, config.batch_size))
-          logged_steps, logged_seconds = timer.steps, timer.seconds
-          if timer.meta_steps and timer.steps > timer.meta_steps:
-            host["meta_time_fraction"] = timer.meta_fraction()
-        writer.write_scalars(step, host, prefix="train")
-        last_train = host
-        progress.update(step, {"loss": host.get("loss", float("nan")), "img/s": host.get("images_per_sec", 0.0)})
-        timer.resume()
-
-      if evaluator is not None and (step % config.eval.every_steps == 0 or step == config.num_steps):
-        timer.pause(state.student)
-        summary["eval"] = evaluator(eval_backbone(state))
-        writer.write_scalars(step, summary["eval"], prefix="eval")
-        timer.resume()
-
-      # Every host asks every step (a collective); one save per step, preempted, stopped or periodic.
-      preempted = preemption.should_stop(step) and step < config.num_steps
-      if preempted:
-        print(f"Preemption notice (on this or another host): saving at step {step} and exiting.", flush=True)
-      stop = preempted or step == end < config.num_steps  # stop_after: the next run resumes here.
-      if stop or step % config.checkpoint.every_steps == 0 or step == config.num_steps:
-        timer.pause(state)
-        checkpointer.save(step, state, iterators, force=True)
-        timer.resume()
-      if stop:
-        break
-    # Stopped before num_steps: preempted, or at stop_after (if the loop never ran, the restored checkpoint
-    # is the state).
-    summary["preempted"] = step < config.num_steps
-
-  timer.pause(state)
-  progress.close()
+  evaluate = lambda state, step: None if evaluator is None else evaluator(eval_backbone(state))
+  loop_schedule = loop_lib.Schedule(config.num_steps, config.log_every_steps, config.eval.every_steps,
+                                    config.checkpoint.every_steps, stop_after)
+  result = loop_lib.run_loop(
+      state, start_step, loop_schedule, next_step=next_step, evaluate=evaluate,
+      rates=lambda steps, seconds: _rates(steps, seconds, config.batch_size),
+      progress_fields=lambda host: {"loss": host.get("loss", float("nan")), "img/s": host.get("images_per_sec", 0.0)},
+      checkpointer=checkpointer, iterators=iterators, writer=writer, show_progress=is_main and config.progress_bar)
+  state, step, timer, last_train = result.state, result.step, result.timer, result.last_train
   checkpointer.close()
   writer.close()
+  summary: dict[str, Any] = {"preempted": result.preempted, "start_step": start_step, "mode": config.vpt.mode}
+  if result.last_eval is not None:
+    summary["eval"] = result.last_eval
   summary.update(step=step, train=last_train, num_params=n_params)
   if timer.steps:
     summary["throughput"] = _rates(timer.steps, timer.seconds, config.batch_size)

@@ -27,8 +27,8 @@ detaches the targets as PyTorch's DINOLoss does, likely the paper's code).
 Value without double backward. L_DINO is not linear in the view, but V(φ) is the directional
 derivative d/dε L(θ_S + ε·g_down; views_φ) at ε = 0: ONE `jax.jvp` along g_down, forward through
 the last K blocks only (the prefix of the network carries no tangent). `jax.grad` of that function
-with respect to φ (reverse-over-forward) is exactly ∇_φ ⟨g_down, ∇_S L⟩; `reference_value` keeps the
-nested-grad (double-backward) form for tests and the benchmark. The exact cosine needs
+with respect to φ (reverse-over-forward) is exactly ∇_φ ⟨g_down, ∇_S L⟩ (vpt.core.alignment: `value_jvp`,
+and `reference_value`, the nested-grad double-backward form the tests hold it against). The exact cosine needs
 ∇_φ ‖∇_S L(φ)‖, so `align="cosine"` pays the double backward; "cosine_cheap" holds ‖g_pre‖ at its
 value for the current φ.
 
@@ -69,7 +69,9 @@ import ml_collections
 import optax
 
 from vpt import optim, sharding
-from vpt import value as value_lib
+from vpt.core import alignment
+from vpt.core import meta as meta_lib
+from vpt.core.meta import DesignerState
 from vpt.models import dense_heads
 from vpt.models.unet import MaskUNet, UNetConfig, init_unet, keep_ratio_penalty, predict_mask, total_variation
 from vpt.models.vit import ViT, ViTConfig
@@ -77,7 +79,6 @@ from vpt.tasks import dino
 from vpt.tasks import dinov2_terms as terms
 from vpt.tasks import vision_candidates as cand_lib
 from vpt.tasks.vision_views import MultiCropConfig, as_float, blend_views, gaussian_blur, multi_crop, normalize
-from vpt.vpt_step import DesignerState
 
 Params = Any
 MODES = ("dino", "unet", "candidates", "random_feedback")
@@ -302,7 +303,7 @@ class VisionSetup:
     return self.mode != "dino"
 
   def is_meta_step(self, step):
-    return (step >= self.burn_in_steps) & (step % self.meta_every == 0)
+    return meta_lib.is_meta_step(step, self.burn_in_steps, self.meta_every)
 
   def teacher_temperature(self, step):
     return dino.teacher_temperature(step, self.t_t_warmup_steps, self.t_t_warmup, self.t_t)
@@ -339,10 +340,7 @@ def make_designer_optimizer(config) -> optax.GradientTransformation:
   lr = float(d.learning_rate)
   if config.vpt.mode == "candidates":
     lr = float(config.vpt.candidates.get("learning_rate", cand_lib.CandidateConfig.learning_rate))
-  clip = float(d.get("grad_clip_norm", 1.0))
-  parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
-  parts.append(optax.adamw(lr, weight_decay=float(d.get("weight_decay", 0.0))))
-  return optax.chain(*parts)
+  return meta_lib.designer_optimizer(lr, float(d.get("grad_clip_norm", 1.0)), float(d.get("weight_decay", 0.0)))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -386,9 +384,9 @@ class StudentSplit:
   @classmethod
   def build(cls, setup: VisionSetup, student: Params) -> tuple["StudentSplit", dict]:
     n = setup.vit_cfg.n_layers
-    subset, rest = value_lib.split_params(student["backbone"], n, setup.n_last)
+    subset, rest = alignment.split_params(student["backbone"], n, setup.n_last)
     split = cls(setup, jax.lax.stop_gradient(student["backbone"]), rest, student["head"],
-                value_lib.first_aligned_layer(n, setup.n_last), student.get(setup.ibot_head_name))
+                alignment.first_aligned_layer(n, setup.n_last), student.get(setup.ibot_head_name))
     return split, subset
 
   def prefix(self, images: jax.Array, masks: jax.Array | None = None) -> jax.Array:
@@ -400,7 +398,7 @@ class StudentSplit:
 
   def features(self, subset: dict, h: jax.Array, grid, masks: jax.Array | None = None) -> dict:
     """`masks` only matter when S is the whole backbone (the prefix is then the images themselves)."""
-    params = {"params": value_lib.merge_params(subset, self.rest)}
+    params = {"params": alignment.merge_params(subset, self.rest)}
     if not self.rest:
       return self.setup.vit.apply(params, h, masks=masks)
     return self.setup.vit.apply(params, h, self.layer, grid=grid, method=ViT.from_hidden)
@@ -763,39 +761,24 @@ def meta_problem(setup: VisionSetup, state: VisionState, batch_meta_u: dict, key
   return problem, global_views, subset
 
 
-def value_jvp(problem: SSLProblem, subset: dict, tangent: dict, views: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(L, V) with V = d/dε L(θ_S + ε·tangent; views) at ε = 0 = ⟨tangent, ∇_S L⟩: one forward-mode pass.
-
-  Differentiating V with respect to the views (and so φ) with jax.grad is reverse-over-forward:
-  exactly ∇_φ ⟨g_down, ∇_S L(θ; views_φ)⟩, without a double backward.
-  """
-  return jax.jvp(problem.loss_fn(views), (subset,), (tangent,))
-
-
-def reference_value(problem: SSLProblem, subset: dict, g_down: dict, views: jax.Array) -> jax.Array:
-  """Explicit ⟨g_down, ∇_S L(θ; views)⟩ by a backward pass; differentiable in the views by double
-  backward (nested grad). For tests and the benchmark."""
-  return value_lib.tree_vdot(g_down, jax.grad(problem.loss_fn(views))(subset))
-
-
 def unet_meta_objective(setup: VisionSetup, problem: SSLProblem, global_views: jax.Array, subset: dict,
                         g_down: dict, designer_params) -> Callable:
   """φ ↦ (−Align(g_down, g_pre(φ)) + λ_spars·R_spars(μ_φ) + λ_tv·R_tv(μ_φ), aux)."""
-  g_down_norm = value_lib.tree_norm(g_down)
+  g_down_norm = alignment.tree_norm(g_down)
   g_pre_norm_now = None
   if setup.align == "cosine_cheap":
     views_now = jax.lax.stop_gradient(unet_views(setup, designer_params, global_views)[0])
-    g_pre_norm_now = jax.lax.stop_gradient(value_lib.tree_norm(jax.grad(problem.loss_fn(views_now))(subset)))
+    g_pre_norm_now = jax.lax.stop_gradient(alignment.tree_norm(jax.grad(problem.loss_fn(views_now))(subset)))
 
   def objective(phi):
     views, mu = unet_views(setup, phi, global_views)
     if setup.align == "cosine":  # exact: ‖g_pre(φ)‖ is differentiated too (double backward).
       loss_fn = problem.loss_fn(views)
       ssl_loss, g_pre = jax.value_and_grad(loss_fn)(subset)
-      v = value_lib.tree_vdot(g_down, g_pre)
-      align = v / jnp.maximum(g_down_norm * value_lib.tree_norm(g_pre), 1e-30)
+      v = alignment.tree_vdot(g_down, g_pre)
+      align = v / jnp.maximum(g_down_norm * alignment.tree_norm(g_pre), 1e-30)
     else:
-      ssl_loss, v = value_jvp(problem, subset, g_down, views)
+      ssl_loss, v = alignment.value_jvp(problem.loss_fn(views), subset, g_down)
       align = v if setup.align == "dot" else v / jnp.maximum(g_down_norm * g_pre_norm_now, 1e-30)
     sparsity, tv = keep_ratio_penalty(mu, setup.keep_ratio), total_variation(mu)
     loss = -align + setup.lambda_sparsity * sparsity + setup.lambda_tv * tv
@@ -820,7 +803,7 @@ def meta_update(setup: VisionSetup, head_opt, designer_opt, state: VisionState, 
   g_down, down_loss = downstream_grad(setup, state.student, heads, batch_labeled_meta)
   g_down = jax.lax.stop_gradient(g_down)  # the only place the labels are read
   if setup.mode == "random_feedback":
-    g_down = value_lib.random_like(jax.random.fold_in(key, 1), g_down, value_lib.tree_norm(g_down))
+    g_down = alignment.random_like(jax.random.fold_in(key, 1), g_down, alignment.tree_norm(g_down))
   problem, global_views, subset = meta_problem(setup, state, batch_meta_u, jax.random.fold_in(key, 0))
   dstate = state.designer
   extra = {}
@@ -843,7 +826,7 @@ def meta_update(setup: VisionSetup, head_opt, designer_opt, state: VisionState, 
     w = cand_lib.candidate_weights(params["logits"], setup.cand_cfg.temperature)
     for i, kind in enumerate(setup.cand_cfg.kinds):
       metrics[f"cand_{i}_{kind}/weight"] = w[i]
-  metrics.update(down_loss=down_loss, g_down_norm=value_lib.tree_norm(g_down), designer_loss=loss,
+  metrics.update(down_loss=down_loss, g_down_norm=alignment.tree_norm(g_down), designer_loss=loss,
                  designer_grad_norm=optax.tree.norm(grads))
   last = {k: jnp.asarray(metrics[k], jnp.float32) for k in dstate.last_meta}
   return heads, DesignerState(params=params, opt_state=opt_state, last_meta=last), g_down
@@ -910,25 +893,17 @@ def make_vision_train_step(config, meta: bool | None = None) -> Callable:
                     ("batch_labeled_meta", batch_labeled_meta)):
       if b is None:
         raise ValueError(f"vision step (mode {setup.mode!r}): {name} is required")
-    zeros = lambda _: (state.heads, state.designer, jax.tree.map(jnp.zeros_like, value_lib.split_params(
-        state.student["backbone"], setup.vit_cfg.n_layers, setup.n_last)[0]))
-    run = lambda _: meta_update(setup, head_opt, designer_opt, state, batch_meta_u, batch_labeled_train,
-                                batch_labeled_meta, keys["meta"])
-    if meta is None:
-      is_meta = setup.is_meta_step(state.step)
-      heads, designer, g_down = jax.lax.cond(is_meta, run, zeros, None)
-    else:
-      is_meta = jnp.asarray(meta)
-      heads, designer, g_down = (run if meta else zeros)(None)
+    n_layers = setup.vit_cfg.n_layers
+    (heads, designer, g_down), is_meta = meta_lib.meta_or_skip(
+        meta, setup.is_meta_step(state.step),
+        lambda: meta_update(setup, head_opt, designer_opt, state, batch_meta_u, batch_labeled_train,
+                            batch_labeled_meta, keys["meta"]),
+        lambda: (state.heads, state.designer, alignment.subset_zeros(state.student["backbone"], n_layers,
+                                                                      setup.n_last)))
     state = state.replace(heads=heads, designer=designer)
     new_state, metrics, grads = learner_update(setup, optimizer, schedule, state, batch_u, designer.params, keys)
-    # cos(g_down, g_pre) with g_pre = the learner's own gradient on S (free here).
-    g_pre, _ = value_lib.split_params(grads["backbone"], setup.vit_cfg.n_layers, setup.n_last)
-    cosine = value_lib.tree_vdot(g_down, g_pre) / jnp.maximum(
-        value_lib.tree_norm(g_down) * value_lib.tree_norm(g_pre), 1e-30)
-    last = dict(designer.last_meta)
-    last["cosine"] = jnp.where(is_meta, cosine, last["cosine"]).astype(jnp.float32)
-    last["g_pre_norm"] = jnp.where(is_meta, value_lib.tree_norm(g_pre), last["g_pre_norm"]).astype(jnp.float32)
+    g_pre, _ = alignment.split_params(grads["backbone"], n_layers, setup.n_last)
+    last = meta_lib.record_alignment(designer.last_meta, is_meta, g_down, g_pre)
     new_state = new_state.replace(designer=designer.replace(last_meta=last))
     metrics.update({f"meta/{k}": v for k, v in last.items()})
     metrics["meta/is_meta_step"] = is_meta.astype(jnp.float32)

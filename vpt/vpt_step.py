@@ -53,16 +53,18 @@ g_pre are taken at the deterministic network, the direction the learner moves al
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
 from vpt import config_lib
 from vpt import value as value_lib
+from vpt.core import alignment
+from vpt.core import meta as meta_lib
+from vpt.core.meta import DesignerState
 from vpt.data.feedback import downstream_nll
 from vpt.models.designer import DesignerConfig, TaskDesigner
 from vpt.steps import TrainState, apply_lm, learner_update, step_dropout_rng
@@ -72,14 +74,6 @@ from vpt.tasks.lm_soft_targets import (candidate_logprobs, candidates, soft_ce_s
 DESIGNER_MODES = ("value", "random_feedback")
 META_METRICS = ("value", "cosine", "g_down_norm", "g_pre_norm", "designer_loss", "designer_grad_norm",
                 "trust_region", "g_down_split_cos")
-
-
-@flax.struct.dataclass
-class DesignerState:
-  params: Any
-  opt_state: Any
-  last_meta: dict  # the latest meta step's metrics, reported on every step
-  g_down_avg: Any = None  # m of the running g_down average on S (vpt.g_down_average > 0), else None
 
 
 def uses_designer(vpt_cfg) -> bool:
@@ -115,16 +109,14 @@ def feedback_plan(config) -> FeedbackPlan:
 
 def make_designer_optimizer(vpt_cfg) -> optax.GradientTransformation:
   d = vpt_cfg.designer
-  parts = [optax.clip_by_global_norm(d.grad_clip_norm)] if d.grad_clip_norm > 0 else []
-  parts.append(optax.adamw(d.learning_rate, weight_decay=d.weight_decay))
-  return optax.chain(*parts)
+  return meta_lib.designer_optimizer(d.learning_rate, d.grad_clip_norm, d.weight_decay)
 
 
 def g_down_average_init(vpt_cfg, learner_params, n_layers: int):
   """m_0 = 0 on S when vpt.g_down_average > 0, else None (no running average in the state)."""
   if not vpt_cfg.get("g_down_average", 0.0):
     return None
-  subset, _ = value_lib.split_params(learner_params, n_layers, vpt_cfg.align_last_n_layers)
+  subset, _ = alignment.split_params(learner_params, n_layers, vpt_cfg.align_last_n_layers)
   return jax.tree.map(jnp.zeros_like, subset)
 
 
@@ -188,8 +180,8 @@ def _downstream_halves(model, params, fb_batch: dict, n_last: int) -> tuple[list
 
 
 def _split_cos(halves: list[dict]) -> jax.Array:
-  return value_lib.tree_vdot(halves[0], halves[1]) / jnp.maximum(
-      value_lib.tree_norm(halves[0]) * value_lib.tree_norm(halves[1]), 1e-30)
+  return alignment.tree_vdot(halves[0], halves[1]) / jnp.maximum(
+      alignment.tree_norm(halves[0]) * alignment.tree_norm(halves[1]), 1e-30)
 
 
 def downstream_grad(model, params, fb_batch: dict, n_last: int) -> tuple[dict, jax.Array]:
@@ -262,11 +254,11 @@ def meta_objective(params, learner_opt_state, designer_params, batch: dict, fb_b
     set_grads, g_down, split_cos = feedback_grads(model, params, fb_batch, n_last, plan.sets)
   if vpt_cfg.mode == "random_feedback":
     if plan.domains:  # every set's direction replaced, each keeping its norm
-      set_grads = {name: value_lib.random_like(jax.random.fold_in(rng, j), g, value_lib.tree_norm(g))
+      set_grads = {name: alignment.random_like(jax.random.fold_in(rng, j), g, alignment.tree_norm(g))
                    for j, (name, g) in enumerate(set_grads.items())}
       g_down = jax.tree.map(lambda *xs: sum(xs), *set_grads.values())
     else:
-      g_down = value_lib.random_like(rng, g_down, value_lib.tree_norm(g_down))
+      g_down = alignment.random_like(rng, g_down, alignment.tree_norm(g_down))
   if g_down_avg is not None:
     beta = vpt_cfg.g_down_average
     g_down_avg = jax.tree.map(lambda m, g: beta * m + (1 - beta) * g.astype(m.dtype), g_down_avg, g_down)
@@ -274,7 +266,7 @@ def meta_objective(params, learner_opt_state, designer_params, batch: dict, fb_b
     g_down = jax.tree.map(lambda m, g: (m / debias).astype(g.dtype), g_down_avg, g_down)
   geometry = lambda g: g
   if vpt_cfg.geometry == "adam":
-    precond = value_lib.adam_preconditioner(learner_opt_state, n_last, model.cfg.n_layers,
+    precond = alignment.adam_preconditioner(learner_opt_state, n_last, model.cfg.n_layers,
                                             learner_opt_cfg.eps, learner_opt_cfg.b2)
     geometry = lambda g: {k: precond[k] * v for k, v in g.items()}
   tangent = geometry(g_down)
@@ -307,13 +299,13 @@ def meta_objective(params, learner_opt_state, designer_params, batch: dict, fb_b
   q_now = jax.lax.stop_gradient(targets_of(designer_params)[2])
   terms = []
   for name, term_mask in term_specs:
-    t = {"mask": term_mask, "tangent_norm": value_lib.tree_norm(set_tangents[name])}
+    t = {"mask": term_mask, "tangent_norm": alignment.tree_norm(set_tangents[name])}
     t["s"] = value_lib.logprob_tangents(logits, dlogits if name is None else dlogits_of[name], cand_ids)
     t["n_tokens"] = n_tokens if name is None else jnp.maximum(jnp.sum(term_mask), 1.0)
     if vpt_cfg.align in ("cosine", "cosine_cheap"):
       # g_pre at the current φ (a backward through S only), for the cosine's normaliser.
       g_pre = value_lib.subset_grad(aligned, subset, value_lib.soft_loss_of_logits(cand_ids, q_now, term_mask))
-      t["g_pre_norm"] = value_lib.tree_norm(g_pre)
+      t["g_pre_norm"] = alignment.tree_norm(g_pre)
     if vpt_cfg.align == "cosine":
       # J g_pre: one more JVP, along g_pre (see the exact cosine below).
       _, u = value_lib.logits_jvp(aligned, subset, g_pre)
@@ -325,7 +317,7 @@ def meta_objective(params, learner_opt_state, designer_params, batch: dict, fb_b
     g_ntp = value_lib.subset_grad(aligned, subset, value_lib.soft_loss_of_logits(cand_ids, onehot, mask))
     _, d_ntp = value_lib.logits_jvp(aligned, subset, g_ntp)
     s_ntp = value_lib.logprob_tangents(logits, d_ntp, cand_ids)
-    ntp_sq = jnp.maximum(value_lib.tree_vdot(g_ntp, g_ntp), 1e-30)
+    ntp_sq = jnp.maximum(alignment.tree_vdot(g_ntp, g_ntp), 1e-30)
 
   def term_align(q, t):
     """(V, Align) of one term: its tangent against g_pre(q) on its tokens."""
@@ -355,7 +347,7 @@ def meta_objective(params, learner_opt_state, designer_params, batch: dict, fb_b
     return loss, {"value": v, "trust_region": trust}
 
   info = {"g_down": g_down, "g_down_avg": g_down_avg, "g_down_split_cos": split_cos, "tangent": tangent,
-          "tangent_norm": value_lib.tree_norm(tangent), "set_grads": set_grads, "cand_ids": cand_ids,
+          "tangent_norm": alignment.tree_norm(tangent), "set_grads": set_grads, "cand_ids": cand_ids,
           "aligned": aligned, "subset": subset, "targets_of": targets_of}
   return objective, info
 
@@ -372,26 +364,20 @@ def meta_update(state: TrainState, batch: dict, fb_batch: dict, rng: jax.Array, 
   batch = jax.tree.map(lambda x: x[::stride][:rows, :cols], batch)
   n_meta = None
   if dstate.g_down_avg is not None:  # meta steps so far, this one included: a function of the step alone
-    first = -(-vpt_cfg.burn_in_steps // vpt_cfg.meta_every) * vpt_cfg.meta_every
-    n_meta = (state.step - first) // vpt_cfg.meta_every + 1
+    n_meta = meta_lib.meta_index(state.step, vpt_cfg.burn_in_steps, vpt_cfg.meta_every)
   objective, info = meta_objective(state.params, state.opt_state, dstate.params, batch, fb_batch, rng, model=model,
                                    designer=designer, vpt_cfg=vpt_cfg, learner_opt_cfg=learner_opt_cfg, plan=plan,
                                    g_down_avg=dstate.g_down_avg, n_meta=n_meta)
   (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(dstate.params)
   updates, opt_state = designer_opt.update(grads, dstate.opt_state, dstate.params)
   metrics = dict(dstate.last_meta)
-  metrics.update(value=aux["value"], g_down_norm=value_lib.tree_norm(info["g_down"]), designer_loss=loss,
+  metrics.update(value=aux["value"], g_down_norm=alignment.tree_norm(info["g_down"]), designer_loss=loss,
                  designer_grad_norm=optax.tree.norm(grads), trust_region=aux["trust_region"],
                  g_down_split_cos=info["g_down_split_cos"])
   new = DesignerState(params=optax.apply_updates(dstate.params, updates), opt_state=opt_state,
                       last_meta={k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()},
                       g_down_avg=info["g_down_avg"])
   return new, info["g_down"]
-
-
-def is_meta_step(step, vpt_cfg):
-  """Works on Python ints (host) and traced scalars (device) alike."""
-  return (step >= vpt_cfg.burn_in_steps) & (step % vpt_cfg.meta_every == 0)
 
 
 def make_vpt_train_step(model: nn.Module, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
@@ -411,24 +397,18 @@ def make_vpt_train_step(model: nn.Module, optimizer: optax.GradientTransformatio
                                              optimizer, schedule, accum_steps, **learner_kw(state))
       return new_state, metrics
     rng = jax.random.fold_in(state.rng, state.step)
-    meta = is_meta_step(state.step, vpt_cfg)
-    update = lambda st: meta_update(st, batch, fb_batch, rng, model=model, designer=designer, vpt_cfg=vpt_cfg,
-                                    designer_opt=designer_opt, learner_opt_cfg=learner_opt_cfg, plan=plan)
-    subset_zeros = lambda st: jax.tree.map(jnp.zeros_like, value_lib.split_params(
-        st.params, model.cfg.n_layers, vpt_cfg.align_last_n_layers)[0])
-    new_designer, g_down = jax.lax.cond(meta, update, lambda st: (st.designer, subset_zeros(st)), state)
+    n_layers, n_last = model.cfg.n_layers, vpt_cfg.align_last_n_layers
+    (new_designer, g_down), meta = meta_lib.meta_or_skip(
+        None, meta_lib.is_meta_step(state.step, vpt_cfg.burn_in_steps, vpt_cfg.meta_every),
+        lambda: meta_update(state, batch, fb_batch, rng, model=model, designer=designer, vpt_cfg=vpt_cfg,
+                            designer_opt=designer_opt, learner_opt_cfg=learner_opt_cfg, plan=plan),
+        lambda: (state.designer, alignment.subset_zeros(state.params, n_layers, n_last)))
     state = state.replace(designer=new_designer)
     loss_fn = soft_target_loss_fn(model, vpt_cfg, designer, new_designer.params)
     new_state, metrics, grads = learner_update(state, batch, loss_fn, optimizer, schedule, accum_steps,
                                                **learner_kw(state))
-    # cos(g_down, g_pre) with g_pre = the gradient the learner actually stepped along (on S, with the
-    # updated designer): free here, where a separate g_pre would cost a backward pass.
-    g_pre, _ = value_lib.split_params(grads, model.cfg.n_layers, vpt_cfg.align_last_n_layers)
-    g_pre_norm = value_lib.tree_norm(g_pre)
-    cosine = value_lib.tree_vdot(g_down, g_pre) / jnp.maximum(value_lib.tree_norm(g_down) * g_pre_norm, 1e-30)
-    last = dict(new_designer.last_meta)
-    last["cosine"] = jnp.where(meta, cosine, last["cosine"]).astype(jnp.float32)
-    last["g_pre_norm"] = jnp.where(meta, g_pre_norm, last["g_pre_norm"]).astype(jnp.float32)
+    g_pre, _ = alignment.split_params(grads, n_layers, n_last)
+    last = meta_lib.record_alignment(new_designer.last_meta, meta, g_down, g_pre)
     new_state = new_state.replace(designer=new_designer.replace(last_meta=last))
     metrics.update({f"meta/{k}": v for k, v in last.items()})
     return new_state, metrics

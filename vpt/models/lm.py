@@ -216,7 +216,7 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
 class Transformer(nn.Module):
   """Returns float32 logits [B, T, V] (and the final hidden states if asked).
 
-  `hidden_before(…, layer)` and `logits_from(h, …, layer)` split the network at a block boundary:
+  `hidden_before(…, layer)` and `from_hidden(h, …, layer)` split the network at a block boundary:
   V-Pretraining differentiates only the last blocks (the alignment subset S), so it runs the
   prefix once, as a constant, and takes JVPs/VJPs of the suffix alone.
   """
@@ -255,7 +255,7 @@ class Transformer(nn.Module):
       x = self._constrain(block(x, positions, mask, deterministic))
     return x
 
-  def logits_from(self, h, positions, segment_ids, layer: int, deterministic: bool = True):
+  def from_hidden(self, h, positions, segment_ids, layer: int, deterministic: bool = True):
     """Runs blocks `layer…` on the residual stream h, then the final norm and the head."""
     mask = attention_mask(segment_ids)
     h = self._constrain(h)

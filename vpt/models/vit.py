@@ -9,7 +9,7 @@ Parameter names follow the Hugging Face module tree (`patch_embeddings`, `cls_to
 `register_tokens`, `position_embeddings`, `layers_{i}/{norm1, attention/{q,k,v,o}_proj,
 layer_scale1/lambda1, norm2, mlp/…, layer_scale2/lambda1}`, `norm`) so checkpoints map one-to-one
 (vpt/interop/dinov2.py). The blocks are `layers_{i}` and the final norm `norm`, as in the LM, so
-`vpt.value.split_params` picks the alignment subset S (last K blocks + final norm) unchanged.
+`vpt.core.alignment.split_params` picks the alignment subset S (last K blocks + final norm) unchanged.
 Dense kernels are `[in, out]`, the patch kernel `[kh, kw, in, out]`; images are `[B, H, W, C]`.
 Parameters are float32; `dtype` is the compute dtype ("float64" for the numerics tests).
 """
