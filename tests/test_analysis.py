@@ -21,7 +21,7 @@ from vpt.data.feedback import downstream_nll
 from vpt.models.designer import DesignerConfig, TaskDesigner
 from vpt.models.lm import LMConfig, Transformer
 from vpt.steps import init_train_state
-from vpt.train import write_config
+from vpt.run_dir import write_config
 from vpt.vpt_step import init_designer_state, make_designer_optimizer
 
 VOCAB, SEQ, LAYERS, K = 40, 9, 3, 5

@@ -183,7 +183,7 @@ def test_cli_on_a_tiny_run_directory(tmp_path, monkeypatch, caplog, capfd):
   orbax warns of no item it could not restore)."""
   import logging
   import orbax.checkpoint as ocp
-  from vpt import train
+  from vpt import learner_source, train
   workdir = str(tmp_path / "run")
   summary = train.run(_nano_config(num_steps=3, log_every_steps=1, eval_batches=1), workdir)
   restored_items = []
@@ -200,7 +200,7 @@ def test_cli_on_a_tiny_run_directory(tmp_path, monkeypatch, caplog, capfd):
   with caplog.at_level(logging.WARNING):
     scores = gsm8k.main(["--workdir", workdir, "--data", os.path.join(GSM8K_DIR, "test.jsonl"),
                          "--limit", "3", "--shots", "1", "--max-new-tokens", "8", "--out", str(out)])
-    params, step = gsm8k.restore_params(workdir)
+    _, params, _, step = learner_source.load_learner(workdir)  # what the CLI reads
   assert restored_items == [["params"], ["params"]]
   printed = capfd.readouterr()
   assert "could not be restored" not in caplog.text + printed.out + printed.err

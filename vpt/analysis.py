@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import json
 import math
 import os
 import statistics
@@ -32,7 +31,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from vpt import config_lib
+from vpt import config_lib, run_dir
 from vpt import value as value_lib
 from vpt.core import alignment
 from vpt.data import sources as sources_lib
@@ -79,31 +78,21 @@ class Run:
 def load_run(workdir: str, step: int | None = None) -> Run:
   """Restores a vpt run directory (config.json, tokenizer, checkpoints/<step>/state); latest step by default."""
   workdir = os.path.abspath(workdir)
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"{config_path}: no such file (expected a vpt run directory written by vpt.train.run)")
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = run_dir.read_config(workdir, config_lib.base_config())  # fields added since keep their defaults
   tokenizer = run_tokenizer(workdir, config.data)
   model = Transformer(LMConfig.from_config(config.model, tokenizer.vocab_size))
-
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  manager = ocp.CheckpointManager(ckpt_dir, item_names=("state",), options=ocp.CheckpointManagerOptions(create=False))
-  steps = sorted(manager.all_steps())
-  if not steps:
-    raise FileNotFoundError(f"{ckpt_dir}: no checkpoint (a run saves one every config.checkpoint.every_steps)")
-  step = steps[-1] if step is None else int(step)
-  if step not in steps:
-    raise ValueError(f"step={step}: no checkpoint at that step in {ckpt_dir}; available: {steps}")
+  _, step = run_dir.state_path(workdir, step, what="analysis.load_run: ")  # the newest, or `step` checked
   # Restoring without a target would give the raw pytree, but only on the topology that saved it
   # (orbax refuses a mesh it cannot rebuild); a single-device target of the training state's shapes
   # restores from any topology, and into the optimizer's own types (so optax can step it).
   abstract, designer = _abstract_state(config, model)
+  ckpt_dir = run_dir.checkpoint_dir(workdir)
+  manager = ocp.CheckpointManager(ckpt_dir, item_names=("state",), options=ocp.CheckpointManagerOptions(create=False))
   try:
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
   except Exception as e:  # noqa: BLE001 — name the run and the likely cause.
-    raise ValueError(f"{ckpt_dir}/{step}: the checkpoint does not match the state built from {config_path} "
-                     f"({type(e).__name__}: {str(e)[:300]})") from e
+    raise ValueError(f"{ckpt_dir}/{step}: the checkpoint does not match the state built from "
+                     f"{run_dir.config_path(workdir)} ({type(e).__name__}: {str(e)[:300]})") from e
   finally:
     manager.close()
   return Run(config=config, tokenizer=tokenizer, model=model, params=state.params, opt_state=state.opt_state,

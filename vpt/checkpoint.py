@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from typing import Any
 
@@ -33,7 +32,7 @@ from etils import epath
 from flax import traverse_util
 from absl import logging
 
-from vpt import paths
+from vpt import paths, run_dir as run_dir_lib, sharding as sharding_lib
 
 ON_MISMATCH = ("error", "restart")
 
@@ -274,14 +273,9 @@ def load_learner_params(run_dir: str, abstract_params: Any, step: int | None = N
   initialisation (overlay the result on the initialised params). Any other difference in the tree
   or a shape is an error naming the leaf.
 
-  `run_dir` may also be a Hugging Face directory (config.json + safetensors): its weights are
-  imported slice by slice into the same shardings (vpt.interop.hf), as step 0, likewise without
-  the LoRA adapter leaves."""
-  from vpt.interop import hf  # pylint: disable=g-import-not-at-top (hf imports this module)
-  if hf.is_hf_dir(run_dir):
-    return hf.load_params(run_dir, abstract_params), 0
+  A vpt run directory only: a Hugging Face directory is imported by vpt.learner_source, which picks."""
   what = "config.init_from="
-  path, step = checkpoint_state_path(run_dir, step, what=what)
+  path, step = run_dir_lib.state_path(run_dir, step, what=what)
   stored = stored_params_metadata(path, what=f"{what}{run_dir!r}")
   flat = traverse_util.flatten_dict(abstract_params)
   missing = [k for k in flat if k not in stored]
@@ -304,19 +298,6 @@ def load_learner_params(run_dir: str, abstract_params: Any, step: int | None = N
 
 
 LORA_LEAVES = ("lora_a", "lora_b")  # vpt.models.lora's adapter leaves.
-
-
-def checkpoint_state_path(run_dir: str, step: int | None = None, *, what: str = "") -> tuple[str, int]:
-  """(`RUN/checkpoints/<step>/state`, step) of a run's newest checkpoint, or of `step`."""
-  directory = paths.path(run_dir) / "checkpoints"  # absolute: orbax refuses relative paths
-  steps = sorted(int(d.name) for d in (directory.iterdir() if directory.is_dir() else []) if d.name.isdigit())
-  if not steps:
-    raise FileNotFoundError(f"{what}{run_dir!r}: no checkpoint under {directory}")
-  if step is None:
-    step = steps[-1]
-  elif int(step) not in steps:
-    raise FileNotFoundError(f"{what}{run_dir!r}: no checkpoint for step {step} in {directory} (have {steps})")
-  return os.fspath(directory / str(int(step)) / "state"), int(step)
 
 
 class _NoStepMetadataWarning(logging.logging.Filter):
@@ -350,7 +331,7 @@ def restore_state_fields(run_dir: str, abstract: dict, step: int | None = None, 
   """The top-level fields of another run's checkpointed state that `abstract` names (partial restore;
   its newest checkpoint, or `step`), read straight into the shardings of `abstract` (ShapeDtypeStructs).
   Only those fields are read: the rest of the state (optimizer, designer) stays on disk."""
-  path, step = checkpoint_state_path(run_dir, step, what=what)
+  path, step = run_dir_lib.state_path(run_dir, step, what=what)
   restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
                                                              dtype=a.dtype), abstract)
   with _item_checkpointer() as checkpointer:
@@ -363,9 +344,7 @@ def restore_learner_params(run_dir: str, step: int | None = None, *, mesh: jax.s
                            what: str = "") -> tuple[Any, int]:
   """(params, step) of a run's checkpoint, whatever its tree (LoRA leaves included), reading nothing
   else: sharded over `mesh` by vpt.sharding's rules, or on this process's first device."""
-  from vpt import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-
-  path, step = checkpoint_state_path(run_dir, step, what=what)
+  path, step = run_dir_lib.state_path(run_dir, step, what=what)
   stored = stored_params_metadata(path, what=what)
   abstract = traverse_util.unflatten_dict({k: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype) for k, m in stored.items()})
   if mesh is not None:

@@ -6,7 +6,6 @@ import copy
 import json
 import math
 import os
-import re
 from typing import Any
 
 import jax
@@ -16,7 +15,7 @@ import optax
 from absl import logging
 
 from vpt import checkpoint as ckpt_lib
-from vpt import config_lib, metrics as metrics_lib, paths, sharding, vpt_step
+from vpt import config_lib, learner_source, metrics as metrics_lib, paths, run_dir as run_dir_lib, sharding, vpt_step
 from vpt.core import loop as loop_lib, meta as meta_lib
 from vpt.data.feedback import feedback_set_records, make_feedback_iterator
 from vpt.data.pipeline import make_lm_iterator
@@ -24,6 +23,7 @@ from vpt.data import tokenizer as tokenizer_lib
 from vpt.data.sources import has_eval_split
 from vpt.data.tokenizer import load_or_train_tokenizer
 from vpt.evals.downstream import make_downstream_eval
+from vpt.interop import hf as hf_interop
 from vpt.models.designer import DesignerConfig, TaskDesigner
 from vpt.models import lora as lora_lib
 from vpt.models.lm import LMConfig, Transformer, count_nonembedding_params, count_params
@@ -111,57 +111,11 @@ class _FeedbackFeed:
     return self.current
 
 
-def _config_files(workdir: str) -> list[str]:
-  """The run's config history, oldest first: config.json, then config.1.json, config.2.json, …"""
-  root = paths.path(workdir)
-  names = [p.name for p in root.iterdir()] if root.is_dir() else []
-  numbered = sorted(int(m.group(1)) for m in (re.fullmatch(r"config\.(\d+)\.json", n) for n in names) if m)
-  return (["config.json"] if "config.json" in names else []) + [f"config.{n}.json" for n in numbered]
-
-
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-  """{'a.b': leaf} of nested dicts (an empty dict is a leaf)."""
-  if not isinstance(tree, dict) or not tree:
-    return {prefix: tree}
-  out = {}
-  for key, sub in tree.items():
-    out.update(_flat(sub, f"{prefix}.{key}" if prefix else key))
-  return out
-
-
-def config_changes(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, list[str]]:
-  """(the run's newest config file, ['key: old → new', …] for every field `config` changes in it)."""
-  files = _config_files(workdir)
-  if not files:
-    return "", []
-  saved = _flat(json.loads((paths.path(workdir) / files[-1]).read_text()))
-  new = _flat(json.loads(config.to_json_best_effort()))
-  unset = "(unset)"
-  return files[-1], [f"{k}: {saved.get(k, unset)!r} → {new.get(k, unset)!r}" for k in sorted(set(saved) | set(new))
-                     if saved.get(k, unset) != new.get(k, unset)]
-
-
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Records the config of a run that starts (call it once nothing more can fail on bad input).
-
-  The first start writes config.json, the run's original config, which evals, analysis and export
-  read. A later start with a different config (a longer schedule, a restart) adds config.<n>.json
-  (n = 1, 2, …): the history is kept, the original never overwritten. An unchanged config adds nothing.
-  """
-  files = _config_files(workdir)
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if files and json.loads((paths.path(workdir) / files[-1]).read_text()) == json.loads(text):
-    return
-  numbered = [int(f.split(".")[1]) for f in files if f != "config.json"]
-  name = f"config.{max(numbered, default=0) + 1}.json" if "config.json" in files else "config.json"
-  paths.write_atomic(paths.path(workdir) / name, text)
-
-
 def restore_run(checkpointer: ckpt_lib.Checkpointer, abstract_state: Any, iterators: dict[str, Any],
                 config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, int] | tuple[None, None]:
   """checkpointer.restore_latest under config.checkpoint.on_mismatch; a mismatch error names the config
   keys changed since the run's newest config file."""
-  source, changes = config_changes(config, workdir)
+  source, changes = run_dir_lib.config_changes(config, workdir)
   note = ""
   if changes:
     shown = "\n  ".join(changes[:20]) + (f"\n  … and {len(changes) - 20} more" if len(changes) > 20 else "")
@@ -268,8 +222,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   data_cfg = config.data
   hf_dir = None
   if config.init_from:
-    from vpt.interop import hf as hf_interop  # pylint: disable=g-import-not-at-top
-    own_hf = os.path.join(workdir, hf_interop.HF_SUBDIR)  # copied at the first start: init_from may be gone.
+    own_hf = os.path.join(workdir, run_dir_lib.HF_SUBDIR)  # copied at the first start: init_from may be gone.
     hf_dir = own_hf if hf_interop.is_hf_dir(own_hf) else hf_interop.hf_files_dir(config.init_from)
     if hf_dir:  # its config.json sets the learner's shape; its files make this run self-contained.
       config = hf_interop.config_with_hf_model(config, hf_dir)
@@ -281,8 +234,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
     source, what = data_cfg.tokenizer_path, "data.tokenizer_path"
   elif config.init_from:  # continue with the base run's tokenizer.
     init = config.init_from
-    source = (init if hf_interop.is_hf_dir(init) else tokenizer_lib.run_dir_tokenizer(init)) or os.path.join(
-        init, "tokenizer", "spm.model")
+    source = (init if learner_source.is_hf(init) else run_dir_lib.tokenizer_file(init)) or os.path.join(
+        init, run_dir_lib.TOKENIZER_SUBDIR, run_dir_lib.SPM_NAME)
     what = f"the tokenizer of config.init_from={init!r}"
   else:
     source = what = None
@@ -318,14 +271,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   abstract_state = jax.eval_shape(init_fn)
   shardings = sharding.state_shardings(abstract_state, mesh, optimizer)
 
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+  checkpointer = ckpt_lib.Checkpointer(run_dir_lib.checkpoint_dir(workdir), keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save, iterator_names=tuple(iterators))
   state, restored_step = restore_run(checkpointer, ckpt_lib.abstract_like(abstract_state, shardings), iterators,
                                      config, workdir)
   if state is None:
     state = jax.jit(init_fn, out_shardings=shardings)()
     if config.init_from:
-      params, base_step = ckpt_lib.load_learner_params(
+      params, base_step = learner_source.load_params(  # a vpt run's checkpoint, or an HF directory's weights
           config.init_from, ckpt_lib.abstract_like(abstract_state.params, shardings.params))
       state = state.replace(params=ckpt_lib.overlay_params(state.params, params))
       print(f"Initialised the learner from {config.init_from} (step {base_step})", flush=True)
@@ -353,7 +306,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
                       out_shardings=sharding.replicated(mesh))
 
   if is_main:  # nothing more fails on bad input: the run starts. config.json, or config.<n>.json if changed.
-    write_config(config, workdir)
+    run_dir_lib.write_config(config, workdir)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   start_step = int(jax.device_get(state.step))
   if is_main and start_step == 0:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 from typing import Any
 
 import jax
@@ -34,14 +33,14 @@ import numpy as np
 from absl import app, flags, logging
 
 from vpt import checkpoint as ckpt_lib
-from vpt import config_lib, metrics as metrics_lib, paths, sharding, vision_config, vision_step
+from vpt import config_lib, metrics as metrics_lib, paths, run_dir as run_dir_lib, sharding, vision_config, vision_step
 from vpt.data import images as images_lib
 from vpt.evals import vision as vision_evals
 from vpt.models.vit import ViT, ViTConfig, count_params
 from vpt.vision_step import VisionSetup
 from vpt import train as lm_train
 from vpt.core import loop as loop_lib
-from vpt.train import restore_run, write_config
+from vpt.train import restore_run
 
 
 EVAL_SPLITS = ("val", "test")
@@ -167,7 +166,7 @@ def _peek(iterator) -> dict:
 
 
 def _is_vpt_run(path: str) -> bool:
-  return (paths.path(path) / "checkpoints").is_dir()
+  return paths.path(run_dir_lib.checkpoint_dir(path)).is_dir()
 
 
 def config_with_init_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -201,6 +200,8 @@ def _restore_subtree(run_dir: str, abstract: dict, step: int | None = None) -> t
   """The named top-level fields of another vision run's checkpointed state, in `abstract`'s shardings."""
   try:
     return ckpt_lib.restore_state_fields(run_dir, abstract, step)
+  except run_dir_lib.NoCheckpointError:
+    raise  # no such checkpoint (its message names the steps there are): not a model mismatch
   except (ValueError, KeyError) as e:
     raise ValueError(f"{run_dir!r} (step {step if step is not None else 'latest'}) does not match this run's "
                      f"model (config.model / config.dino): {type(e).__name__}: {str(e)[:300]}") from e
@@ -376,7 +377,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   abstract_state = jax.eval_shape(init_fn, *init_args)
   shardings = vision_step.vision_state_shardings(config, abstract_state, mesh)
 
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+  checkpointer = ckpt_lib.Checkpointer(run_dir_lib.checkpoint_dir(workdir), keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save, iterator_names=tuple(iterators))
   state, restored_step = restore_run(checkpointer, ckpt_lib.abstract_like(abstract_state, shardings), iterators,
                                      config, workdir)
@@ -394,7 +395,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   meta_feed = _MetaFeed(iterators, config, mesh, first_labeled) if uses_designer else None
 
   if is_main:  # nothing more fails on bad input: the run starts. config.json, or config.<n>.json if changed.
-    write_config(config, workdir)
+    run_dir_lib.write_config(config, workdir)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   start_step = int(jax.device_get(state.step))
   n_params = count_params(abstract_state.student["backbone"])
@@ -463,19 +464,17 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a run wrote to workdir/config.json."""
-  path = paths.path(workdir) / "config.json"
-  if not path.is_file():
-    raise FileNotFoundError(f"{path} not found: --workdir must be a vision run directory")
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
-  if config.get("task") != "vision":
-    raise ValueError(f"{path}: task={config.get('task')!r}, not a vision run")
+  """The resolved config a vision run wrote to workdir/config.json; fields added to the schema since
+  the run keep their defaults (vpt.run_dir.fill_defaults)."""
+  config = run_dir_lib.read_config(workdir)
+  if config.get("task") != "vision":  # checked before the defaults fill in task='vision'
+    raise ValueError(f"{run_dir_lib.config_path(workdir)}: task={config.get('task')!r}, not a vision run "
+                     "(--workdir must be a vision run directory)")
   fb = config.get("feedback")
   if fb is not None and "head_steps_per_learner_step" in fb:
     # Written before the heads moved into the meta step: the field is gone (evaluation never reads it).
     del fb["head_steps_per_learner_step"]
-    fb.head_steps = vision_config.feedback_config().head_steps
-  return config
+  return run_dir_lib.fill_defaults(config, vision_config.vision_base_config())
 
 
 def evaluate_checkpoint(workdir: str, split: str = "test", step: int | None = None,

@@ -44,12 +44,12 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from vpt import base_model, config_lib, train  # noqa: E402
+from vpt import base_model, checkpoint as ckpt_lib, config_lib, run_dir, train  # noqa: E402
 from vpt import vpt_step  # noqa: E402
 from vpt.data import synthetic_math  # noqa: E402
 from vpt.data.feedback import make_feedback_iterator  # noqa: E402
 from vpt.data.pipeline import make_lm_iterator  # noqa: E402
-from vpt.evals import gsm8k, math_skills  # noqa: E402
+from vpt.evals import math_skills  # noqa: E402
 from vpt.models.lm import LMConfig, Transformer  # noqa: E402
 
 ARMS = {
@@ -150,8 +150,8 @@ def test_records(n):
 def evaluate_run(config, workdir, summary, records, args, tokenizer):
   model = Transformer(LMConfig.from_config(config.model, tokenizer.vocab_size))
   curve = []
-  for step in sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()):
-    params, _ = gsm8k.restore_params(workdir, step)
+  for step in run_dir.checkpoint_steps(workdir):
+    params, _ = ckpt_lib.restore_learner_params(workdir, step)
     n = len(records) if step == config.num_steps else args.curve_items
     evaluate = math_skills.make_generation_evaluator(model, tokenizer, records[:n], max_new_tokens=args.max_new_tokens)
     scores = evaluate(params, out_path=os.path.join(workdir, f"test_predictions_{step}.json"))

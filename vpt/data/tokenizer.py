@@ -20,12 +20,13 @@ from collections.abc import Sequence
 import sentencepiece as spm
 from etils import epath
 
-from vpt import paths
+from vpt import paths, run_dir as run_dir_lib
 from vpt.data import sources as sources_lib
 
-CACHE_SUBDIR = "tokenizer"
-CACHE_NAME = "spm.model"
-HF_TOKENIZER_NAME = "tokenizer.json"
+# Where a run keeps its tokenizer (vpt.run_dir's layout): WORKDIR/tokenizer/{spm.model,tokenizer.json}.
+CACHE_SUBDIR = run_dir_lib.TOKENIZER_SUBDIR
+CACHE_NAME = run_dir_lib.SPM_NAME
+HF_TOKENIZER_NAME = run_dir_lib.HF_TOKENIZER_NAME
 
 
 class Tokenizer(abc.ABC):
@@ -226,22 +227,10 @@ HF_TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "
                            "config.json")
 
 
-def run_dir_tokenizer(run_dir: str) -> str | None:
-  """The tokenizer file a vpt run directory holds, or None: the copy made at its first start (or
-  the sentencepiece model it trained), WORKDIR/tokenizer/{tokenizer.json,spm.model}; else the
-  Hugging Face files an import copied into WORKDIR/hf."""
-  root = paths.path(run_dir)
-  for file in (root / CACHE_SUBDIR / HF_TOKENIZER_NAME, root / CACHE_SUBDIR / CACHE_NAME,
-               root / "hf" / HF_TOKENIZER_NAME):  # hf/: vpt.interop.hf.HF_SUBDIR
-    if file.is_file():
-      return os.fspath(file)
-  return None
-
-
 def run_tokenizer(workdir: str, data_cfg) -> Tokenizer:
-  """The tokenizer a vpt run trained with: its own copy in the run directory (`run_dir_tokenizer`),
+  """The tokenizer a vpt run trained with: its own copy in the run directory (`run_dir.tokenizer_file`),
   else data.tokenizer_path (runs from before the run directory kept a copy)."""
-  own = run_dir_tokenizer(workdir)
+  own = run_dir_lib.tokenizer_file(workdir)
   if own:
     return load_tokenizer(own)
   if data_cfg.get("tokenizer_path"):
@@ -265,7 +254,7 @@ def adopt_tokenizer(source: str | None, workdir: str, *, what: str) -> str | Non
   src = _hf_tokenizer_file(source) if hf else paths.path(source)
   dst_dir = paths.path(workdir) / CACHE_SUBDIR
   dst = dst_dir / (HF_TOKENIZER_NAME if hf else CACHE_NAME)
-  own = run_dir_tokenizer(workdir)
+  own = run_dir_lib.tokenizer_file(workdir)
   own = paths.path(own) if own and paths.path(own).parent == dst_dir else None
   if not src.is_file():
     if own is not None:

@@ -36,7 +36,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vpt import generate as generate_lib
+from vpt import config_lib, generate as generate_lib, learner_source, run_dir, sharding
 from vpt.data.synthetic_math import ANSWER_SEP, format_prompt
 
 # A number as written in text: optional sign and '$', thousands separators, decimals. The
@@ -235,60 +235,12 @@ def make_gsm8k_evaluator(model, tokenizer, records: Sequence[dict], *, prefix: s
 
 
 # ----------------------------------------------------------------------------------------------
-# Restoring a run directory.
-
-
-def latest_step(workdir: str) -> int | None:
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    return None
-  steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
-  return max(steps) if steps else None
-
-
-def restore_params(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None):
-  """(learner params, step) from `WORKDIR/checkpoints/<step>/state` (newest unless `step`).
-
-  Only the state's `params` are read (their tree from the checkpoint's metadata, so neither the
-  optimizer nor LoRA need be known): sharded over `mesh` by vpt.sharding's rules, or onto this
-  process's first device.
-  """
-  from vpt import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-
-  return ckpt_lib.restore_learner_params(workdir, step, mesh=mesh, what="--workdir=")
-
-
-def load_run(workdir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None):
-  """(model, params, tokenizer, step) of a vpt run directory, or of a Hugging Face model directory
-  (its weights and tokenizer.json; step 0). Params are sharded over `mesh` (else on one device)."""
-  from vpt import config_lib  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from vpt.data.tokenizer import HFTokenizer, run_tokenizer
-  from vpt.interop import hf
-  from vpt.models.lm import LMConfig, Transformer
-
-  if hf.is_hf_dir(workdir):
-    if step not in (None, 0):
-      raise ValueError(f"--step={step}: {workdir} is a Hugging Face directory (one set of weights, step 0)")
-    tokenizer = HFTokenizer(workdir)
-    hf.check_tokenizer(tokenizer, workdir)
-    params, cfg = hf.import_params(workdir, mesh=mesh)
-    return Transformer(cfg), params, tokenizer, 0
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  default = config_lib.model_config()
-  default.update(config.model.to_dict())  # fields added since the run keep their defaults.
-  tokenizer = run_tokenizer(workdir, config.data)
-  model = Transformer(LMConfig.from_config(default, tokenizer.vocab_size))
-  params, step = restore_params(workdir, step, mesh=mesh)
-  return model, params, tokenizer, step
+# The evaluation mesh (the model itself: vpt.learner_source.load_learner).
 
 
 def parse_mesh(text: str, base=None):
   """A mesh config from 'data=1,fsdp=-1,tensor=1[,num_devices=N]' (unnamed axes keep `base`'s
   values, else config_lib's defaults)."""
-  from vpt import config_lib  # pylint: disable=g-import-not-at-top
-
   mesh_cfg = config_lib.base_config().mesh
   if base is not None:
     mesh_cfg.update({k: int(v) for k, v in dict(base).items() if k in mesh_cfg})
@@ -305,14 +257,10 @@ def parse_mesh(text: str, base=None):
 def eval_mesh(workdir: str, override: str = "") -> jax.sharding.Mesh:
   """The mesh to evaluate `workdir` on: its config.mesh (an HF directory: fsdp over all devices),
   with the axes `override` ('data=2,fsdp=4') names replaced."""
-  from vpt import sharding  # pylint: disable=g-import-not-at-top
-  from vpt.interop import hf  # pylint: disable=g-import-not-at-top
-
   base = {"data": 1, "fsdp": -1, "tensor": 1, "num_devices": 0}
-  config_path = os.path.join(workdir, "config.json")
-  if not hf.is_hf_dir(workdir) and os.path.isfile(config_path):
-    with open(config_path) as f:
-      base = json.load(f).get("mesh") or base
+  if not learner_source.is_hf(workdir) and run_dir.config_path(workdir).is_file():
+    saved = run_dir.read_config(workdir).get("mesh")
+    base = saved.to_dict() if saved else base
   return sharding.make_mesh(parse_mesh(override, base))
 
 
@@ -362,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     mesh = eval_mesh(args.workdir, args.mesh)
   except ValueError as e:
     ap.error(f"{e} (the evaluation mesh: the run's config.mesh unless --mesh, e.g. --mesh data=1,fsdp=-1,tensor=1)")
-  model, params, tokenizer, step = load_run(args.workdir, args.step, mesh=mesh)
+  model, params, tokenizer, step = learner_source.load_learner(args.workdir, args.step, mesh=mesh)
   print(f"GSM8K: {len(records)} problems from {args.data}, {args.shots}-shot, {args.samples} "
         f"sample(s) at temperature {temperature}; {args.workdir} step {step}; mesh {dict(mesh.shape)}", flush=True)
   scores = evaluate(model, params, tokenizer, records, shots=args.shots, train_records=train_records,

@@ -19,8 +19,8 @@ on a host with far less RAM than the model (a bf16 checkpoint is cast per slice,
 Export gathers one shard file's tensors at a time (peak ≈ `max_shard_size`).
 
 A run directory made by `import` holds `config.json` (the vpt config, HF shapes in `model`),
-`checkpoints/0/state` (an orbax PyTree with a `params` item: what `config.init_from` and
-`vpt.checkpoint.load_learner_params` read) and `hf/` (the HF directory without its weights:
+`checkpoints/0/state` (an orbax PyTree with a `params` item: what `config.init_from` reads, through
+vpt.learner_source and vpt.checkpoint.load_learner_params) and `hf/` (the HF directory without its weights:
 config, tokenizer and generation files; the tokenizer of runs started from it and the template
 of `export`). A run started from an HF directory copies the same files into its own `hf/`.
 Such a directory is an init source: train in a new workdir with `init_from=RUN`.
@@ -48,13 +48,14 @@ from flax import traverse_util
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from vpt import paths
+from vpt import checkpoint as ckpt_lib, config_lib, paths, run_dir as run_dir_lib, sharding as sharding_lib
+from vpt.data.tokenizer import HFTokenizer
 from vpt.models.lm import LMConfig, Transformer
 
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-HF_SUBDIR = "hf"
+HF_SUBDIR = run_dir_lib.HF_SUBDIR  # WORKDIR/hf: the HF files of a run imported or started from HF
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 # Non-persistent RoPE buffers that old exports wrote into the weights; nothing to import.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -226,8 +227,6 @@ def config_with_hf_model(config: ml_collections.ConfigDict, hf_dir: str) -> ml_c
   A field still at a preset's value (config_lib.model_config) is replaced; one the user set to
   something else that disagrees with the checkpoint is an error naming it.
   """
-  from vpt import config_lib  # pylint: disable=g-import-not-at-top
-
   hf, source = read_config(hf_dir)
   lm = lm_config_from_hf(hf, source)
   presets = []
@@ -337,7 +336,6 @@ def check_tokenizer(tokenizer, hf_dir: str) -> None:
                      f"pad_token_id={hf.get('pad_token_id')!r}: the tokenizer is not this model's")
   own = os.path.join(hf_dir, "tokenizer.json")
   if os.path.isfile(own) and not (os.path.isfile(name) and os.path.samefile(own, name)):
-    from vpt.data.tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
     reference = HFTokenizer(hf_dir)
     for text in ROUND_TRIP_TEXTS:
       a, b = list(tokenizer.encode(text)), list(reference.encode(text))
@@ -506,8 +504,6 @@ def load_params(hf_dir: str, abstract: Any, *, cfg: LMConfig | None = None) -> A
 
 def import_params(hf_dir: str, *, mesh: jax.sharding.Mesh | None = None, dtype: str = "float32") -> tuple[Any, LMConfig]:
   """(params, LMConfig) of an HF directory; with `mesh`, sharded by vpt.sharding's rules."""
-  from vpt import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-
   hf, source = read_config(hf_dir)
   cfg = lm_config_from_hf(hf, source)
   abstract = abstract_params(cfg)
@@ -612,10 +608,9 @@ def export_hf(params: Any, lm_config: LMConfig, out_dir: str, *, merge_fn: Calla
 def import_to_run(hf_dir: str, out: str, *, mesh: jax.sharding.Mesh | None = None) -> str:
   """HF directory -> a vpt run directory (config.json, checkpoints/0/state, hf/) that
   `config.init_from` accepts. Parameters are sharded fsdp over all devices unless `mesh` is given."""
-  from vpt import checkpoint as ckpt_lib, config_lib, sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-
-  if os.path.exists(os.path.join(out, "checkpoints")):
-    raise FileExistsError(f"{out}/checkpoints already exists: choose a new --out directory")
+  checkpoints = run_dir_lib.checkpoint_dir(out)
+  if paths.path(checkpoints).exists():
+    raise FileExistsError(f"{checkpoints} already exists: choose a new --out directory")
   if mesh is None:
     mesh = sharding_lib.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "num_devices": 0}))
   params, _ = import_params(hf_dir, mesh=mesh)
@@ -625,19 +620,11 @@ def import_to_run(hf_dir: str, out: str, *, mesh: jax.sharding.Mesh | None = Non
   if jax.process_index() == 0:
     os.makedirs(out, exist_ok=True)
     copy_hf_files(hf_dir, os.path.join(out, HF_SUBDIR))
-    with open(os.path.join(out, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(out, "checkpoints"), keep=1, async_save=False, iterator_names=())
+    run_dir_lib.write_config(config, out)
+  checkpointer = ckpt_lib.Checkpointer(checkpoints, keep=1, async_save=False, iterator_names=())
   checkpointer.save(0, {"params": params}, {}, force=True)
   checkpointer.close()
   return out
-
-
-def _restore_params(run_dir: str, step: int | None) -> tuple[Any, int]:
-  """The params item of a run's checkpoint, whatever its tree (LoRA leaves included), on one device."""
-  from vpt import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-
-  return ckpt_lib.restore_learner_params(run_dir, step, what="--checkpoint=")
 
 
 def _lora_merge_fn(model_cfg, run_dir: str) -> Callable[[Any], Any]:
@@ -664,17 +651,11 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None, max_shard
   """A vpt run directory's learner (newest checkpoint, or `step`) -> an HF directory, with the
   tokenizer and generation files of its `hf/` (if it was started from an HF checkpoint).
   `dtype` defaults to the source checkpoint's (`source_dtype` of `hf/config.json`)."""
-  from vpt import config_lib  # pylint: disable=g-import-not-at-top
-
-  config_path = os.path.join(run_dir, "config.json")
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"{config_path}: no such file (expected a vpt run directory)")
-  with open(config_path) as f:
-    run_config = ml_collections.ConfigDict(json.load(f))
-  model_cfg = config_lib.model_config()
-  model_cfg.update(run_config.model.to_dict())  # fields added since the run keep their defaults.
-  params, _ = _restore_params(run_dir, step)
-  merge_fn = _lora_merge_fn(model_cfg, run_dir) if model_cfg.get("lora_rank", 0) > 0 else None
+  # Fields added to the schema since the run keep their defaults (LoRA off for a run from before LoRA).
+  model_cfg = run_dir_lib.read_config(run_dir, config_lib.base_config()).model
+  # The params item, whatever its tree (LoRA leaves included), on one device.
+  params, _ = ckpt_lib.restore_learner_params(run_dir, step, what="--checkpoint=")
+  merge_fn = _lora_merge_fn(model_cfg, run_dir) if model_cfg.lora_rank > 0 else None
   vocab = model_cfg.vocab_size or int(params["embed_tokens"]["embedding"].shape[0])
   lm_cfg = LMConfig.from_config(model_cfg, vocab)
   hf_dir = os.path.join(run_dir, HF_SUBDIR)
