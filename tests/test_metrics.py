@@ -180,6 +180,27 @@ def test_flops_per_token_hand_count():
   assert metrics.lm_flops_per_token(**kw, causal=False) == 3 * full_fwd_per_token
 
 
+def test_vit_and_dino_flops_hand_count():
+  # A ViT of 2 blocks, d 8, MLP 16, patch 4 on RGB; a 16×16 crop: 16 patches + cls + 1 register = 18 tokens.
+  d, layers, ff, patch, tokens, patches = 8, 2, 16, 4, 18, 16
+  block_matrices = [(d, d)] * 4 + [(d, ff), (ff, d)]  # q k v o, fc1 fc2
+  n_blocks = layers * sum(i * o for i, o in block_matrices)
+  head = [(d, 12), (12, 6)]
+  weights = tokens * layers * sum(2 * i * o for i, o in block_matrices)
+  embed = patches * 2 * (patch * patch * 3) * d
+  attention = layers * 2 * (2 * tokens * tokens * d)  # scores and values: (T, d)@(d, T), (T, T)@(T, d)
+  head_flops = sum(2 * i * o for i, o in head)  # the class token only
+  kw = dict(n_params_blocks=n_blocks, n_layers=layers, d_model=d, patch_params=patch * patch * 3 * d,
+            head_params=sum(i * o for i, o in head))
+  forward = metrics.vit_forward_flops(n_tokens=tokens, n_patches=patches, **kw)
+  assert forward == weights + embed + attention + head_flops == 70_224
+  # DINO: 2 global 16×16 crops and 3 local 8×8 ones (4 patches + 2 tokens); the student trains on all 5
+  # (3 forwards each), the teacher runs forward on the 2 global ones.
+  local = metrics.vit_forward_flops(n_tokens=6, n_patches=4, **kw)
+  image = metrics.dino_flops_per_image(crops=[(18, 16)] * 2 + [(6, 4)] * 3, n_teacher_crops=2, **kw)
+  assert image == 3 * (2 * forward + 3 * local) + 2 * forward
+
+
 # ---------------------------------------------------------------------------- peaks
 
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from vpt import config_lib, metrics, train_vision, vision_config
+from vpt import config_lib, metrics, train_vision, vision_config, vision_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT = os.path.join(REPO, "experiments", "vision_dino.py")
@@ -54,6 +54,12 @@ def test_nano_runs_end_to_end_with_evals_and_checkpoints(tmp_path):
   for k, v in ev.items():
     np.testing.assert_allclose(again[k], v, rtol=1e-5, err_msg=k)
   assert os.path.isfile(tmp_path / "eval_val.json")
+  # Throughput as the language loop reports it: images/s, and MFU from the DINO FLOPs model.
+  tp, setup = summary["throughput"], vision_step.VisionSetup.from_config(nano_config())
+  image_flops = train_vision.flops_per_image(setup, jax.device_get(summary["state"].student))
+  assert image_flops > 0 and tp["images_per_sec"] > 0
+  np.testing.assert_allclose(tp["mfu"], image_flops * tp["images_per_sec"] / (summary["peak_flops"] *
+                                                                            jax.device_count()), rtol=1e-9)
 
 
 def test_resume_equals_uninterrupted(tmp_path):

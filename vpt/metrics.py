@@ -312,6 +312,31 @@ def lm_flops_per_token(*, n_params_nonembed: int, n_layers: int, d_model: int, s
   return 3.0 * forward if training else forward
 
 
+def vit_forward_flops(*, n_params_blocks: int, n_layers: int, d_model: int, n_tokens: int, n_patches: int,
+                      patch_params: int, head_params: int = 0) -> float:
+  """Model FLOPs of one ViT forward on one crop of `n_tokens` tokens (cls + registers + `n_patches`).
+
+    2 * n_params_blocks * n_tokens     every weight matrix of the blocks, once per token
+    + 2 * patch_params * n_patches     the patch embedding (a matmul per patch)
+    + 4 * L * n_tokens² * d_model      attention: scores and the weighted sum (every token attends
+                                       to every token: not causal)
+    + 2 * head_params                  a head on the class token (DINO's MLP)
+  Norms, softmax, GELU and position-embedding interpolation are ignored (O(d) per token).
+  """
+  return (2.0 * n_params_blocks * n_tokens + 2.0 * patch_params * n_patches
+          + 4.0 * n_layers * n_tokens ** 2 * d_model + 2.0 * head_params)
+
+
+def dino_flops_per_image(*, crops: list[tuple[int, int]], n_teacher_crops: int, **vit) -> float:
+  """Model FLOPs of one DINO training image: the student trains on every crop (forward + backward =
+  3 forwards) and the EMA teacher runs forward on the first `n_teacher_crops` (the global crops).
+  `crops`: [(n_tokens, n_patches)] of each crop, global crops first; `vit`: vit_forward_flops's sizes.
+  The designer's views, the iBOT patch head, the EMA update and the meta step are not counted: MFU
+  counts the learner's model FLOPs, as the language side's does."""
+  forward = [vit_forward_flops(n_tokens=t, n_patches=p, **vit) for t, p in crops]
+  return 3.0 * sum(forward) + sum(forward[:n_teacher_crops])
+
+
 # --------------------------------------------------------------------------------------
 # Peak FLOP/s per device
 # --------------------------------------------------------------------------------------

@@ -351,7 +351,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
     summary["designer"] = math_skills.designer_on_stream(
         config, model, jax.device_get(state.params), jax.device_get(state.designer.params), tokenizer)
   if is_main:
-    _print_summary(summary)
+    loop_lib.print_summary(summary, summary_table({summary.get("name", "run"): summary}))
     paths.write_atomic(paths.path(workdir) / "summary.json", json.dumps(summary, indent=2, default=float))
   summary["state"] = state
   return summary
@@ -418,14 +418,6 @@ def verdict(vpt: dict[str, Any], ntp: dict[str, Any]) -> str:
             else "no difference beyond noise")
     lines.append(f"  {what}: {diff:+.3f} ± {se:.3f} → {call}")
   return "\n".join(lines)
-
-
-def _print_summary(summary: dict[str, Any]) -> None:
-  print(summary_table({summary.get("name", "run"): summary}), flush=True)
-  if summary.get("throughput"):
-    print(f"  MFU {100 * summary['throughput']['mfu']:.1f}% of {summary['peak_source']}", flush=True)
-  if summary["preempted"]:
-    print("  preempted: resume by re-running the same command", flush=True)
 
 
 def run_with_baseline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

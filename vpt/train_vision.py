@@ -313,11 +313,27 @@ def eval_backbone(state):
 # ----------------------------------------------------------------------------- the loop
 
 
-def _rates(steps: int, seconds: float, images_per_step: int) -> dict[str, float]:
-  nan = float("nan")
-  return {"steps_per_sec": steps / seconds if seconds > 0 else nan,
-          "step_time_s": seconds / steps if steps else nan,
-          "images_per_sec": steps * images_per_step / seconds if seconds > 0 else nan}
+def flops_per_image(setup: VisionSetup, student) -> float:
+  """The learner's model FLOPs per training image (metrics.dino_flops_per_image) from the student's
+  parameter tree (abstract or concrete) and the multi-crop sizes."""
+  backbone, cfg, crops = student["backbone"], setup.vit_cfg, setup.crops
+  size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  blocks = size({k: v for k, v in backbone.items() if k.startswith("layers_")})
+  crop = lambda side: (1 + cfg.n_registers + (side // cfg.patch_size) ** 2, (side // cfg.patch_size) ** 2)
+  sides = [crops.global_size] * crops.n_global + [crops.local_size] * crops.n_local
+  return metrics_lib.dino_flops_per_image(
+      crops=[crop(s) for s in sides], n_teacher_crops=crops.n_global, n_params_blocks=blocks,
+      n_layers=cfg.n_layers, d_model=cfg.d_model, patch_params=size(backbone["patch_embeddings"]),
+      head_params=size(student["head"]))
+
+
+def _rates(steps: int, seconds: float, images_per_step: int, flops_per_image: float, peak_flops: float) -> dict:
+  """Steps/s, images/s, and the learner's TFLOP/s per device and MFU (as the language loop logs them)."""
+  out = metrics_lib.throughput_stats(steps=steps, seconds=seconds, tokens=steps * images_per_step,
+                                     flops_per_token=flops_per_image, num_devices=jax.device_count(),
+                                     peak_flops_per_device=peak_flops)
+  out["images_per_sec"] = out.pop("tokens_per_sec")
+  return out
 
 
 def jit_step_programs(config: ml_collections.ConfigDict, shardings, mesh) -> dict[bool, Any]:
@@ -413,11 +429,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
     return loop_lib.StepCall(meta, programs[meta], (sharding.global_batch(batch_u, mesh), *feeds), meta)
 
   evaluate = lambda state, step: None if evaluator is None else evaluator(eval_backbone(state))
+  peak_flops, peak_source = metrics_lib.device_peak_flops(dtype=config.model.dtype)
+  image_flops = flops_per_image(setup, abstract_state.student)
+  rates = lambda steps, seconds: _rates(steps, seconds, config.batch_size, image_flops, peak_flops)
   loop_schedule = loop_lib.Schedule(config.num_steps, config.log_every_steps, config.eval.every_steps,
                                     config.checkpoint.every_steps, stop_after)
   result = loop_lib.run_loop(
       state, start_step, loop_schedule, next_step=next_step, evaluate=evaluate,
-      rates=lambda steps, seconds: _rates(steps, seconds, config.batch_size),
+      rates=rates,
       progress_fields=lambda host: {"loss": host.get("loss", float("nan")), "img/s": host.get("images_per_sec", 0.0)},
       checkpointer=checkpointer, iterators=iterators, writer=writer, show_progress=is_main and config.progress_bar)
   state, step, timer, last_train = result.state, result.step, result.timer, result.last_train
@@ -426,11 +445,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   summary: dict[str, Any] = {"preempted": result.preempted, "start_step": start_step, "mode": config.vpt.mode}
   if result.last_eval is not None:
     summary["eval"] = result.last_eval
-  summary.update(step=step, train=last_train, num_params=n_params)
+  summary.update(step=step, train=last_train, num_params=n_params, peak_flops=peak_flops, peak_source=peak_source)
   if timer.steps:
-    summary["throughput"] = _rates(timer.steps, timer.seconds, config.batch_size)
+    summary["throughput"] = rates(timer.steps, timer.seconds)
   if is_main:
-    _print_summary(summary)
+    loop_lib.print_summary(summary, summary_table({summary.get("mode", "run"): summary}))
     paths.write_atomic(paths.path(workdir) / "summary.json", json.dumps(summary, indent=2, default=float))
   summary["state"] = state
   return summary
@@ -452,12 +471,6 @@ SUMMARY_ROWS = (  # (label, section, key, format)
 def summary_table(summaries: dict[str, dict[str, Any]]) -> str:
   """A text table with one column per run."""
   return lm_train.summary_table(summaries, SUMMARY_ROWS)
-
-
-def _print_summary(summary: dict[str, Any]) -> None:
-  print(summary_table({summary.get("mode", "run"): summary}), flush=True)
-  if summary["preempted"]:
-    print("  stopped early: resume by re-running the same command", flush=True)
 
 
 # ----------------------------------------------------------------------------- standalone evaluation

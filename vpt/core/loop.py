@@ -209,3 +209,12 @@ def run_loop(state, start_step: int, schedule: Schedule, *, next_step: Callable[
   progress.close()
   return LoopResult(state=state, step=step, preempted=step < schedule.num_steps, last_train=last_train,
                     last_eval=last_eval, timer=timer)
+
+
+def print_summary(summary: dict, table: str) -> None:
+  """The end of a run on the screen: the task's table, the MFU and, if it stopped early, how to go on."""
+  print(table, flush=True)
+  if summary.get("throughput"):
+    print(f"  MFU {100 * summary['throughput']['mfu']:.1f}% of {summary['peak_source']}", flush=True)
+  if summary["preempted"]:
+    print("  stopped early: resume by re-running the same command", flush=True)
