@@ -257,13 +257,13 @@ def test_meta_value_of_the_full_objective_by_jvp_equals_double_backward(unet_run
 def test_every_term_off_is_todays_dino_step_bit_for_bit(unet_run):
   """ibot_weight = koleo_weight = 0 with centering='centering' (whatever the other iBOT knobs say) is the
   paper's DINO objective on the original code path: same state tree (no mask token, no iBOT centre, no
-  iBOT head) and bit-identical steps (a meta step, then a plain one) to the config without the fields."""
+  iBOT head) and bit-identical steps (a meta step, then a plain one) to the schema's defaults (all off)."""
   cfg, state, step, _ = unet_run
   off = tvs.vision_config("unet", **{"vpt.designer.learning_rate": 0.0, "dino.n_local_crops": 0,
                                      "vpt.designer.depth": 1})
   off.dino.update(dict(ibot_weight=0.0, koleo_weight=0.0, centering="centering", ibot_separate_head=True,
                        ibot_out_dim=48, ibot_mask_prob=1.0, ibot_mask_ratio=(0.2, 0.3)))
-  assert "ibot_weight" not in cfg.dino and vs.VisionSetup.from_config(off).plain_dino
+  assert cfg.dino.ibot_weight == cfg.dino.koleo_weight == 0 and vs.VisionSetup.from_config(off).plain_dino
   shapes = jax.eval_shape(lambda: vs.init_vision_state(off, jax.random.PRNGKey(0), tvs._batch(0)["image"]))
   assert jax.tree.structure(shapes) == jax.tree.structure(state)
   assert state.ibot_center is None and "mask_token" not in state.student["backbone"]

@@ -16,6 +16,7 @@ import pytest
 
 from vpt import sharding
 from vpt.core import alignment
+from vpt import vision_config as vision_config_lib
 from vpt import vision_step as vs
 from vpt.models.unet import total_variation
 from vpt.models.vit import ViTConfig
@@ -31,7 +32,8 @@ B, SIZE, NUM_CLASSES, NUM_STEPS = 8, 16, 5, 10
 
 
 def vision_config(mode="unet", **overrides) -> ml_collections.ConfigDict:
-  """The contract's config layout (docs: /work/briefs/vision_interface.md), tiny."""
+  """The contract's config layout (docs: /work/briefs/vision_interface.md), tiny; the fields it leaves out
+  read the schema's defaults (vision_config.with_defaults), as a run's config does."""
   c = ml_collections.ConfigDict()
   c.task, c.seed, c.num_steps, c.batch_size = "vision", 0, NUM_STEPS, B
   c.model = ml_collections.ConfigDict(dict(image_size=SIZE, patch_size=4, d_model=16, n_layers=2, n_heads=2))
@@ -39,7 +41,7 @@ def vision_config(mode="unet", **overrides) -> ml_collections.ConfigDict:
       head_hidden=16, head_bottleneck=8, out_dim=32, t_s=0.1, t_t=0.04, center_momentum=0.9, momentum_base=0.996,
       n_local_crops=1, global_size=SIZE, local_size=8, blur_sigma=(0.1, 1.0)))
   c.optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-3, warmup_steps=0, weight_decay=0.04, b1=0.9,
-                                               b2=0.999, grad_clip_norm=1.0))
+                                               b2=0.999, grad_clip_norm=1.0, end_lr_fraction=0.0))
   c.data = ml_collections.ConfigDict(dict(source="scenes"))
   c.feedback = ml_collections.ConfigDict(dict(alpha_seg=1.0, alpha_dep=2.0, batch_size=B, head_learning_rate=1e-2,
                                               head_steps=1, num_classes=NUM_CLASSES))
@@ -55,7 +57,7 @@ def vision_config(mode="unet", **overrides) -> ml_collections.ConfigDict:
     for p in path:
       node = node[p]
     node[last] = value
-  return c
+  return vision_config_lib.with_defaults(c)
 
 
 def _batch(seed, labeled=False, b=B):
@@ -484,16 +486,19 @@ def test_every_mode_reads_the_base_vision_config_and_bad_values_raise_clear_erro
     setup = vs.VisionSetup.from_config(config)
     assert (setup.unet_cfg is not None) == (mode in vs.UNET_MODES)
     assert (setup.cand_cfg is not None) == (mode == "candidates")
-  with pytest.raises(ValueError, match="config.vpt.mode='soft'"):
-    vs.VisionSetup.from_config(vision_config("soft"))
-  with pytest.raises(ValueError, match="align_last_n_layers=3"):
-    vs.VisionSetup.from_config(vision_config(**{"vpt.align_last_n_layers": 3}))
-  with pytest.raises(ValueError, match="config.vpt.align='l2'"):
-    vs.VisionSetup.from_config(vision_config(**{"vpt.align": "l2"}))
-  with pytest.raises(ValueError, match="candidates.num=4"):
-    vs.VisionSetup.from_config(vision_config("candidates", **{"vpt.candidates.num": 4}))
+  # Bad values are the validator's (once per run, train_vision.prepare_config); the setup trusts it.
+  for overrides, message in [(dict(mode="soft"), "config.vpt.mode='soft'"),
+                             ({"vpt.align_last_n_layers": 3}, "align_last_n_layers=3"),
+                             ({"vpt.align": "l2"}, "config.vpt.align='l2'"),
+                             (dict(mode="candidates", **{"vpt.candidates.num": 4}), "candidates.num=4")]:
+    with pytest.raises(ValueError, match=message):
+      vision_config_lib.validate_vision(vision_config(**overrides))
   with pytest.raises(ValueError, match="unknown kinds"):
     vs.VisionSetup.from_config(vision_config("candidates", **{"vpt.candidates.kinds": ("identity", "mixup")}))
+  with pytest.raises(ValueError, match="no field 'lambda_tv'.*with_defaults"):  # a partial config: named, not guessed
+    partial = vision_base_config()
+    del partial.vpt.designer["lambda_tv"]
+    vs.VisionSetup.from_config(partial)
   cfg, state, _, _ = unet_run
   with pytest.raises(ValueError, match="batch_labeled_meta is required"):
     vs.make_vision_train_step(cfg)(state, _batch(0), _batch(1), _batch(2, True), None)

@@ -273,8 +273,7 @@ def vision_dry_run(config: ml_collections.ConfigDict, *, hbm_gb: float = 0.0, de
   from vpt import train_vision, vision_config, vision_step  # noqa: PLC0415  (vision imports stay off the LM path)
   from vpt.models.vit import count_params as vit_count  # noqa: PLC0415
 
-  vision_config.validate_vision(config)
-  config = train_vision.resolve_config(train_vision.config_with_init_model(config))
+  config = train_vision.prepare_config(config)  # schema defaults, init model, num_classes; validated once
   devices, sl = resolve_target(devices, topology, topology_shape, num_slices, echo)
   _check_num_devices(config, devices)
 

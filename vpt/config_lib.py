@@ -232,14 +232,48 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+class ConfigError(ValueError):
+  """A config value the schema rejects (raised by the validators; vpt.main prints it as "Invalid config")."""
+
+
 def requirement(config: ml_collections.ConfigDict):
-  """need(cond, field, expected): raises ValueError naming the field, its value and what was expected."""
+  """need(cond, field, expected): raises ConfigError naming the field, its value and what was expected."""
 
   def need(cond, field, expected):
     if not cond:
-      raise ValueError(f"config.{field}={_get(config, field)!r}: expected {expected}")
+      raise ConfigError(f"config.{field}={_get(config, field)!r}: expected {expected}")
 
   return need
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def validate_optimizer(config: ml_collections.ConfigDict) -> None:
+  """The learner's optimizer block (base_config's `optimizer`; the vision schema keeps the same fields):
+  only known fields, each a number in its range. Shared by the LM and vision validators."""
+  need = requirement(config)
+  o = config.optimizer
+  known = sorted(base_config().optimizer.keys())
+  unknown = sorted(set(o.keys()) - set(known))
+  if unknown:
+    raise ConfigError(f"config.optimizer has unknown fields {unknown}: expected some of {known} (a misspelt "
+                      "name? the optimizer is AdamW with warmup + cosine decay, vpt/optim.py)")
+  missing = sorted(set(known) - set(o.keys()))
+  if missing:
+    raise ConfigError(f"config.optimizer lacks {missing}: start the config from the schema (base_config / "
+                      "vision_base_config) so every field has its default")
+  for key in known:
+    need(_is_number(o[key]), f"optimizer.{key}", "a number")
+  need(o.learning_rate >= 0, "optimizer.learning_rate", ">= 0")
+  need(o.warmup_steps >= 0, "optimizer.warmup_steps", ">= 0")
+  need(0 <= o.end_lr_fraction <= 1, "optimizer.end_lr_fraction", "in [0, 1] (a fraction of the peak learning rate)")
+  need(0 <= o.b1 < 1, "optimizer.b1", "in [0, 1)")
+  need(0 <= o.b2 < 1, "optimizer.b2", "in [0, 1)")
+  need(o.eps > 0, "optimizer.eps", "> 0")
+  need(o.weight_decay >= 0, "optimizer.weight_decay", ">= 0")
+  # grad_clip_norm: any number; <= 0 disables clipping.
 
 
 def validate_mesh_and_checkpoint(config: ml_collections.ConfigDict) -> None:
@@ -256,7 +290,7 @@ def validate_mesh_and_checkpoint(config: ml_collections.ConfigDict) -> None:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks values that types alone cannot; raises ValueError naming the field."""
+  """Checks values that types alone cannot; raises ConfigError (a ValueError) naming the field."""
   need = requirement(config)
 
   m = config.model
@@ -330,6 +364,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.grad_accum_steps >= 1, "grad_accum_steps", ">= 1")
   need(config.batch_size % config.grad_accum_steps == 0, "grad_accum_steps",
        f"a divisor of batch_size={config.batch_size}")
+  validate_optimizer(config)
   validate_mesh_and_checkpoint(config)
   v = config.vpt
   need(v.mode in ("ntp", "value", "random_feedback", "uniform_topk", "self_distill"), "vpt.mode",

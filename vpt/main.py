@@ -126,17 +126,19 @@ def main(argv):
 
 
 def _run_vision(config):
-  """The vision path: its own schema and validation (vpt/vision_config.py) and loop (vpt/train_vision.py)."""
-  from vpt import train_vision, vision_config  # imported late, as train: JAX start-up
+  """The vision path: its own schema (vpt/vision_config.py) and loop (vpt/train_vision.py). The loop's entry
+  (train_vision.prepare_config, also the dry run's) fills the schema's defaults and validates, once per
+  run; a rejected field stops the run here as "Invalid config", before anything is written."""
+  from vpt import train_vision  # imported late, as train: JAX start-up
   try:
-    vision_config.validate_vision(config)
-  except ValueError as e:
+    if _DRY_RUN.value:
+      return _dry_run(config)
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
+    preempted = train_vision.run(config, _WORKDIR.value)["preempted"]
+  except config_lib.ConfigError as e:
     sys.exit(f"Invalid config: {e}")
-  if _DRY_RUN.value:
-    return _dry_run(config)
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  if train_vision.run(config, _WORKDIR.value)["preempted"]:
+  if preempted:
     sys.exit(PREEMPTED_EXIT_CODE)
 
 
@@ -161,6 +163,8 @@ def _dry_run(config):
     aot.dry_run(config, hbm_gb=_DRY_RUN_HBM_GB.value, label=spec, topology=_DRY_RUN_TOPOLOGY.value,
                 topology_shape=_DRY_RUN_TOPOLOGY_SHAPE.value, num_slices=_DRY_RUN_SLICES.value,
                 estimate=_DRY_RUN_ESTIMATE.value)
+  except config_lib.ConfigError:
+    raise  # the vision dry run validates its config (an LM config is validated before): "Invalid config"
   except (ValueError, RuntimeError) as e:
     sys.exit(f"Dry run failed: {e}")
 

@@ -91,9 +91,7 @@ def labeled_source(data_cfg, split: str):
 
 
 def num_seg_classes(data_cfg) -> int | None:
-  from vpt.data import scenes  # noqa: PLC0415
-  name = data_cfg.labeled.source or data_cfg.source
-  return {"scenes": scenes.NUM_CLASSES, "ade20k": images_lib.ADE20K_NUM_CLASSES}.get(name)
+  return vision_config.labeled_seg_classes(data_cfg)
 
 
 def _images_only(batch: dict) -> dict:
@@ -183,6 +181,16 @@ def config_with_init_model(config: ml_collections.ConfigDict) -> ml_collections.
   config = copy.deepcopy(config)
   with config.unlocked():
     config.model = ml_collections.ConfigDict({**dataclasses.asdict(hf_cfg), "remat": config.model.remat})
+  return config
+
+
+def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config a run reads, built once where the run (or its dry run) starts: every schema field
+  (vision_config.with_defaults: the schema is the one source of defaults), config.model from a Hugging
+  Face init_from, feedback.num_classes from the labeled source — then validated, once. The step and its
+  setup (VisionSetup.from_config) trust the result and re-check nothing."""
+  config = resolve_config(config_with_init_model(vision_config.with_defaults(config)))
+  vision_config.validate_vision(config)
   return config
 
 
@@ -357,16 +365,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   time-sliced schedules; a later `run` resumes there. Returns a summary dict (final train/eval
   metrics, throughput, whether the run stopped early) with the final state under "state".
   """
-  vision_config.validate_vision(config)
+  # Everything that can fail on bad input (config, data, init_from, mesh) runs before a checkpoint
+  # directory is created, so a bad start leaves no partial checkpoint; the config is recorded after the restore.
+  config = prepare_config(config)  # the one validation of the run
   sharding.maybe_initialize_distributed(config.multihost)
   workdir = paths.norm(workdir)  # local paths absolute; gs:// and other URLs through etils.epath
   paths.makedirs(workdir)
   is_main = jax.process_index() == 0
-
-  # Everything that can fail on bad input (data, init_from, mesh) runs before a checkpoint directory
-  # is created, so a bad start leaves no partial checkpoint; the config is recorded after the restore.
-  config = resolve_config(config_with_init_model(config))
-  vision_config.validate_vision(config)
   setup = VisionSetup.from_config(config)
   mesh = sharding.make_mesh(config.mesh)
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -477,8 +482,8 @@ def summary_table(summaries: dict[str, dict[str, Any]]) -> str:
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a vision run wrote to workdir/config.json; fields added to the schema since
-  the run keep their defaults (vpt.run_dir.fill_defaults)."""
+  """The resolved config a vision run wrote to workdir/config.json, completed from the schema (fields added
+  since the run started read their defaults, vision_config.with_defaults)."""
   config = run_dir_lib.read_config(workdir)
   if config.get("task") != "vision":  # checked before the defaults fill in task='vision'
     raise ValueError(f"{run_dir_lib.config_path(workdir)}: task={config.get('task')!r}, not a vision run "
@@ -487,7 +492,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   if fb is not None and "head_steps_per_learner_step" in fb:
     # Written before the heads moved into the meta step: the field is gone (evaluation never reads it).
     del fb["head_steps_per_learner_step"]
-  return run_dir_lib.fill_defaults(config, vision_config.vision_base_config())
+  return vision_config.with_defaults(config)  # head_steps (and any newer field): the schema's default
 
 
 def evaluate_checkpoint(workdir: str, split: str = "test", step: int | None = None,

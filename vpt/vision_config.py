@@ -3,6 +3,13 @@
 Experiments (experiments/vision_dino.py) start from `vision_base_config()` and override fields, so the
 valid fields are defined once, here; `task="vision"` is what routes `vpt.main` to `vpt.train_vision`.
 The shared sub-configs (optimizer, mesh, checkpoint) and their checks come from config_lib.
+
+Invariants:
+- This schema is the one source of the vision defaults. A config that leaves a field out (an older
+  saved run's config.json, a hand-built test config) gets the schema's value through `with_defaults`,
+  applied once where a run starts (vpt.train_vision.prepare_config); nothing downstream keeps a
+  fallback of its own (VisionSetup.from_config and the optimizers read the complete config as is).
+- `validate_vision` runs once per run, on the complete config (prepare_config); the step trusts it.
 """
 
 from __future__ import annotations
@@ -13,7 +20,8 @@ import math
 import ml_collections
 
 from vpt import config_lib
-from vpt.data.images import image_data_config
+from vpt.data import scenes
+from vpt.data.images import ADE20K_NUM_CLASSES, image_data_config
 from vpt.models.vit import ACTIVATIONS, ViTConfig, vit_config
 from vpt.tasks.dinov2_terms import CENTERINGS
 from vpt.tasks.vision_candidates import KINDS, LEARNER_MODES, CandidateConfig
@@ -21,6 +29,7 @@ from vpt.tasks.vision_views import MultiCropConfig
 
 VPT_MODES = ("dino", "unet", "candidates", "random_feedback")
 DESIGNER_MODES = ("unet", "candidates", "random_feedback")  # modes with a designer and a meta step
+ALIGNS = ("dot", "cosine", "cosine_cheap")
 IMAGE_SOURCES = ("scenes", "fashion_mnist", "imagenet", "ade20k", "nyuv2")
 LABELED_SOURCES = ("", "scenes", "ade20k", "nyuv2")
 # MultiCropConfig fields kept under config.dino with the same names (n_local is `n_local_crops`).
@@ -179,12 +188,42 @@ def uses_designer(config) -> bool:
   return config.vpt.mode in DESIGNER_MODES
 
 
+# Segmentation classes of the labeled sources that have them (nyuv2 is depth only).
+SEG_CLASSES = {"scenes": scenes.NUM_CLASSES, "ade20k": ADE20K_NUM_CLASSES}
+
+
+def labeled_seg_classes(data) -> int | None:
+  """The segmentation classes of config.data's labeled source (data.labeled.source, '' = data.source);
+  None when it has no segmentation labels."""
+  return SEG_CLASSES.get(data.labeled.source or data.source)
+
+
+def _merged(defaults: dict, given: dict) -> dict:
+  out = dict(defaults)
+  for key, value in given.items():
+    both_blocks = isinstance(value, dict) and isinstance(out.get(key), dict)
+    out[key] = _merged(out[key], value) if both_blocks else value
+  return out
+
+
+def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A complete copy of `config`: every field it sets, and the schema's default (vision_base_config) for
+  every field it leaves out, at any depth. Fields the schema does not know are kept as given
+  (validate_vision judges them). Idempotent; applied once per run (train_vision.prepare_config) so a
+  config.json written before a field existed reads that field's default, the same on every path."""
+  out = ml_collections.ConfigDict(_merged(vision_base_config().to_dict(), config.to_dict()))
+  if config.is_locked:
+    out.lock()
+  return out
+
+
 def validate_vision(config: ml_collections.ConfigDict) -> None:
-  """Checks values that types alone cannot; raises ValueError naming the field."""
+  """Checks values that types alone cannot, on a complete config (`with_defaults`); raises
+  config_lib.ConfigError (a ValueError) naming the field."""
 
   need = config_lib.requirement(config)
 
-  need(config.get("task") == "vision", "task", "'vision'")
+  need(config.task == "vision", "task", "'vision'")
   m = config.model
   need(m.d_model > 0, "model.d_model", "> 0")
   need(m.n_layers > 0, "model.n_layers", "> 0")
@@ -224,8 +263,8 @@ def validate_vision(config: ml_collections.ConfigDict) -> None:
   need(d.global_scale[1] <= 1.0, "dino.global_scale", "at most 1 (a share of the image area)")
   need(d.local_scale[1] <= 1.0, "dino.local_scale", "at most 1 (a share of the image area)")
   need(d.blur_radius >= 0, "dino.blur_radius", ">= 0 (0: ceil(3·σ_max))")
-  need(d.get("ibot_weight", 0.0) >= 0, "dino.ibot_weight", ">= 0 (0: off)")
-  if d.get("ibot_weight", 0.0) > 0:
+  need(d.ibot_weight >= 0, "dino.ibot_weight", ">= 0 (0: off)")
+  if d.ibot_weight > 0:
     ratio = tuple(d.ibot_mask_ratio)
     need(len(ratio) == 2 and 0 <= ratio[0] <= ratio[1] < 1 and ratio[1] > 0, "dino.ibot_mask_ratio",
          "a pair (min, max) with 0 <= min <= max < 1 and max > 0")
@@ -234,17 +273,12 @@ def validate_vision(config: ml_collections.ConfigDict) -> None:
     need(d.ibot_separate_head or d.ibot_out_dim in (0, d.out_dim), "dino.ibot_out_dim",
          f"0 or dino.out_dim={d.out_dim} with the shared head (dino.ibot_separate_head=False)")
     need(0.0 <= d.ibot_center_momentum < 1.0, "dino.ibot_center_momentum", "in [0, 1)")
-  need(d.get("koleo_weight", 0.0) >= 0, "dino.koleo_weight", ">= 0 (0: off)")
-  need(d.get("koleo_weight", 0.0) == 0 or config.batch_size >= 2, "dino.koleo_weight",
+  need(d.koleo_weight >= 0, "dino.koleo_weight", ">= 0 (0: off)")
+  need(d.koleo_weight == 0 or config.batch_size >= 2, "dino.koleo_weight",
        "0 with batch_size < 2 (KoLeo needs a nearest neighbour in the batch)")
-  need(d.get("centering", "centering") in CENTERINGS, "dino.centering", f"one of {CENTERINGS}")
+  need(d.centering in CENTERINGS, "dino.centering", f"one of {CENTERINGS}")
 
-  o = config.optimizer
-  need(o.learning_rate >= 0, "optimizer.learning_rate", ">= 0")
-  need(o.warmup_steps >= 0, "optimizer.warmup_steps", ">= 0")
-  need(0 <= o.b1 < 1, "optimizer.b1", "in [0, 1)")
-  need(0 <= o.b2 < 1, "optimizer.b2", "in [0, 1)")
-  need(o.weight_decay >= 0, "optimizer.weight_decay", ">= 0")
+  config_lib.validate_optimizer(config)  # the LM's block and checks
 
   data = config.data
   need(data.source in IMAGE_SOURCES, "data.source", f"one of {IMAGE_SOURCES}")
@@ -275,7 +309,7 @@ def validate_vision(config: ml_collections.ConfigDict) -> None:
 
   v = config.vpt
   need(v.mode in VPT_MODES, "vpt.mode", f"one of {VPT_MODES}")
-  need(v.align in ("dot", "cosine", "cosine_cheap"), "vpt.align", "'dot', 'cosine' or 'cosine_cheap'")
+  need(v.align in ALIGNS, "vpt.align", f"one of {ALIGNS}")
   need(v.meta_every >= 1, "vpt.meta_every", ">= 1")
   need(v.burn_in_steps >= 0, "vpt.burn_in_steps", ">= 0")
   need(1 <= v.align_last_n_layers <= m.n_layers, "vpt.align_last_n_layers", f"in [1, model.n_layers={m.n_layers}]")
@@ -305,7 +339,7 @@ def validate_vision(config: ml_collections.ConfigDict) -> None:
   need(0 <= cand.block_keep <= 1, "vpt.candidates.block_keep", "in [0, 1]")
   need(cand.block_grid >= 1, "vpt.candidates.block_grid", ">= 1")
   if v.mode in DESIGNER_MODES:
-    need(d.get("koleo_weight", 0.0) == 0 or v.meta_batch_size >= 2, "vpt.meta_batch_size",
+    need(d.koleo_weight == 0 or v.meta_batch_size >= 2, "vpt.meta_batch_size",
          ">= 2 with dino.koleo_weight > 0 (KoLeo needs a nearest neighbour in the meta batch)")
     need(labeled_source in ("scenes", "ade20k", "nyuv2"), "data.labeled.source",
          f"a source with seg/depth labels for vpt.mode={v.mode!r} (data.source={data.source!r} has none)")

@@ -65,10 +65,9 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
-from vpt import optim, sharding
+from vpt import optim, sharding, vision_config
 from vpt.core import alignment
 from vpt.core import meta as meta_lib
 from vpt.core.meta import DesignerState
@@ -81,9 +80,9 @@ from vpt.tasks import vision_candidates as cand_lib
 from vpt.tasks.vision_views import MultiCropConfig, as_float, blend_views, gaussian_blur, multi_crop, normalize
 
 Params = Any
-MODES = ("dino", "unet", "candidates", "random_feedback")
+MODES = vision_config.VPT_MODES
 UNET_MODES = ("unet", "random_feedback")
-ALIGNS = ("dot", "cosine", "cosine_cheap")
+ALIGNS = vision_config.ALIGNS
 HEAD_METRICS = ("head_seg_loss", "head_depth_l1")  # the heads' training losses at their last refresh
 UNET_META_METRICS = ("value", "align", "ssl_loss", "down_loss", "g_down_norm", "g_pre_norm", "cosine",
                      "designer_loss", "designer_grad_norm", "keep_ratio", "sparsity", "tv") + HEAD_METRICS
@@ -133,26 +132,17 @@ def multicrop_config(dino_cfg) -> MultiCropConfig:
 
 
 def _default_num_classes(config) -> int:
-  n = int(config.feedback.get("num_classes", 0) or 0)
-  if n:
-    return n
-  data = config.get("data") or ml_collections.ConfigDict()
-  labeled = data.get("labeled") or ml_collections.ConfigDict()
-  source = labeled.get("source", "") or data.get("source", "scenes")  # the labeled feedback source
-  if source == "scenes":
-    from vpt.data import scenes  # noqa: PLC0415 (grain/PIL only when needed)
-    return scenes.NUM_CLASSES
-  if source == "ade20k":
-    return 150
-  if source == "nyuv2":
-    return 1  # depth only: the seg head is never used
-  raise ValueError(f"config.feedback.num_classes is not set and data.source={source!r} has no default: set the "
-                   "number of segmentation classes")
+  """feedback.num_classes, or when 0 (the schema's "from the labeled source") the labeled source's
+  classes; 1 for a source without segmentation labels (depth-only feedback: the seg head is unused)."""
+  return int(config.feedback.num_classes) or vision_config.labeled_seg_classes(config.data) or 1
 
 
 @dataclasses.dataclass(frozen=True)
 class VisionSetup:
-  """Everything static the step needs, read once from the config (hashable)."""
+  """Everything static the step needs, read once from the config (hashable).
+
+  No field has a default of its own: `from_config` reads every one from a complete config, whose
+  defaults are the schema's (vision_config.with_defaults), so no value here can drift from it."""
 
   mode: str
   vit_cfg: ViTConfig
@@ -165,83 +155,79 @@ class VisionSetup:
   align: str
   meta_every: int
   burn_in_steps: int
-  t_s: float = 0.1
-  t_t: float = 0.04
-  t_t_warmup: float = 0.04
-  t_t_warmup_steps: int = 0
-  center_momentum: float = 0.9
-  momentum_base: float = 0.996
-  momentum_final: float = 1.0
-  alpha_seg: float = 1.0
-  alpha_dep: float = 1.0
-  num_classes: int = 1
-  init_depth: float = 1.0
-  head_steps: int = 4
-  keep_ratio: float = 0.5
-  lambda_sparsity: float = 0.0
-  lambda_tv: float = 0.0
-  blur_sigma: float = 1.0
-  grad_through_teacher: bool = True  # ∇_φ V includes the teacher's targets on the designer's views
+  t_s: float
+  t_t: float
+  t_t_warmup: float
+  t_t_warmup_steps: int
+  center_momentum: float
+  momentum_base: float
+  momentum_final: float
+  alpha_seg: float
+  alpha_dep: float
+  num_classes: int
+  init_depth: float
+  head_steps: int
+  keep_ratio: float
+  lambda_sparsity: float
+  lambda_tv: float
+  blur_sigma: float
+  grad_through_teacher: bool  # ∇_φ V includes the teacher's targets on the designer's views
   # The DINOv2 terms (vpt.tasks.dinov2_terms); all off is the paper's DINO objective.
-  ibot_weight: float = 0.0
-  ibot_mask_ratio: tuple[float, float] = (0.1, 0.5)
-  ibot_mask_prob: float = 0.5
-  ibot_head_cfg: dino.DINOHeadConfig | None = None  # a separate iBOT head; None: the DINO head is shared
-  ibot_center_momentum: float = 0.9
-  koleo_weight: float = 0.0
-  centering: str = "centering"
+  ibot_weight: float
+  ibot_mask_ratio: tuple[float, float]
+  ibot_mask_prob: float
+  ibot_head_cfg: dino.DINOHeadConfig | None  # a separate iBOT head; None: the DINO head is shared
+  ibot_center_momentum: float
+  koleo_weight: float
+  centering: str
 
   @classmethod
   def from_config(cls, config) -> "VisionSetup":
-    v, d, fb = config.vpt, config.dino, config.feedback
+    """The setup of a complete, validated config (train_vision.prepare_config: the schema's defaults
+    filled in, validate_vision run once). Plain field access: a missing field is an error here, never
+    a second default."""
+    try:
+      return cls._read(config)
+    except AttributeError as e:
+      if not (e.args and isinstance(e.args[0], KeyError)):  # not a missing config field (ConfigDict's form)
+        raise
+      name = str(e.args[0].args[0]).splitlines()[0]
+      raise ValueError(f"the vision config has no field {name}: VisionSetup reads a complete config; fill the "
+                       "fields it leaves out with the schema's defaults first (vision_config.with_defaults(config), "
+                       "as train_vision.prepare_config does)") from None
+
+  @classmethod
+  def _read(cls, config) -> "VisionSetup":
+    v, d, fb, des = config.vpt, config.dino, config.feedback, config.vpt.designer
     mode = v.mode
-    if mode not in MODES:
-      raise ValueError(f"config.vpt.mode={mode!r}; expected one of {MODES}")
     vit_cfg = ViTConfig.from_config(config.model)
-    n_last = int(v.align_last_n_layers)
-    if n_last > vit_cfg.n_layers:
-      raise ValueError(f"config.vpt.align_last_n_layers={n_last} exceeds the ViT's n_layers={vit_cfg.n_layers}")
-    align = v.get("align", "dot")
-    if align not in ALIGNS:
-      raise ValueError(f"config.vpt.align={align!r}; expected one of {ALIGNS}")
-    if int(v.meta_every) < 1:
-      raise ValueError(f"config.vpt.meta_every={v.meta_every}: expected >= 1")
     head_cfg = dino.DINOHeadConfig(out_dim=int(d.out_dim), hidden_dim=int(d.head_hidden),
-                                   bottleneck_dim=int(d.head_bottleneck), n_layers=int(d.get("head_layers", 3)),
-                                   norm_last_layer=bool(d.get("norm_last_layer", True)))
-    des = v.designer
+                                   bottleneck_dim=int(d.head_bottleneck), n_layers=int(d.head_layers),
+                                   norm_last_layer=bool(d.norm_last_layer))
     unet_cfg = UNetConfig.from_config(des) if mode in UNET_MODES else None
     cand_cfg = cand_lib.CandidateConfig.from_config(v.candidates) if mode == "candidates" else None
-    t_t = float(d.t_t)
-    ibot_weight, koleo_weight = float(d.get("ibot_weight", 0.0)), float(d.get("koleo_weight", 0.0))
-    centering = d.get("centering", "centering")
-    if centering not in terms.CENTERINGS:
-      raise ValueError(f"config.dino.centering={centering!r}; expected one of {terms.CENTERINGS}")
+    ibot_weight = float(d.ibot_weight)
     ibot_head_cfg = None
-    if ibot_weight > 0 and d.get("ibot_separate_head", False):
-      ibot_head_cfg = dataclasses.replace(head_cfg, out_dim=int(d.get("ibot_out_dim", 0) or head_cfg.out_dim))
-    elif ibot_weight > 0 and int(d.get("ibot_out_dim", 0) or head_cfg.out_dim) != head_cfg.out_dim:
-      raise ValueError(f"config.dino.ibot_out_dim={d.ibot_out_dim}: the shared head (dino.ibot_separate_head=False) "
-                       f"has dino.out_dim={head_cfg.out_dim} prototypes")
+    if ibot_weight > 0 and d.ibot_separate_head:  # validate_vision: a shared head keeps dino.out_dim
+      ibot_head_cfg = dataclasses.replace(head_cfg, out_dim=int(d.ibot_out_dim or head_cfg.out_dim))
     if ibot_weight > 0:  # the student's masked patches need a mask token
       vit_cfg = dataclasses.replace(vit_cfg, mask_token=True)
     return cls(
         mode=mode, vit_cfg=vit_cfg, head_cfg=head_cfg, crops=multicrop_config(d), unet_cfg=unet_cfg,
-        cand_cfg=cand_cfg, num_steps=int(config.num_steps), n_last=n_last, align=align,
-        meta_every=int(v.meta_every), burn_in_steps=int(v.burn_in_steps), t_s=float(d.t_s), t_t=t_t,
-        t_t_warmup=float(d.get("t_t_warmup", t_t)), t_t_warmup_steps=int(d.get("t_t_warmup_steps", 0)),
+        cand_cfg=cand_cfg, num_steps=int(config.num_steps), n_last=int(v.align_last_n_layers), align=v.align,
+        meta_every=int(v.meta_every), burn_in_steps=int(v.burn_in_steps), t_s=float(d.t_s), t_t=float(d.t_t),
+        t_t_warmup=float(d.t_t_warmup), t_t_warmup_steps=int(d.t_t_warmup_steps),
         center_momentum=float(d.center_momentum), momentum_base=float(d.momentum_base),
-        momentum_final=float(d.get("momentum_final", 1.0)),
-        alpha_seg=float(fb.alpha_seg), alpha_dep=float(fb.alpha_dep),
+        momentum_final=float(d.momentum_final), alpha_seg=float(fb.alpha_seg), alpha_dep=float(fb.alpha_dep),
         num_classes=_default_num_classes(config) if mode != "dino" else 1,
-        init_depth=float(fb.get("init_depth", 1.0)), head_steps=int(fb.get("head_steps", 4)),
-        keep_ratio=float(des.get("keep_ratio", 0.5)), lambda_sparsity=float(des.get("lambda_sparsity", 0.0)),
-        lambda_tv=float(des.get("lambda_tv", 0.0)), blur_sigma=float(des.get("blur_sigma", 1.0)),
-        grad_through_teacher=bool(des.get("grad_through_teacher", True)),
-        ibot_weight=ibot_weight, ibot_mask_ratio=tuple(float(r) for r in d.get("ibot_mask_ratio", (0.1, 0.5))),
-        ibot_mask_prob=float(d.get("ibot_mask_prob", 0.5)), ibot_head_cfg=ibot_head_cfg,
-        ibot_center_momentum=float(d.get("ibot_center_momentum", 0.9)), koleo_weight=koleo_weight,
-        centering=centering)
+        init_depth=float(fb.init_depth), head_steps=int(fb.head_steps),
+        keep_ratio=float(des.keep_ratio), lambda_sparsity=float(des.lambda_sparsity),
+        lambda_tv=float(des.lambda_tv), blur_sigma=float(des.blur_sigma),
+        grad_through_teacher=bool(des.grad_through_teacher),
+        ibot_weight=ibot_weight, ibot_mask_ratio=tuple(float(r) for r in d.ibot_mask_ratio),
+        ibot_mask_prob=float(d.ibot_mask_prob), ibot_head_cfg=ibot_head_cfg,
+        ibot_center_momentum=float(d.ibot_center_momentum), koleo_weight=float(d.koleo_weight),
+        centering=d.centering)
 
   # Modules are cheap descriptions; build them on demand.
   @property
@@ -316,31 +302,23 @@ class VisionSetup:
     return UNET_META_METRICS
 
 
-def _filled(cfg: ml_collections.ConfigDict, **defaults) -> ml_collections.ConfigDict:
-  out = ml_collections.ConfigDict(defaults)
-  out.update(cfg)
-  return out
-
-
 def make_vision_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The learner's AdamW with linear warmup + cosine decay (vpt.optim, as the LM's)."""
-  opt_cfg = _filled(config.optimizer, eps=1e-8, end_lr_fraction=0.0)
-  return optim.make_optimizer(opt_cfg, int(config.num_steps))
+  """The learner's AdamW with linear warmup + cosine decay (vpt.optim, as the LM's), from config.optimizer
+  as the schema completes it (its end_lr_fraction, eps: no defaults of its own here)."""
+  return optim.make_optimizer(config.optimizer, int(config.num_steps))
 
 
 def make_head_optimizer(config) -> optax.GradientTransformation:
   fb = config.feedback
-  return optax.chain(optax.clip_by_global_norm(float(fb.get("head_grad_clip_norm", 1.0))),
-                     optax.adamw(float(fb.head_learning_rate), weight_decay=float(fb.get("head_weight_decay", 0.0))))
+  return optax.chain(optax.clip_by_global_norm(float(fb.head_grad_clip_norm)),
+                     optax.adamw(float(fb.head_learning_rate), weight_decay=float(fb.head_weight_decay)))
 
 
 def make_designer_optimizer(config) -> optax.GradientTransformation:
   """AdamW for φ: the U-Net (vpt.designer.learning_rate) or the logit table (vpt.candidates.learning_rate)."""
   d = config.vpt.designer
-  lr = float(d.learning_rate)
-  if config.vpt.mode == "candidates":
-    lr = float(config.vpt.candidates.get("learning_rate", cand_lib.CandidateConfig.learning_rate))
-  return meta_lib.designer_optimizer(lr, float(d.get("grad_clip_norm", 1.0)), float(d.get("weight_decay", 0.0)))
+  lr = float(config.vpt.candidates.learning_rate if config.vpt.mode == "candidates" else d.learning_rate)
+  return meta_lib.designer_optimizer(lr, float(d.grad_clip_norm), float(d.weight_decay))
 
 
 # ----------------------------------------------------------------------------- helpers

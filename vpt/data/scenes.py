@@ -34,9 +34,9 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from vpt.data import images as images_lib
+from vpt.data import fashion_mnist
 
-CLASS_NAMES = ("background",) + images_lib.FASHION_MNIST_CLASSES + ("disc", "square", "triangle")
+CLASS_NAMES = ("background",) + fashion_mnist.FASHION_MNIST_CLASSES + ("disc", "square", "triangle")
 NUM_CLASSES = len(CLASS_NAMES)  # 14
 NUM_IMAGE_CLASSES = NUM_CLASSES - 1  # 13: image labels are object classes - 1.
 BACKGROUND = 0
@@ -67,7 +67,7 @@ def scene_config() -> ml_collections.ConfigDict:
   c.object_size = 0.6  # object side in image widths at 1 m (times a 0.8-1.2 physical size)
   c.ground_color = (0.1, 0.9)  # range of the ground's RGB channels (a gradient between two draws)
   c.object_tint = (0.15, 1.0)  # range of an object's RGB tint
-  c.fashion_dir = images_lib.FASHION_MNIST_DIR
+  c.fashion_dir = fashion_mnist.FASHION_MNIST_DIR
   c.num_train = 1 << 30  # virtual: scenes are generated on demand.
   c.num_labeled_train = 2000  # paper: ADE20K 2,000 train + 512 meta.
   c.num_labeled_meta = 512
@@ -107,7 +107,7 @@ class ProceduralScenes:
   def __init__(self, split: str, *, seed: int = 0, image_size: int = 32, min_objects: int = 2,
                max_objects: int = 5, object_size: float = 0.6,
                ground_color: tuple[float, float] = (0.1, 0.9), object_tint: tuple[float, float] = (0.15, 1.0),
-               fashion_dir: str = images_lib.FASHION_MNIST_DIR):
+               fashion_dir: str = fashion_mnist.FASHION_MNIST_DIR):
     if split not in SPLITS:
       raise ValueError(f"scenes split={split!r}: expected one of {SPLITS}")
     if seed < 0:
@@ -130,9 +130,9 @@ class ProceduralScenes:
     self._load()
 
   def _load(self):
-    imgs, labels = images_lib.load_fashion_mnist(_FASHION_SPLIT[self.split], self.fashion_dir)
+    imgs, labels = fashion_mnist.load_fashion_mnist(_FASHION_SPLIT[self.split], self.fashion_dir)
     self._fashion = imgs
-    self._by_label = [np.flatnonzero(labels == k) for k in range(len(images_lib.FASHION_MNIST_CLASSES))]
+    self._by_label = [np.flatnonzero(labels == k) for k in range(len(fashion_mnist.FASHION_MNIST_CLASSES))]
 
   def __getstate__(self):  # grain workers reload the (cached) idx files instead of pickling them.
     return {k: v for k, v in self.__dict__.items() if k not in ("_fashion", "_by_label")}
