@@ -111,19 +111,6 @@ class _FeedbackFeed:
     return self.current
 
 
-def restore_run(checkpointer: ckpt_lib.Checkpointer, abstract_state: Any, iterators: dict[str, Any],
-                config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, int] | tuple[None, None]:
-  """checkpointer.restore_latest under config.checkpoint.on_mismatch; a mismatch error names the config
-  keys changed since the run's newest config file."""
-  source, changes = run_dir_lib.config_changes(config, workdir)
-  note = ""
-  if changes:
-    shown = "\n  ".join(changes[:20]) + (f"\n  … and {len(changes) - 20} more" if len(changes) > 20 else "")
-    note = f"Config keys changed since {paths.path(workdir) / source}:\n  {shown}"
-  return checkpointer.restore_latest(abstract_state, iterators, config_note=note,
-                                     on_mismatch=config.checkpoint.get("on_mismatch", "error"))
-
-
 def _generation_eval(config, model, tokenizer):
   """Greedy generation on held-out problems (vpt/evals/math_skills.py: strict and format-agnostic
   Pass@1, `####` rate, facts right, lines per solution), or None when switched off."""
@@ -273,8 +260,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
 
   checkpointer = ckpt_lib.Checkpointer(run_dir_lib.checkpoint_dir(workdir), keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save, iterator_names=tuple(iterators))
-  state, restored_step = restore_run(checkpointer, ckpt_lib.abstract_like(abstract_state, shardings), iterators,
-                                     config, workdir)
+  state, restored_step = loop_lib.restore_run(checkpointer, ckpt_lib.abstract_like(abstract_state, shardings),
+                                              iterators, config, workdir)
   if state is None:
     state = jax.jit(init_fn, out_shardings=shardings)()
     if config.init_from:
@@ -381,27 +368,9 @@ SUMMARY_ROWS = (  # (label, section, key, format); a key with a `<key>_se` besid
 )
 
 
-def _cell(section: dict | None, key: str, fmt: str) -> str:
-  section = section or {}
-  if key not in section:
-    return "—"
-  se = section.get(f"{key}_se")
-  return fmt.format(section[key]) + (f" ± {se:.3f}" if se is not None else "")
-
-
-def summary_table(summaries: dict[str, dict[str, Any]], summary_rows=SUMMARY_ROWS) -> str:
-  """A text table with one column per run (e.g. V-Pretraining beside the NTP baseline); one row per
-  (label, section, key, format) of `summary_rows` that some run has."""
-  names = list(summaries)
-  rows = [("steps", *[str(s["step"]) for s in summaries.values()])]
-  for label, section, key, fmt in summary_rows:
-    cells = [_cell(s.get(section), key, fmt) for s in summaries.values()]
-    if any(c != "—" for c in cells):
-      rows.append((label, *cells))
-  widths = [max(len(r[i]) for r in rows + [("", *names)]) for i in range(len(names) + 1)]
-  lines = ["  ".join(c.ljust(w) for c, w in zip(("", *names), widths))]
-  lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-  return "\n".join("  " + line.rstrip() for line in lines)
+def summary_table(summaries: dict[str, dict[str, Any]]) -> str:
+  """The language runs' table (SUMMARY_ROWS), one column per run."""
+  return loop_lib.summary_table(summaries, SUMMARY_ROWS)
 
 
 def verdict(vpt: dict[str, Any], ntp: dict[str, Any]) -> str:

@@ -38,9 +38,7 @@ from vpt.data import images as images_lib
 from vpt.evals import vision as vision_evals
 from vpt.models.vit import ViT, ViTConfig, count_params
 from vpt.vision_step import VisionSetup
-from vpt import train as lm_train
 from vpt.core import loop as loop_lib
-from vpt.train import restore_run
 
 
 EVAL_SPLITS = ("val", "test")
@@ -400,8 +398,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
 
   checkpointer = ckpt_lib.Checkpointer(run_dir_lib.checkpoint_dir(workdir), keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save, iterator_names=tuple(iterators))
-  state, restored_step = restore_run(checkpointer, ckpt_lib.abstract_like(abstract_state, shardings), iterators,
-                                     config, workdir)
+  state, restored_step = loop_lib.restore_run(checkpointer, ckpt_lib.abstract_like(abstract_state, shardings),
+                                              iterators, config, workdir)
   if state is None:
     state = jax.jit(init_fn, out_shardings=shardings)(*init_args)
     if config.init_from:
@@ -475,7 +473,7 @@ SUMMARY_ROWS = (  # (label, section, key, format)
 
 def summary_table(summaries: dict[str, dict[str, Any]]) -> str:
   """A text table with one column per run."""
-  return lm_train.summary_table(summaries, SUMMARY_ROWS)
+  return loop_lib.summary_table(summaries, SUMMARY_ROWS)
 
 
 # ----------------------------------------------------------------------------- standalone evaluation

@@ -1,6 +1,7 @@
 """The training loop every task runs: its steps, periodic logs and evaluations, checkpoints, and
 preemption. A task (vpt.train for language, vpt.train_vision for vision) builds the state, the
-feeds and the step programs, then hands them to `run_loop`.
+feeds and the step programs, restores with `restore_run`, hands them to `run_loop`, and prints its
+`summary_table` with `print_summary`.
 
 Invariants:
 - At most one save per step: a periodic one (every `checkpoint_every` steps), the last step's, or a
@@ -24,7 +25,7 @@ from typing import Any, Callable, Hashable
 import jax
 import numpy as np
 
-from vpt import metrics as metrics_lib
+from vpt import metrics as metrics_lib, paths, run_dir
 
 
 class Preemption:
@@ -218,3 +219,39 @@ def print_summary(summary: dict, table: str) -> None:
     print(f"  MFU {100 * summary['throughput']['mfu']:.1f}% of {summary['peak_source']}", flush=True)
   if summary["preempted"]:
     print("  stopped early: resume by re-running the same command", flush=True)
+
+
+def restore_run(checkpointer, abstract_state: Any, iterators: dict[str, Any], config,
+                workdir: str) -> tuple[Any, int] | tuple[None, None]:
+  """checkpointer.restore_latest under config.checkpoint.on_mismatch; a mismatch error names the config
+  keys changed since the run's newest config file."""
+  source, changes = run_dir.config_changes(config, workdir)
+  note = ""
+  if changes:
+    shown = "\n  ".join(changes[:20]) + (f"\n  … and {len(changes) - 20} more" if len(changes) > 20 else "")
+    note = f"Config keys changed since {paths.path(workdir) / source}:\n  {shown}"
+  return checkpointer.restore_latest(abstract_state, iterators, config_note=note,
+                                     on_mismatch=config.checkpoint.get("on_mismatch", "error"))
+
+
+def _cell(section: dict | None, key: str, fmt: str) -> str:
+  section = section or {}
+  if key not in section:
+    return "—"
+  se = section.get(f"{key}_se")
+  return fmt.format(section[key]) + (f" ± {se:.3f}" if se is not None else "")
+
+
+def summary_table(summaries: dict[str, dict], summary_rows) -> str:
+  """A text table with one column per run (e.g. V-Pretraining beside the NTP baseline); one row per
+  (label, section, key, format) of `summary_rows` that some run has."""
+  names = list(summaries)
+  rows = [("steps", *[str(s["step"]) for s in summaries.values()])]
+  for label, section, key, fmt in summary_rows:
+    cells = [_cell(s.get(section), key, fmt) for s in summaries.values()]
+    if any(c != "—" for c in cells):
+      rows.append((label, *cells))
+  widths = [max(len(r[i]) for r in rows + [("", *names)]) for i in range(len(names) + 1)]
+  lines = ["  ".join(c.ljust(w) for c, w in zip(("", *names), widths))]
+  lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+  return "\n".join("  " + line.rstrip() for line in lines)

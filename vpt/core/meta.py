@@ -47,7 +47,8 @@ def meta_index(step, burn_in_steps: int, meta_every: int):
   return (step - first) // meta_every + 1
 
 
-def designer_optimizer(learning_rate: float, grad_clip_norm: float, weight_decay: float) -> optax.GradientTransformation:
+def designer_optimizer(learning_rate: float, grad_clip_norm: float,
+                       weight_decay: float) -> optax.GradientTransformation:
   """AdamW for φ, after global-norm clipping (none for grad_clip_norm ≤ 0)."""
   parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm > 0 else []
   parts.append(optax.adamw(learning_rate, weight_decay=weight_decay))
