@@ -4,7 +4,8 @@ both before JAX is imported.
 The cache: most of the suite's time is XLA compiling, and many tests compile the same program more
 than once — a resume test compiles it in the preempted subprocess, in the resumed run and in the
 uninterrupted one. One cache directory per test worker (pytest-xdist), inherited by the subprocesses
-the tests start, compiles each program once. A cached executable is the one XLA built for the same
+the tests start, compiles each program once (tests/test_tpu_compile.py turns it off: libtpu's
+compile-only client cannot load a cached executable back). A cached executable is the one XLA built for the same
 program, options and devices, so results are bit-identical; a developer's own JAX_COMPILATION_CACHE_DIR
 is respected.
 """
@@ -23,11 +24,17 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Keep the measured-peak cache out of the user's home and avoid measuring in tests.
 os.environ.setdefault("VPT_CPU_PEAK_FLOPS", "1e11")
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _cache = tempfile.mkdtemp(prefix=f"vpt-xla-cache-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
-  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ or "VPT_TEST_XLA_CACHE_ROOT" in os.environ:
+  _root = os.environ.get("VPT_TEST_XLA_CACHE_ROOT")
+  if _root is None:  # pytest's main process makes the root; its xdist workers inherit it, each its own subdirectory
+    _root = tempfile.mkdtemp(prefix="vpt-xla-cache-")
+    atexit.register(shutil.rmtree, _root, ignore_errors=True)
+    os.environ["VPT_TEST_XLA_CACHE_ROOT"] = _root
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_root, os.environ.get("PYTEST_XDIST_WORKER", "main"))
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  # A size bound makes JAX lock the directory around reads and writes (a test and the subprocesses it
+  # starts may compile at once); it is far above what the suite writes.
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(32 << 30))
 
 # ../shared beside the repository holds data for tests (GSM8K); VPT_SHARED_DIR overrides.
 SHARED_DIR = os.environ.get(
@@ -94,22 +101,23 @@ def preempt_run(argv, workdir, after_step: int, *, timeout: float = 180.0, cwd=N
   jsonl = os.path.join(str(workdir), "metrics.jsonl")
   reached = lambda: os.path.exists(jsonl) and any(r.get("step", 0) >= after_step for r in metrics.read_jsonl(jsonl))
 
-  proc = subprocess.Popen([sys.executable, "-m", "vpt.main", f"--workdir={workdir}", *argv], cwd=cwd,
-                          env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  try:
-    deadline = time.time() + timeout
-    while not reached():
-      if proc.poll() is not None or time.time() > deadline:
-        raise AssertionError(f"the run ended or stalled before step {after_step}:\n"
-                             f"{proc.stdout.read() if proc.poll() is not None else ''}")
-      time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-  return proc.returncode, out
+  with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a full pipe would stall the run
+    proc = subprocess.Popen([sys.executable, "-m", "vpt.main", f"--workdir={workdir}", *argv], cwd=cwd,
+                            env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT, text=True)
+    output = lambda: (log.seek(0), log.read())[1]
+    try:
+      deadline = time.time() + timeout
+      while not reached():
+        if proc.poll() is not None or time.time() > deadline:
+          raise AssertionError(f"the run ended or stalled before step {after_step}:\n{output()}")
+        time.sleep(0.02)
+      proc.send_signal(signal.SIGTERM)
+      proc.wait(timeout=120)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    return proc.returncode, output()
 
 
 @pytest.fixture

@@ -151,3 +151,18 @@ def test_loop_stops_saves_once_and_resumes_to_the_uninterrupted_result(how):
   resumed, evals, saves, _ = _toy_run(stopped.state, 7, 12)
   assert [s for s, _ in saves] == [10, 12] and evals == [8, 12] and not resumed.preempted
   assert float(resumed.state.w) == float(straight.state.w)
+
+
+def test_the_core_imports_no_modality():
+  """vpt.core knows the method, not tokens or pixels: importing it loads no language or vision module."""
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  code = ("import sys; import vpt.core.alignment, vpt.core.meta, vpt.core.loop; "
+          "print(' '.join(m for m in sys.modules if m.startswith('vpt.')))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  loaded = set(out.stdout.split())
+  modality = {m for m in loaded if m.startswith(("vpt.models.lm", "vpt.models.vit", "vpt.tasks", "vpt.data",
+                                                   "vpt.vision", "vpt.train", "vpt.vpt_step", "vpt.value",
+                                                   "vpt.interop", "vpt.evals"))}
+  assert "vpt.core.loop" in loaded and not modality, modality

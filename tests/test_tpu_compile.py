@@ -14,6 +14,19 @@ from vpt import aot, config_lib, tpu
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_persistent_cache():
+  """Compile without conftest's persistent XLA cache: libtpu's compile-only client writes entries it
+  cannot load back ("PjRtCompiler must be constructed with a Client to call DeserializeLoadedExecutable")."""
+  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+  before = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()  # whether the cache is used is decided once per process, then kept
+  yield
+  jax.config.update("jax_enable_compilation_cache", before)
+  compilation_cache.reset_cache()
+
+
 def _lm(mode, **overrides):
   config = config_lib.load_config_file(os.path.join(REPO, "experiments", "lm_vpt.py"), f"nano,{mode}")
   base = {"model.vocab_size": 96, "mesh.num_devices": 0, "data.seq_len": 32, "feedback.seq_len": 32}

@@ -45,7 +45,7 @@ taken at slightly older learner parameters (an EMA of gradients, as Adam's first
 `DesignerState.g_down_avg` (None with β = 0: today's state, and its checkpoints, unchanged). Random
 feedback replaces g_down,n before it is averaged. Pooled alignment only.
 
-LoRA: S is the adapters of the last blocks (value.split_params), the learner steps on the adapters
+LoRA: S is the adapters of the last blocks (vpt.core.alignment.split_params), the learner steps on the adapters
 only, and adapter dropout is on in the learner step and off in the meta step (g_down, the JVP and
 g_pre are taken at the deterministic network, the direction the learner moves along on average).
 """
