@@ -44,6 +44,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
+from experiments import replication  # noqa: E402
 from vpt import base_model, checkpoint as ckpt_lib, config_lib, run_dir, train  # noqa: E402
 from vpt import vpt_step  # noqa: E402
 from vpt.data import synthetic_math  # noqa: E402
@@ -221,13 +222,8 @@ def main():
   tokenizer = SentencePieceTokenizer(os.path.join(base_dir, "tokenizer", "spm.model"))
 
   results, step_time, wallclock_steps, earlier_seconds = [], {}, {}, 0.0
-  if args.resume and os.path.exists(os.path.join(args.out, "results.json")):
-    with open(os.path.join(args.out, "results.json")) as f:
-      saved = json.load(f)
-    differ = [k for k in RESUME_MUST_MATCH if saved["args"].get(k) != getattr(args, k)]
-    if differ:
-      raise SystemExit(f"--resume: {args.out}/results.json was measured with other settings: "
-                       + ", ".join(f"--{k} {saved['args'].get(k)} (now {getattr(args, k)})" for k in differ))
+  saved = replication.resume_from(args.out, args, RESUME_MUST_MATCH) if args.resume else None
+  if saved is not None:
     results, step_time, wallclock_steps = saved["results"], saved["step_time_s"], saved["wallclock_steps"]
     earlier_seconds = saved["seconds"]
     arms = list(dict.fromkeys([r["arm"] for r in results] + arms))
@@ -236,10 +232,8 @@ def main():
   done = {(r["arm"], r["seed"], r["protocol"]) for r in results}
 
   def save(elapsed):
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-      json.dump({"args": vars(args), "base_dir": base_dir, "seconds": earlier_seconds + elapsed,
-                 "step_time_s": step_time, "wallclock_steps": wallclock_steps, "results": results}, f, indent=1,
-                default=float)
+    replication.save_results(args.out, args=vars(args), base_dir=base_dir, seconds=earlier_seconds + elapsed,
+                             step_time_s=step_time, wallclock_steps=wallclock_steps, results=results)
 
   def run_all(jobs):
     """Trains and evaluates every (arm, seed, steps, protocol) of `jobs`, `args.jobs` at a time (each run
@@ -306,13 +300,6 @@ def tabulate(out):
   write_plots(args, results, arms, saved["step_time_s"])
 
 
-def _mean_std(values):
-  values = [v for v in values if v is not None and np.isfinite(v)]
-  if not values:
-    return "—"
-  return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
-
-
 COLUMNS = [("strict_pass@1", "strict Pass@1"), ("pass@1", "Pass@1 (format-agnostic)"), ("format_rate", "`####` rate"),
            ("facts_right", "facts right"), ("lines_per_solution", "lines per solution"),
            ("answer_nll_content", "answer NLL, content"), ("answer_nll_format", "answer NLL, format"),
@@ -322,17 +309,6 @@ COLUMNS = [("strict_pass@1", "strict Pass@1"), ("pass@1", "Pass@1 (format-agnost
 PAIRED = [("strict_pass@1", "strict Pass@1"), ("pass@1", "Pass@1 (format-agnostic)"), ("format_rate", "`####` rate"),
           ("facts_right", "facts right"), ("lines_per_solution", "lines per solution"),
           ("feedback_loss", "feedback-set L_down"), ("pretrain_perplexity", "held-out pretraining ppl")]
-
-
-def paired_difference(results, arm, key, protocol="steps"):
-  """(mean, s.e., seeds with a positive difference, seeds) of arm − NTP over seeds, paired by seed."""
-  by_seed = lambda a: {r["seed"]: r["final"].get(key) for r in results if r["arm"] == a and r["protocol"] == protocol}
-  ntp, other = by_seed("ntp"), by_seed(arm)
-  diffs = [other[s] - ntp[s] for s in sorted(set(ntp) & set(other)) if other[s] is not None and ntp[s] is not None]
-  if not diffs:
-    return None
-  se = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
-  return float(np.mean(diffs)), se, sum(d > 0 for d in diffs), len(diffs)
 
 
 def write_table(args, results, arms, elapsed, wallclock_steps, protocols=("steps", "wallclock")):
@@ -351,7 +327,7 @@ def write_table(args, results, arms, elapsed, wallclock_steps, protocols=("steps
       if not rows:
         continue
       steps = args.steps if protocol == "steps" else wallclock_steps[arm]
-      cells = [_mean_std([row.get(k) for row in rows]) for k, _ in COLUMNS]
+      cells = [replication.mean_std([row.get(k) for row in rows]) for k, _ in COLUMNS]
       lines.append(f"| {arm} | {steps} | {len(rows)} | " + " | ".join(cells) + f" | {PAPER_TABLE4.get(arm, '—')} |")
     lines.append("")
   for protocol in protocols if "ntp" in arms else ():
@@ -361,10 +337,8 @@ def write_table(args, results, arms, elapsed, wallclock_steps, protocols=("steps
     for arm in arms:
       if arm == "ntp":
         continue
-      cells = []
-      for key, _ in PAIRED:
-        d = paired_difference(results, arm, key, protocol)
-        cells.append("—" if d is None else f"{d[0]:+.3f} ± {d[1]:.3f} ({d[2]}/{d[3]})")
+      cells = [replication.difference_cell(replication.paired_difference(results, arm, key, "ntp",
+                                                                           protocol=protocol)) for key, _ in PAIRED]
       lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines.append("")
   with open(os.path.join(args.out, "table.md"), "w") as f:

@@ -27,7 +27,6 @@ Compilation is cached on disk (--xla_cache), so each arm compiles once across se
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -39,6 +38,7 @@ sys.path.insert(0, REPO)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments import replication  # noqa: E402
 from vpt import config_lib, metrics as metrics_lib, sharding, train_vision, vision_step  # noqa: E402
 from vpt.models.vit import ViT, ViTConfig  # noqa: E402
 
@@ -202,16 +202,7 @@ def main():
 
 
 def write_results(args, seconds, gate, results):
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump({"args": vars(args), "seconds": seconds, "gate": gate, "results": results}, f, indent=1, default=float)
-
-
-def _mean_std(values, fmt="{:.4f}"):
-  values = [v for v in values if v is not None and np.isfinite(v)]
-  if not values:
-    return "—"
-  std = np.std(values, ddof=1) if len(values) > 1 else 0.0
-  return f"{fmt.format(np.mean(values))} ± {fmt.replace('+', '').format(std)}"
+  replication.save_results(args.out, args=vars(args), seconds=seconds, gate=gate, results=results)
 
 
 def _rows(results, arm):
@@ -228,22 +219,18 @@ def write_table(args, results, arms, elapsed, gate):
            "|---" * (len(METRICS) + 4) + "|"]
   for arm in ["base"] + arms:
     rows = [r["final"] for r in _rows(results, arm)]
-    cells = [_mean_std([row.get(k) for row in rows]) for k, _, _ in METRICS]
-    cells += [_mean_std([row.get("train_loss") for row in rows]), _mean_std([row.get("mask_mean") for row in rows]),
-              _mean_std([row.get("step_time_s") for row in rows], "{:.3f}")]
+    mean_std = lambda key, fmt="{:.4f}": replication.mean_std([row.get(key) for row in rows], fmt)
+    cells = [mean_std(k) for k, _, _ in METRICS]
+    cells += [mean_std("train_loss"), mean_std("mask_mean"), mean_std("step_time_s", "{:.3f}")]
     lines.append(f"| {arm} | " + " | ".join(cells) + " |")
   if "dino" in arms:
     lines += ["", "Paired differences against the `dino` baseline (same seed: same data order and crops), "
-              "mean ± std over seeds (positive = better):", "",
-              "| arm | " + " | ".join(label for _, label, _ in METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
-    base = {r["seed"]: r["final"] for r in _rows(results, "dino")}
-    for arm in [a for a in arms if a != "dino"]:
-      cells = []
-      for k, _, higher in METRICS:
-        diffs = [(r["final"][k] - base[r["seed"]][k]) * (1 if higher else -1) for r in _rows(results, arm)
-                 if r["seed"] in base and k in r["final"] and k in base[r["seed"]]]
-        cells.append(_mean_std(diffs, "{:+.4f}"))
-      lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+              "mean ± s.e. over seeds, seeds where the arm is better (positive = better):", ""]
+    lines += replication.markdown_table(
+        ["arm"] + [label for _, label, _ in METRICS],
+        [[arm] + [replication.difference_cell(replication.paired_difference(
+            results, arm, k, "dino", higher_is_better=higher), "{:+.4f}") for k, _, higher in METRICS]
+         for arm in arms if arm != "dino"])
   lines += ["", f"Gate (val split, margin {gate['margin']}): " + (
       "passed" if gate["passed"] else "FAILED, arms run with --ignore_gate: " + "; ".join(gate["reasons"])) + ". "
       + ", ".join(f"{k} random init {gate['random_init'][k]:.4f} / base {gate['base'][k]:.4f}" for k, _ in GATE_METRICS)]
