@@ -101,6 +101,7 @@ def test_designer_mode_resume_equals_uninterrupted(tmp_path):
     ("dino.centering", "mean"),
     ("dino.ibot_weight", -1.0),
     ("dino.koleo_weight", -0.1),
+    ("vpt.dispatch", "sometimes"),
 ])
 def test_bad_config_field_is_named(field, value):
   config = nano_config(**{field: value})

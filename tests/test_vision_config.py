@@ -191,3 +191,11 @@ def test_images_and_scenes_import_one_way():
   assert "vpt.data.scenes" in images_top and not images_nested
   assert not any("images" in name for name in scenes_top | scenes_nested), scenes_top | scenes_nested
   assert not scenes_nested and not fashion_top and not fashion_nested
+
+
+def test_the_meta_step_dispatch_is_validated_in_both_schemas():
+  message = r"config.vpt.dispatch='sometimes': expected one of \('cond', 'host'\)"
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(config_lib.with_overrides(config_lib.base_config(), {"vpt.dispatch": "sometimes"}))
+  with pytest.raises(config_lib.ConfigError, match=message):
+    vision_config.validate_vision(config_lib.with_overrides(nano_config(), {"vpt.dispatch": "sometimes"}))

@@ -130,6 +130,61 @@ def test_sharded_vpt_step_matches_single_device(mesh_sizes):
     np.testing.assert_allclose(a, b, atol=3e-5)
 
 
+def test_host_dispatched_programs_equal_the_single_cond_program(x64):
+  """vpt.dispatch='host': the loop runs make_vpt_train_step(meta=True) on meta steps and (meta=False)
+  otherwise; over two meta and two plain steps (meta every 2, a moving designer) they equal the lax.cond
+  program. float64 compute and state: Adam's first designer step is ≈ lr·sign(g), which float32
+  rounding can flip where g ≈ 0; the two programs are fused apart, so they agree to float64 rounding.
+  Metrics are reported in float32 (their rounding: rtol 2^-23)."""
+  vcfg = config_lib.vpt_config()
+  vcfg.mode, vcfg.top_k, vcfg.meta_every = "value", K, 2
+  vcfg.designer.d_model, vcfg.designer.n_layers, vcfg.designer.n_heads, vcfg.designer.d_ff = 16, 1, 2, 32
+  vcfg.designer.learning_rate = 1e-2
+  model = Transformer(LMConfig(vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64,
+                               dtype="float64"))
+  opt_cfg = config_lib.base_config().optimizer
+  optimizer, schedule = make_optimizer(opt_cfg, 20)
+  f64 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                  tree)
+  state = init_train_state(model, optimizer, SEQ, seed=0)
+  designer = TaskDesigner(DesignerConfig.from_config(vcfg))
+  state = state.replace(designer=init_designer_state(designer, make_designer_optimizer(vcfg), state.params, SEQ, K,
+                                                     seed=0))
+  start = state.replace(params=f64(state.params), opt_state=f64(state.opt_state),
+                        designer=state.designer.replace(params=f64(state.designer.params),
+                                                        opt_state=f64(state.designer.opt_state)))
+  cond = jax.jit(make_vpt_train_step(model, optimizer, schedule, vcfg, opt_cfg))
+  host = {m: jax.jit(make_vpt_train_step(model, optimizer, schedule, vcfg, opt_cfg, meta=m)) for m in (True, False)}
+  a = b = start
+  without_metrics = lambda st: st.replace(designer=st.designer.replace(last_meta=None))
+  for i in range(4):
+    batch, fb = _batch(50 + i), _batch(150 + i)
+    a, ma = cond(a, batch, fb)
+    b, mb = host[i % 2 == 0](b, batch, fb)
+    for x, y in zip(jax.tree.leaves(without_metrics(a)), jax.tree.leaves(without_metrics(b))):
+      assert x.dtype == y.dtype and x.dtype != np.float32
+      np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-14)  # float64 rounding; atol: exact-zero gradients
+    for k in ma:
+      np.testing.assert_allclose(ma[k], mb[k], rtol=2**-23, atol=1e-30, err_msg=k)
+  assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(start.designer.params),
+                                                      jax.tree.leaves(b.designer.params)))  # the designer moved
+
+
+@pytest.mark.slow
+def test_host_dispatch_runs_the_loop_with_two_programs(tmp_path):
+  """vpt.dispatch='host' through train.run: the plain and the meta program both run (the designer moves,
+  the meta steps are timed apart), and the run resumes from its own checkpoint as any other."""
+  config = vpt_config("nano,value", num_steps=12, eval_batches=1, **{"vpt.dispatch": "host", "vpt.meta_every": 2,
+                                                                      "log_every_steps": 4})
+  summary = train.run(config, str(tmp_path), stop_after=5)
+  assert summary["preempted"] and summary["step"] == 5
+  summary = train.run(config, str(tmp_path))
+  assert summary["start_step"] == 5 and summary["step"] == 12 and not summary["preempted"]
+  assert np.isfinite(summary["train"]["meta/value"]) and summary["train"]["meta/value"] != 0.0
+  # Steps 5 and 6 compile the plain and the meta program (not timed); meta steps 8 and 10 are timed apart.
+  assert summary["train"]["meta_time_fraction"] >= 0.0
+
+
 @pytest.mark.slow
 def test_alpha_zero_reproduces_the_ntp_baseline_exactly(tmp_path):
   ntp = train.run(vpt_config("nano,ntp", num_steps=12), str(tmp_path / "ntp"))

@@ -149,6 +149,9 @@ def _with_step(jitted, step_value: int):
   return fixed
 
 
+PROGRAM_NAMES = {None: "step", False: "plain", True: "meta"}  # a step program's name in the report, by its `meta`
+
+
 def _first_step(vpt_cfg, meta: bool) -> int:
   """The first step (≥ burn-in) that is a meta step (meta=True) or a plain one."""
   step = int(vpt_cfg.burn_in_steps)
@@ -169,24 +172,33 @@ def _lm_compile(config, model_cfg, devices, *, variants: bool) -> dict[str, Any]
   optimizer, schedule = train.make_learner_optimizer(config, model_cfg)
   abstract_state = jax.eval_shape(train.make_init_fn(config, model, optimizer))
   shardings = sharding.state_shardings(abstract_state, mesh, optimizer)
-  step = train.jit_train_step(config, model, optimizer, schedule, shardings, mesh)
 
   state_in = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
   batch = abstract_batch(config.batch_size, config.data.seq_len, mesh, LM_BATCH_FIELDS)
-  fb = None
-  if vpt_step.uses_designer(config.vpt):
-    fb = abstract_feedback(config, mesh)
+  uses_designer = vpt_step.uses_designer(config.vpt)
+  fb = abstract_feedback(config, mesh) if uses_designer else None
   args = (state_in, batch, fb)
-  compiled, seconds = _compile(step, *args)
-  out = dict(mesh=mesh, abstract_state=abstract_state, shardings=shardings, args=args,
-             programs={"step": compiled}, compile_seconds={"step": seconds})
-  if variants and vpt_step.uses_designer(config.vpt):
+  out = dict(mesh=mesh, abstract_state=abstract_state, shardings=shardings, args=args, programs={},
+             compile_seconds={})
+  for meta in meta_lib.programs_for(config.vpt.dispatch, uses_designer):  # what training runs
+    step = train.jit_train_step(config, model, optimizer, schedule, shardings, mesh, meta=meta)
+    name = PROGRAM_NAMES[meta]
+    out["programs"][name], out["compile_seconds"][name] = _compile(step, *args)
+  out["runs"] = list(out["programs"])
+  if variants and uses_designer and "step" in out["programs"]:  # the cond program's branches, for the estimate
     batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     for name, meta in (("meta", True), ("plain", False)):
       forced = jax.jit(_with_step(step, _first_step(config.vpt, meta)), in_shardings=(shardings, batch_sh, batch_sh),
                        out_shardings=(shardings, repl), donate_argnums=(0,))
       out["programs"][name], out["compile_seconds"][name] = _compile(forced, *args)
   return out
+
+
+def _worst_memory(programs: dict[str, Any], runs) -> dict[str, Any]:
+  """The memory rows of the program (of those training runs) with the highest peak, which it names."""
+  mems = {name: program_memory(programs[name]) for name in runs}
+  worst = max(mems, key=lambda n: mems[n].get("peak", 0))
+  return {**mems[worst], "program": worst, "programs_peak": {n: m.get("peak") for n, m in mems.items()}}
 
 
 def dry_run(config: ml_collections.ConfigDict, *, hbm_gb: float = 0.0, devices=None, label: str = "",
@@ -225,10 +237,10 @@ def dry_run(config: ml_collections.ConfigDict, *, hbm_gb: float = 0.0, devices=N
       "opt_state": per_device_bytes(abstract_state.opt_state, shardings.opt_state),
       "designer": per_device_bytes(abstract_state.designer, shardings.designer),
       "compile_seconds": dict(built["compile_seconds"]),
-      "compiled": built["programs"]["step"],
       "state_shardings": shardings,
   }
-  report.update(program_memory(built["programs"]["step"]))
+  report.update(_worst_memory(built["programs"], built["runs"]))
+  report["compiled"] = built["programs"][report["program"]]
   if sl is not None:
     report.update(slice=sl.name, topology=sl.topology_name, chip=sl.chip.name, num_chips=sl.num_chips)
     hbm_gb = hbm_gb or sl.chip.hbm_bytes / GB
@@ -245,7 +257,7 @@ def dry_run(config: ml_collections.ConfigDict, *, hbm_gb: float = 0.0, devices=N
         with ntp.unlocked():
           ntp.vpt.mode = "ntp"
         nb = _lm_compile(ntp, model_cfg, devices, variants=False)
-        report["compile_seconds"]["ntp"] = nb["compile_seconds"]["step"]
+        report["compile_seconds"]["ntp"] = nb["compile_seconds"]["step"]  # NTP: one program, "step"
         baseline = nb["programs"]["step"]
       report["estimate"] = estimate_throughput(
           programs, baseline, sl, mesh, config.vpt, units=tokens, unit_name="tokens",
@@ -304,14 +316,18 @@ def vision_dry_run(config: ml_collections.ConfigDict, *, hbm_gb: float = 0.0, de
         labeled[f] = jax.ShapeDtypeStruct((cfg.feedback.batch_size, lsize, lsize),
                                           jnp.int32 if f == "seg" else jnp.float32, sharding=bsh)
       args[2:] = [{"image": img(cfg.vpt.meta_batch_size, size)}, labeled, labeled]
-    jitted = train_vision.jit_step_programs(cfg, shardings, mesh)
+    jitted = train_vision.jit_step_programs(cfg, shardings, mesh)  # what training runs
+    names = {**PROGRAM_NAMES, None: "step" if uses else "plain"}
     programs, seconds = {}, {}
-    for meta, name in ((False, "plain"), (True, "meta")):
-      if jitted[meta] is not None:
-        programs[name], seconds[name] = _compile(jitted[meta], *args)
-    return mesh, abstract_state, shardings, programs, seconds
+    for meta, step in jitted.items():
+      programs[names[meta]], seconds[names[meta]] = _compile(step, *args)
+    runs = list(programs)
+    if estimate and "step" in programs:  # one lax.cond program: its branches as programs, for the estimate
+      for meta, step in train_vision.jit_step_programs(cfg, shardings, mesh, dispatch="host").items():
+        programs[names[meta]], seconds[names[meta]] = _compile(step, *args)
+    return mesh, abstract_state, shardings, programs, seconds, runs
 
-  mesh, abstract_state, shardings, programs, seconds = build(config)
+  mesh, abstract_state, shardings, programs, seconds, runs = build(config)
   student, teacher = abstract_state.student, abstract_state.teacher
   report = {
       "label": label, "mode": config.vpt.mode, "lora_rank": 0, "task": "vision",
@@ -322,13 +338,10 @@ def vision_dry_run(config: ml_collections.ConfigDict, *, hbm_gb: float = 0.0, de
       "opt_state": per_device_bytes(abstract_state.opt_state, shardings.opt_state),
       "designer": (per_device_bytes(abstract_state.designer, shardings.designer)
                    + per_device_bytes(abstract_state.heads, shardings.heads)),
-      "compile_seconds": dict(seconds), "compiled": programs["plain"], "state_shardings": shardings,
+      "compile_seconds": dict(seconds), "state_shardings": shardings,
   }
-  mems = {name: program_memory(c) for name, c in programs.items()}
-  worst = max(mems, key=lambda n: mems[n].get("peak", 0))
-  report.update(mems[worst])
-  report["program"] = worst  # which program the memory rows are from
-  report["programs_peak"] = {n: m.get("peak") for n, m in mems.items()}
+  report.update(_worst_memory(programs, runs))
+  report["compiled"] = programs[runs[0]]
   if sl is not None:
     report.update(slice=sl.name, topology=sl.topology_name, chip=sl.chip.name, num_chips=sl.num_chips)
     hbm_gb = hbm_gb or sl.chip.hbm_bytes / GB
@@ -338,10 +351,11 @@ def vision_dry_run(config: ml_collections.ConfigDict, *, hbm_gb: float = 0.0, de
         dino_cfg = copy.deepcopy(config)
         with dino_cfg.unlocked():
           dino_cfg.vpt.mode = "dino"
-        _, _, _, bprog, bsec = build(dino_cfg)
+        _, _, _, bprog, bsec, _ = build(dino_cfg)
         report["compile_seconds"]["dino"] = bsec["plain"]
         baseline = bprog["plain"]
-      report["estimate"] = estimate_throughput(programs, baseline, sl, mesh, config.vpt, units=config.batch_size,
+      report["estimate"] = estimate_throughput({k: v for k, v in programs.items() if k != "step"}, baseline, sl,
+                                               mesh, config.vpt, units=config.batch_size,
                                                unit_name="images", model_flops=None, baseline_name="DINO")
   report = with_budget(report, hbm_gb)
   if echo:
@@ -599,7 +613,7 @@ def format_report(r: dict[str, Any]) -> str:
   lines += [f"    optimizer state            {gb(r['opt_state'])}",
             f"    designer (params + opt)    {gb(r['designer'])}"]
   if "peak" in r:
-    if "program" in r:
+    if len(r.get("programs_peak", {})) > 1:
       lines.append(f"    (the {r['program']} program, the larger of "
                    + ", ".join(f"{n} {gb(p).strip()}" for n, p in r["programs_peak"].items()) + ")")
     lines += [f"    program arguments          {gb(r['arguments'])}",

@@ -14,6 +14,7 @@ import re
 
 import ml_collections
 
+from vpt.core import DISPATCHES
 from vpt.data.synthetic_math import StreamStyle
 
 # The projections LoRA can adapt (Hugging Face / PEFT module names); all of them by default, as in the
@@ -148,6 +149,9 @@ def vpt_config() -> ml_collections.ConfigDict:
   c.meta_batch_size = 0  # evenly spaced rows of the batch (0: all)
   c.meta_seq_len = 0  # first positions of each row (0: all)
   c.burn_in_steps = 0  # ...after this many learner steps.
+  # 'cond': one program, the meta step under lax.cond; 'host': a plain and a meta program, the loop picks
+  # (vpt.core.meta: straight-line code, twice the compiles).
+  c.dispatch = "cond"
   # β of a running average of g_down over the meta steps (bias-corrected; vpt_step.py): the designer
   # aligns with ≈ the last 1/(1 − β) feedback batches at the cost of one. 0: this step's g_down only.
   c.g_down_average = 0.0
@@ -383,6 +387,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(0 <= v.align_last_n_layers <= m.n_layers, "vpt.align_last_n_layers", f"in [0, model.n_layers={m.n_layers}]")
   need(v.meta_every >= 1, "vpt.meta_every", ">= 1")
   need(v.burn_in_steps >= 0, "vpt.burn_in_steps", ">= 0")
+  need(v.dispatch in DISPATCHES, "vpt.dispatch", f"one of {DISPATCHES}")
   need(0.0 <= v.g_down_average < 1.0, "vpt.g_down_average", "in [0, 1) (0: off)")
   need(v.g_down_average == 0.0 or v.alignment == "pooled", "vpt.g_down_average",
        "0 with vpt.alignment='domain_matched' (the running average is of the pooled g_down)")

@@ -174,9 +174,10 @@ def make_init_fn(config: ml_collections.ConfigDict, model: Transformer, optimize
 
 
 def jit_train_step(config: ml_collections.ConfigDict, model: Transformer, optimizer: optax.GradientTransformation,
-                   schedule: optax.Schedule, shardings: Any, mesh) -> Any:
+                   schedule: optax.Schedule, shardings: Any, mesh, meta: bool | None = None) -> Any:
   """The jitted step `(state, batch, fb_batch) -> (state, metrics)` with explicit shardings and the
-  state donated; fb_batch is ignored (None) unless the mode has a designer."""
+  state donated; fb_batch is ignored (None) unless the mode has a designer. `meta`: None — the meta
+  step under lax.cond; True / False — the host-dispatched meta / plain program (vpt.dispatch='host')."""
   vpt_cfg = config.vpt
   batch_sh = sharding.batch_sharding(mesh)
   out_sh = (shardings, sharding.replicated(mesh))
@@ -185,7 +186,7 @@ def jit_train_step(config: ml_collections.ConfigDict, model: Transformer, optimi
     return jax.jit(lambda st, b, fb: step_fn(st, b), in_shardings=(shardings, batch_sh, None),
                    out_shardings=out_sh, donate_argnums=(0,))
   step_fn = vpt_step.make_vpt_train_step(model, optimizer, schedule, vpt_cfg, config.optimizer,
-                                         config.grad_accum_steps, plan=vpt_step.feedback_plan(config))
+                                         config.grad_accum_steps, plan=vpt_step.feedback_plan(config), meta=meta)
   fb_sh = batch_sh if vpt_step.uses_designer(vpt_cfg) else None
   return jax.jit(step_fn, in_shardings=(shardings, batch_sh, fb_sh), out_shardings=out_sh, donate_argnums=(0,))
 
@@ -284,7 +285,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   peak_flops, peak_source = metrics_lib.device_peak_flops(dtype=model_cfg.dtype)
 
   batch_sh = sharding.batch_sharding(mesh)
-  train_step = jit_train_step(config, model, optimizer, schedule, shardings, mesh)
+  programs = {m: jit_train_step(config, model, optimizer, schedule, shardings, mesh, meta=m)
+              for m in meta_lib.programs_for(config.vpt.dispatch, uses_designer)}
   feedback = _FeedbackFeed({k: v for k, v in iterators.items() if k != "data"}, config, plan, mesh)
   generation_eval = _generation_eval(config, model, tokenizer)
   downstream_eval = make_downstream_eval(model, config.feedback, tokenizer, mesh, seed=config.seed,
@@ -307,9 +309,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   def next_step(step: int) -> loop_lib.StepCall:
     nonlocal pending_batch
     batch, pending_batch = (pending_batch if pending_batch is not None else next(train_iter)), None
-    meta = uses_designer and meta_lib.is_meta_step(step, vpt_cfg.burn_in_steps, vpt_cfg.meta_every)
-    return loop_lib.StepCall("train", train_step, (sharding.global_batch(batch, mesh), feedback.batch_for(step)),
-                             meta)
+    meta = uses_designer and bool(meta_lib.is_meta_step(step, vpt_cfg.burn_in_steps, vpt_cfg.meta_every))
+    key = meta if None not in programs else None
+    return loop_lib.StepCall(key, programs[key], (sharding.global_batch(batch, mesh), feedback.batch_for(step)), meta)
 
   def evaluate(state, step: int) -> dict[str, float]:
     result = _evaluate(config, tokenizer, eval_step, state.params, mesh)

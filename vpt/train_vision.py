@@ -38,7 +38,7 @@ from vpt.data import images as images_lib
 from vpt.evals import vision as vision_evals
 from vpt.models.vit import ViT, ViTConfig, count_params
 from vpt.vision_step import VisionSetup
-from vpt.core import loop as loop_lib
+from vpt.core import loop as loop_lib, meta as meta_lib
 
 
 EVAL_SPLITS = ("val", "test")
@@ -342,18 +342,19 @@ def _rates(steps: int, seconds: float, images_per_step: int, flops_per_image: fl
   return out
 
 
-def jit_step_programs(config: ml_collections.ConfigDict, shardings, mesh) -> dict[bool, Any]:
-  """{meta: the jitted step} (None for meta=True without a designer); also what `--dry_run` compiles.
-
-  Two programs, picked on the host by the step count: the meta step runs as straight-line code
-  (under lax.cond XLA:CPU ran it up to 2.6× slower; BENCHMARKS.md). Each compiles on first use."""
+def jit_step_programs(config: ml_collections.ConfigDict, shardings, mesh,
+                      dispatch: str | None = None) -> dict[bool | None, Any]:
+  """{meta: the jitted step} for the keys of vpt.core.meta.programs_for(vpt.dispatch): {False: plain,
+  True: meta} dispatched by the host (the default: XLA:CPU ran the meta step up to 2.6× slower under
+  lax.cond; BENCHMARKS.md), or {None: one program}. Also what `--dry_run` compiles; `dispatch`
+  overrides the config's. Each compiles on first use."""
   uses_designer = vision_config.uses_designer(config)
   batch_sh = sharding.batch_sharding(mesh)
   fb_sh = batch_sh if uses_designer else None
   jit_step = lambda meta: jax.jit(vision_step.make_vision_train_step(config, meta=meta),
                                   in_shardings=(shardings, batch_sh, fb_sh, fb_sh, fb_sh),
                                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
-  return {False: jit_step(False), True: jit_step(True) if uses_designer else None}
+  return {m: jit_step(m) for m in meta_lib.programs_for(dispatch or config.vpt.dispatch, uses_designer)}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
@@ -429,7 +430,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
     batch_u, pending = (pending if pending is not None else _images_only(next(train_iter))), None
     meta = uses_designer and bool(setup.is_meta_step(step))
     feeds = meta_feed.batches_for(step) if uses_designer else (None, None, None)
-    return loop_lib.StepCall(meta, programs[meta], (sharding.global_batch(batch_u, mesh), *feeds), meta)
+    key = meta if None not in programs else None
+    return loop_lib.StepCall(key, programs[key], (sharding.global_batch(batch_u, mesh), *feeds), meta)
 
   evaluate = lambda state, step: None if evaluator is None else evaluator(eval_backbone(state))
   peak_flops, peak_source = metrics_lib.device_peak_flops(dtype=config.model.dtype)

@@ -20,6 +20,7 @@ import math
 import ml_collections
 
 from vpt import config_lib
+from vpt.core import DISPATCHES
 from vpt.data import scenes
 from vpt.data.images import ADE20K_NUM_CLASSES, image_data_config
 from vpt.models.vit import ACTIVATIONS, ViTConfig, vit_config
@@ -99,6 +100,7 @@ def vpt_config() -> ml_collections.ConfigDict:
   c.align = "dot"  # 'dot' | 'cosine' (exact, double backward) | 'cosine_cheap' (‖g_pre‖ held constant)
   c.meta_every = 4  # r
   c.burn_in_steps = 0
+  c.dispatch = "host"  # 'host': a plain and a meta program, the loop picks; 'cond': one program (vpt.core.meta)
   c.align_last_n_layers = 2  # S = last K blocks + final norm
   c.meta_batch_size = 32  # the separate unlabeled meta-SSL batch
   c.designer = ml_collections.ConfigDict()  # the U-Net (vpt.models.unet) and its optimizer
@@ -312,6 +314,7 @@ def validate_vision(config: ml_collections.ConfigDict) -> None:
   need(v.align in ALIGNS, "vpt.align", f"one of {ALIGNS}")
   need(v.meta_every >= 1, "vpt.meta_every", ">= 1")
   need(v.burn_in_steps >= 0, "vpt.burn_in_steps", ">= 0")
+  need(v.dispatch in DISPATCHES, "vpt.dispatch", f"one of {DISPATCHES}")
   need(1 <= v.align_last_n_layers <= m.n_layers, "vpt.align_last_n_layers", f"in [1, model.n_layers={m.n_layers}]")
   need(v.meta_batch_size > 0, "vpt.meta_batch_size", "> 0")
   des = v.designer

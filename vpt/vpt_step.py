@@ -381,10 +381,13 @@ def meta_update(state: TrainState, batch: dict, fb_batch: dict, rng: jax.Array, 
 
 
 def make_vpt_train_step(model: nn.Module, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                        vpt_cfg, learner_opt_cfg, accum_steps: int = 1, plan: FeedbackPlan | None = None) -> Callable:
+                        vpt_cfg, learner_opt_cfg, accum_steps: int = 1, plan: FeedbackPlan | None = None,
+                        meta: bool | None = None) -> Callable:
   """(state, batch, fb_batch) -> (state, metrics); fb_batch is read only on meta steps.
 
   fb_batch is one batch, or {set name: batch} when plan.sets names the feedback sets (FeedbackPlan).
+  `meta=None`: the meta step under `lax.cond` on the step counter; True / False: always / never (the
+  loop dispatches on the host's step count, vpt.dispatch='host'; vpt.core.meta).
   """
   designer = TaskDesigner(DesignerConfig.from_config(vpt_cfg)) if uses_designer(vpt_cfg) else None
   designer_opt = make_designer_optimizer(vpt_cfg) if designer is not None else None
@@ -398,8 +401,8 @@ def make_vpt_train_step(model: nn.Module, optimizer: optax.GradientTransformatio
       return new_state, metrics
     rng = jax.random.fold_in(state.rng, state.step)
     n_layers, n_last = model.cfg.n_layers, vpt_cfg.align_last_n_layers
-    (new_designer, g_down), meta = meta_lib.meta_or_skip(
-        None, meta_lib.is_meta_step(state.step, vpt_cfg.burn_in_steps, vpt_cfg.meta_every),
+    (new_designer, g_down), is_meta = meta_lib.meta_or_skip(
+        meta, meta_lib.is_meta_step(state.step, vpt_cfg.burn_in_steps, vpt_cfg.meta_every),
         lambda: meta_update(state, batch, fb_batch, rng, model=model, designer=designer, vpt_cfg=vpt_cfg,
                             designer_opt=designer_opt, learner_opt_cfg=learner_opt_cfg, plan=plan),
         lambda: (state.designer, alignment.subset_zeros(state.params, n_layers, n_last)))
@@ -408,7 +411,7 @@ def make_vpt_train_step(model: nn.Module, optimizer: optax.GradientTransformatio
     new_state, metrics, grads = learner_update(state, batch, loss_fn, optimizer, schedule, accum_steps,
                                                **learner_kw(state))
     g_pre, _ = alignment.split_params(grads, n_layers, n_last)
-    last = meta_lib.record_alignment(new_designer.last_meta, meta, g_down, g_pre)
+    last = meta_lib.record_alignment(new_designer.last_meta, is_meta, g_down, g_pre)
     new_state = new_state.replace(designer=new_designer.replace(last_meta=last))
     metrics.update({f"meta/{k}": v for k, v in last.items()})
     return new_state, metrics

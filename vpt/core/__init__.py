@@ -12,3 +12,6 @@ sentence that know nothing about tokens or pixels:
 
 Invariant: nothing under vpt.core imports a modality (vpt.models.lm / vit, vpt.tasks, vpt.data).
 """
+
+# How a step takes its meta step (vpt.core.meta); here, so that config schemas validate it without JAX.
+DISPATCHES = ("cond", "host")

@@ -5,10 +5,13 @@ t % meta_every == 0: a function of the checkpointed step alone, so a resumed run
 steps exactly where an uninterrupted run would. `meta_index` is n, the meta steps so far with this
 one (what a running average over meta steps is bias-corrected by).
 
-Dispatch. A step either runs the meta update under `lax.cond` in one program (`dispatch=None`), or the
-host knows whether this step is a meta step and the loop calls one of two programs (`dispatch=True /
-False`): the same results; XLA:CPU runs the meta update up to 2.6× slower inside a conditional than as
-straight-line code (BENCHMARKS.md). Either way a step without a meta step gets g_down = 0 on S.
+Dispatch (config `vpt.dispatch`, one of DISPATCHES). 'cond': one program runs the meta update under
+`lax.cond` on the step counter (`meta_or_skip(None, …)`). 'host': the host knows whether this step is a
+meta step and the loop calls one of two programs, each compiled with the branch fixed
+(`meta_or_skip(True / False, …)`): the same results up to floating-point reassociation (XLA fuses
+each program on its own), twice the compiles, and straight-line code — XLA:CPU ran the vision meta update
+up to 2.6× slower inside a conditional (BENCHMARKS.md). Either way a step without a meta step gets
+g_down = 0 on S.
 
 Bookkeeping. After the learner step, cos(g_down, g_pre) with g_pre = the gradient the learner
 actually stepped along (on S, with the updated designer) is free — a separate g_pre would cost a
@@ -25,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vpt.core import alignment
+from vpt.core import DISPATCHES, alignment
 
 
 @flax.struct.dataclass
@@ -53,6 +56,14 @@ def designer_optimizer(learning_rate: float, grad_clip_norm: float,
   parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm > 0 else []
   parts.append(optax.adamw(learning_rate, weight_decay=weight_decay))
   return optax.chain(*parts)
+
+
+def programs_for(dispatch: str, uses_designer: bool) -> tuple[bool | None, ...]:
+  """The step programs a loop compiles: (None,) — one program, the meta step under lax.cond (or no meta
+  step at all); (False, True) — the plain and the meta program, dispatched by the host."""
+  if dispatch not in DISPATCHES:
+    raise ValueError(f"vpt.dispatch={dispatch!r}; expected one of {DISPATCHES}")
+  return (False, True) if uses_designer and dispatch == "host" else (None,)
 
 
 def meta_or_skip(dispatch: bool | None, is_meta, run: Callable[[], Any], skip: Callable[[], Any]):
