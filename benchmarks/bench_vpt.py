@@ -23,7 +23,7 @@ import numpy as np
 
 from vpt import config_lib
 from vpt import value as value_lib
-from vpt.data.feedback import downstream_nll
+from vpt.tasks.losses import downstream_nll
 from vpt.models.designer import DesignerConfig, TaskDesigner
 from vpt.models.lm import LMConfig, Transformer, count_params
 from vpt.optim import make_optimizer

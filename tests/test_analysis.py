@@ -17,7 +17,7 @@ from vpt import analysis, config_lib, sharding
 from vpt import checkpoint as ckpt_lib
 from vpt import value as value_lib
 from vpt.core import alignment
-from vpt.data.feedback import downstream_nll
+from vpt.tasks.losses import downstream_nll
 from vpt.models.designer import DesignerConfig, TaskDesigner
 from vpt.models.lm import LMConfig, Transformer
 from vpt.steps import init_train_state

@@ -14,6 +14,7 @@ import pytest
 
 from vpt import config_lib
 from vpt.data import feedback as fb
+from vpt.tasks import losses
 from vpt.data import pipeline, synthetic_math as sm, tokenizer as tok_lib
 
 from conftest import GSM8K_DIR, assert_batches_equal
@@ -300,13 +301,13 @@ def test_downstream_nll_matches_float64_reference(x64):
   mask[1, 5] = 1  # One answer token: weighs as much as row 0's three.
   mask[3, 1:] = 1  # Row 2 has no answer tokens: excluded, not a zero in the mean.
   logits[2, 0, targets[2, 0]] = -np.inf  # ...and a -inf there must not leak a NaN.
-  loss = jax.jit(fb.downstream_nll)(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+  loss = jax.jit(losses.downstream_nll)(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
   assert loss.dtype == jnp.float64
   np.testing.assert_allclose(float(loss), _reference_nll(logits, targets, mask), rtol=1e-12)
-  grad = jax.grad(fb.downstream_nll)(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+  grad = jax.grad(losses.downstream_nll)(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
   assert np.isfinite(np.asarray(grad)).all() and not np.asarray(grad[2]).any()
   # No answer tokens at all: 0, not NaN.
-  assert float(fb.downstream_nll(jnp.asarray(logits), jnp.asarray(targets),
+  assert float(losses.downstream_nll(jnp.asarray(logits), jnp.asarray(targets),
                                  jnp.zeros((4, 6)))) == 0.0
 
 
@@ -316,10 +317,10 @@ def test_downstream_nll_float32_and_bfloat16():
   targets = rng.integers(0, 7, size=(3, 5))
   mask = (rng.random((3, 5)) < 0.6).astype(np.float32)
   ref = _reference_nll(logits.astype(np.float64), targets, mask)
-  loss = fb.downstream_nll(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+  loss = losses.downstream_nll(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
   assert loss.dtype == jnp.float32
   np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
-  loss16 = fb.downstream_nll(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(targets),
+  loss16 = losses.downstream_nll(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(targets),
                              jnp.asarray(mask))
   assert loss16.dtype == jnp.float32  # Upcast: the loss itself is never bfloat16.
   np.testing.assert_allclose(float(loss16), ref, rtol=2e-2)

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from vpt import config_lib, generate as gen, sharding
 from vpt import value as value_lib
 from vpt.core import alignment
-from vpt.data.feedback import downstream_nll
+from vpt.tasks.losses import downstream_nll
 from vpt.models import lora as lora_lib
 from vpt.models.designer import DesignerConfig, TaskDesigner
 from vpt.models.lm import LMConfig, Transformer

@@ -23,7 +23,7 @@ from vpt.core import alignment
 from vpt import vpt_step
 from vpt.data import feedback as feedback_lib
 from vpt.data import pipeline, sources
-from vpt.data.feedback import downstream_nll
+from vpt.tasks.losses import downstream_nll
 from vpt.models.designer import DesignerConfig, TaskDesigner
 from vpt.models.lm import LMConfig, Transformer
 from vpt.optim import make_optimizer

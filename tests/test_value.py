@@ -13,7 +13,7 @@ import pytest
 from vpt import config_lib
 from vpt import value as value_lib
 from vpt.core import alignment
-from vpt.data.feedback import downstream_nll
+from vpt.tasks.losses import downstream_nll
 from vpt.models.designer import DesignerConfig, TaskDesigner
 from vpt.models.lm import LMConfig, Transformer
 from vpt.optim import make_optimizer

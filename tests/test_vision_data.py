@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vpt.data import images, scenes
+from vpt.data import fashion_mnist, images, scenes
 
 
 # --- idx / Fashion-MNIST ------------------------------------------------------------
@@ -26,15 +26,15 @@ from vpt.data import images, scenes
     np.array([-3, 7], np.int16),
 ])
 def test_idx_round_trip(tmp_path, name, array):
-  path = images.write_idx(str(tmp_path / name), array)
-  back = images.read_idx(path)
+  path = fashion_mnist.write_idx(str(tmp_path / name), array)
+  back = fashion_mnist.read_idx(path)
   assert back.dtype == array.dtype and back.shape == array.shape
   np.testing.assert_array_equal(back, array)
 
 
 def test_idx_layout_is_the_mnist_one(tmp_path):
   """Header bytes as in the MNIST spec: 00 00 08 03, then big-endian dims, then the data."""
-  path = images.write_idx(str(tmp_path / "x.idx"), np.arange(6, dtype=np.uint8).reshape(1, 2, 3))
+  path = fashion_mnist.write_idx(str(tmp_path / "x.idx"), np.arange(6, dtype=np.uint8).reshape(1, 2, 3))
   raw = pathlib.Path(path).read_bytes()
   assert raw == bytes([0, 0, 8, 3, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 1, 2, 3, 4, 5])
 
@@ -44,37 +44,37 @@ def test_idx_errors_name_the_file(tmp_path):
   bad_magic = tmp_path / "bad_magic.idx"
   bad_magic.write_bytes(b"\x01\x02\x08\x02" + b"\x00" * 18)
   with pytest.raises(ValueError, match=r"bad_magic\.idx.*bad magic number 01020802"):
-    images.read_idx(str(bad_magic))
+    fashion_mnist.read_idx(str(bad_magic))
   unknown_type = tmp_path / "type.idx"
   unknown_type.write_bytes(b"\x00\x00\x07\x01\x00\x00\x00\x01\x00")
   with pytest.raises(ValueError, match=r"type\.idx.*bad magic"):
-    images.read_idx(str(unknown_type))
-  raw = pathlib.Path(images.write_idx(str(tmp_path / "ok.idx"), good)).read_bytes()
+    fashion_mnist.read_idx(str(unknown_type))
+  raw = pathlib.Path(fashion_mnist.write_idx(str(tmp_path / "ok.idx"), good)).read_bytes()
   (tmp_path / "short.idx").write_bytes(raw[:-1])
   with pytest.raises(ValueError, match=r"short\.idx.*truncated.*need 22 bytes, the file has 21"):
-    images.read_idx(str(tmp_path / "short.idx"))
+    fashion_mnist.read_idx(str(tmp_path / "short.idx"))
   (tmp_path / "header.idx").write_bytes(raw[:6])
   with pytest.raises(ValueError, match=r"header\.idx.*truncated: the header"):
-    images.read_idx(str(tmp_path / "header.idx"))
+    fashion_mnist.read_idx(str(tmp_path / "header.idx"))
   (tmp_path / "long.idx").write_bytes(raw + b"\x00")
   with pytest.raises(ValueError, match=r"long\.idx.*longer than its header"):
-    images.read_idx(str(tmp_path / "long.idx"))
+    fashion_mnist.read_idx(str(tmp_path / "long.idx"))
   gz = gzip.compress(raw)
   (tmp_path / "cut.idx.gz").write_bytes(gz[:len(gz) // 2])
   with pytest.raises(ValueError, match=r"cut\.idx\.gz.*cannot be read"):
-    images.read_idx(str(tmp_path / "cut.idx.gz"))
+    fashion_mnist.read_idx(str(tmp_path / "cut.idx.gz"))
   with pytest.raises(FileNotFoundError, match=r"nothere\.idx"):
-    images.read_idx(str(tmp_path / "nothere.idx"))
+    fashion_mnist.read_idx(str(tmp_path / "nothere.idx"))
 
 
 def test_fashion_mnist_files_of_the_configured_directory():
   # FASHION_MNIST_DIR: the Debian package's files, or the generated stand-in that tests/conftest.py
   # points VPT_FASHION_MNIST_DIR at on a machine without them (both in the real idx layout).
-  x, y = images.load_fashion_mnist("train")
+  x, y = fashion_mnist.load_fashion_mnist("train")
   assert x.ndim == 3 and x.shape[1:] == (28, 28) and x.dtype == np.uint8
   assert y.shape == x.shape[:1] and y.min() == 0 and y.max() == 9
   np.testing.assert_array_equal(np.bincount(y), [len(y) // 10] * 10)  # Fashion-MNIST is balanced.
-  xt, yt = images.load_fashion_mnist("test")
+  xt, yt = fashion_mnist.load_fashion_mnist("test")
   assert xt.shape[1:] == (28, 28) and yt.shape == xt.shape[:1] and len(yt) < len(y)
   np.testing.assert_array_equal(np.bincount(yt), [len(yt) // 10] * 10)
   assert x[0].max() > 100 and not x.flags.writeable  # real pixels; the cache cannot be mutated.
@@ -85,17 +85,17 @@ def test_fashion_mnist_files_of_the_configured_directory():
 
 def test_fashion_mnist_directory_override_and_missing(tmp_path):
   imgs = np.arange(4 * 28 * 28, dtype=np.uint8).reshape(4, 28, 28)
-  images.write_idx(str(tmp_path / "t10k-images-idx3-ubyte"), imgs)  # uncompressed also works
-  images.write_idx(str(tmp_path / "t10k-labels-idx1-ubyte.gz"), np.array([3, 1, 4, 1], np.uint8))
-  x, y = images.load_fashion_mnist("test", str(tmp_path))
+  fashion_mnist.write_idx(str(tmp_path / "t10k-images-idx3-ubyte"), imgs)  # uncompressed also works
+  fashion_mnist.write_idx(str(tmp_path / "t10k-labels-idx1-ubyte.gz"), np.array([3, 1, 4, 1], np.uint8))
+  x, y = fashion_mnist.load_fashion_mnist("test", str(tmp_path))
   np.testing.assert_array_equal(x, imgs)
   np.testing.assert_array_equal(y, [3, 1, 4, 1])
   with pytest.raises(FileNotFoundError, match=r"train-images-idx3-ubyte.*dataset-fashion-mnist"):
-    images.load_fashion_mnist("train", str(tmp_path))
-  images.write_idx(str(tmp_path / "train-images-idx3-ubyte"), imgs)
-  images.write_idx(str(tmp_path / "train-labels-idx1-ubyte"), np.array([3, 1, 4], np.uint8))
+    fashion_mnist.load_fashion_mnist("train", str(tmp_path))
+  fashion_mnist.write_idx(str(tmp_path / "train-images-idx3-ubyte"), imgs)
+  fashion_mnist.write_idx(str(tmp_path / "train-labels-idx1-ubyte"), np.array([3, 1, 4], np.uint8))
   with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte.*expected 4 uint8 labels"):
-    images.load_fashion_mnist("train", str(tmp_path))
+    fashion_mnist.load_fashion_mnist("train", str(tmp_path))
 
 
 # --- real-layout loaders on fixtures ------------------------------------------------

@@ -35,12 +35,13 @@ from vpt import config_lib, run_dir
 from vpt import value as value_lib
 from vpt.core import alignment
 from vpt.data import sources as sources_lib
-from vpt.data.feedback import downstream_nll, heldout_records, make_feedback_iterator
+from vpt.data.feedback import heldout_records, make_feedback_iterator
 from vpt.data.pipeline import make_lm_iterator
 from vpt.data.tokenizer import SentencePieceTokenizer, Tokenizer, run_tokenizer, train_sentencepiece
 from vpt.models.designer import DesignerConfig, TaskDesigner
 from vpt.models.lm import LMConfig, Transformer
 from vpt.optim import make_optimizer
+from vpt.tasks.losses import downstream_nll
 from vpt.steps import init_train_state, make_train_step
 from vpt.tasks.lm_soft_targets import candidate_logprobs, candidates, soft_targets
 from vpt.vpt_step import (designer_targets, g_down_average_init, init_designer_state, make_designer_optimizer,

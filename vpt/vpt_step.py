@@ -65,9 +65,9 @@ from vpt import value as value_lib
 from vpt.core import alignment
 from vpt.core import meta as meta_lib
 from vpt.core.meta import DesignerState
-from vpt.data.feedback import downstream_nll
 from vpt.models.designer import DesignerConfig, TaskDesigner
 from vpt.steps import TrainState, apply_lm, learner_update, step_dropout_rng
+from vpt.tasks.losses import downstream_nll
 from vpt.tasks.lm_soft_targets import (candidate_logprobs, candidates, soft_ce_sum, soft_targets,
                                        target_stat_sums, target_stats)
 

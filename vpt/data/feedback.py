@@ -11,8 +11,8 @@ training solutions). This module builds that set and its batches:
   encode_feedback_example    one example per row, loss mask on the solution + eos
   make_feedback_iterator     infinite, reshuffled, process-sharded, checkpointable
                              grain iterator of [local_batch, seq_len] batches
-  downstream_nll             the downstream loss (mean over examples of the mean
-                             answer-token NLL)
+
+The downstream loss on these batches is vpt.tasks.losses.downstream_nll.
 
 Several feedback sets (config_lib.feedback_sets): a *set* is a list of distinct problems
 and no problem is in two sets. Sets are built in order (config.feedback first, which is
@@ -33,8 +33,6 @@ import json
 import re
 
 import grain
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from vpt import paths
@@ -291,25 +289,3 @@ def make_feedback_iterator(fb_cfg, tokenizer: Tokenizer, *, seed: int, process_i
 
 
 # --- the downstream loss ---------------------------------------------------------------
-
-
-def downstream_nll(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
-  """Mean over examples of the mean answer-token NLL (the paper's downstream loss).
-
-  (1/|B|) Σ_i (1/|A_i|) Σ_{t∈A_i} −log p(targets[i, t]), with A_i the tokens where
-  loss_mask[i] > 0 (weighted by loss_mask) and B the rows with a non-empty A_i;
-  0 if no row has one. Unlike the token-mean LM loss, every example weighs the
-  same whatever its length. logits [B, T, V] (computed in at least float32,
-  float64 stays float64), targets [B, T] int, loss_mask [B, T].
-  """
-  dtype = jnp.promote_types(logits.dtype, jnp.float32)
-  logp = jax.nn.log_softmax(logits.astype(dtype), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  mask = loss_mask.astype(dtype)
-  # where, not a product: a masked-out -inf log-probability must not turn into NaN.
-  per_token = jnp.where(mask > 0, nll * mask, 0)
-  count = jnp.sum(mask, axis=-1)
-  has_answer = count > 0
-  per_example = jnp.sum(per_token, axis=-1) / jnp.where(has_answer, count, 1)
-  n = jnp.sum(has_answer)
-  return jnp.sum(jnp.where(has_answer, per_example, 0)) / jnp.maximum(n, 1).astype(dtype)

@@ -41,10 +41,7 @@ import numpy as np
 from PIL import Image
 
 from vpt.data import scenes
-# Fashion-MNIST's files live in their own leaf module (scenes reads them too); re-exported here, where
-# the image sources have always been found.
-from vpt.data.fashion_mnist import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist, read_idx,  # noqa: F401
-                                    write_idx)
+from vpt.data.fashion_mnist import FASHION_MNIST_DIR, load_fashion_mnist  # its own module: scenes reads it too
 
 IGNORE_INDEX = 255
 ADE20K_NUM_CLASSES = 150

@@ -10,7 +10,8 @@ from __future__ import annotations
 import jax
 
 from vpt import sharding
-from vpt.data.feedback import downstream_nll, heldout_records, make_feedback_iterator
+from vpt.data.feedback import heldout_records, make_feedback_iterator
+from vpt.tasks.losses import downstream_nll
 
 
 def make_downstream_eval(model, fb_cfg, tokenizer, mesh, *, seed: int, num_batches: int):
