@@ -121,6 +121,19 @@ def test_7b_dry_run_on_8_simulated_devices_never_holds_the_weights():
   assert maxrss_gb < 4.0, maxrss_gb
 
 
+@pytest.mark.slow
+def test_vision_dry_run_on_simulated_devices():
+  """`--dry_run --dry_run_devices 2` on a vision config. Its config file imports jax (the ViT's schema),
+  which once made every such dry run stop with "must be set before JAX is imported": the device flag
+  only has to precede the backends' start, not the import."""
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  proc = subprocess.run([sys.executable, "-m", "vpt.main", "--config", "experiments/vision_dino.py:nano,dino",
+                         "--dry_run", "--dry_run_devices=2"], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "on 2 × cpu devices" in proc.stdout and "peak estimate" in proc.stdout, proc.stdout
+
+
 def test_dry_run_from_an_hf_directory_compiles_the_checkpoints_shape(tmp_path):
   """The learner's shape comes from the HF config.json (as training takes it), not from the preset."""
   import torch

@@ -46,14 +46,14 @@ def test_with_base_builds_once_reuses_and_continues_from_it(tmp_path, monkeypatc
   real_run = train.run
   monkeypatch.setattr(train, "run", lambda cfg, d: calls.append(d) or real_run(cfg, d))
   config = _config(tmp_path)
-  continued = base_model.with_base(config)
+  continued = base_model.with_base(config, train.run)
   run_dir = base_model.base_dir(config)
   assert continued.init_from == run_dir and base_model.is_built(run_dir) and len(calls) == 1
-  assert base_model.with_base(_config(tmp_path, **{"vpt.mode": "ntp"})).init_from == run_dir  # another arm
+  assert base_model.with_base(_config(tmp_path, **{"vpt.mode": "ntp"}), train.run).init_from == run_dir  # another arm
   assert len(calls) == 1  # reused, not retrained
   # An explicit init_from wins; no base steps: untouched.
-  assert base_model.with_base(_config(tmp_path, init_from="/elsewhere")).init_from == "/elsewhere"
-  assert base_model.with_base(_config(tmp_path, **{"base.num_steps": 0})).init_from == ""
+  assert base_model.with_base(_config(tmp_path, init_from="/elsewhere"), train.run).init_from == "/elsewhere"
+  assert base_model.with_base(_config(tmp_path, **{"base.num_steps": 0}), train.run).init_from == ""
   # The continued run starts from the base's weights and tokenizer.
   summary = train.run(config_lib.with_overrides(continued, {"num_steps": 1}), str(tmp_path / "continued"))
   assert summary["step"] == 1 and os.path.isfile(tmp_path / "continued" / "tokenizer" / "spm.model")
@@ -70,7 +70,7 @@ def test_an_interrupted_build_is_not_used_and_resumes_from_its_own_checkpoints(t
   starts = []
   real_run = train.run
   monkeypatch.setattr(train, "run", lambda cfg, d: starts.append(d) or real_run(cfg, d))
-  assert base_model.with_base(config).init_from == run_dir and base_model.is_built(run_dir)
+  assert base_model.with_base(config, train.run).init_from == run_dir and base_model.is_built(run_dir)
   assert starts == [run_dir]  # built in place: the checkpoints of the cut-off build were resumed
 
 

@@ -166,3 +166,14 @@ def test_the_core_imports_no_modality():
                                                    "vpt.vision", "vpt.train", "vpt.vpt_step", "vpt.value",
                                                    "vpt.interop", "vpt.evals"))}
   assert "vpt.core.loop" in loaded and not modality, modality
+
+
+def test_every_registered_task_supplies_the_entry_points_main_runs():
+  import ml_collections  # noqa: PLC0415
+  from vpt.core import tasks  # noqa: PLC0415
+  assert tasks.task_name(ml_collections.ConfigDict({})) == "language"  # configs written before the field
+  with pytest.raises(ValueError, match=r"config.task='audio': expected one of \['language', 'vision'\]"):
+    tasks.task_name(ml_collections.ConfigDict({"task": "audio"}))
+  for name in tasks.TASKS:
+    module = tasks.task_module(ml_collections.ConfigDict({"task": name}))
+    assert callable(module.main_run) and callable(module.run), name

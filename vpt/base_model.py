@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import json
 import os
+from typing import Callable
 
 import ml_collections
 
@@ -85,8 +86,9 @@ def is_built(run_dir: str) -> bool:
   return os.path.isfile(os.path.join(run_dir, DONE_FILE))
 
 
-def ensure_base(config: ml_collections.ConfigDict) -> str:
-  """The base run directory of `config`, training it first unless the cache already has it."""
+def ensure_base(config: ml_collections.ConfigDict, train_run: Callable[..., dict]) -> str:
+  """The base run directory of `config`, training it with `train_run` (vpt.train.run) first unless the
+  cache already has it."""
   base = base_run_config(config)
   run_dir = base_dir(config)
   if is_built(run_dir):
@@ -96,10 +98,9 @@ def ensure_base(config: ml_collections.ConfigDict) -> str:
   with open(os.path.join(run_dir, ".lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same base: wait for it.
     if not is_built(run_dir):
-      from vpt import train  # pylint: disable=g-import-not-at-top (train imports JAX)
       print(f"Base model: {base.num_steps} NTP steps on the clean generator with "
             f"{base.data.synthetic.irrelevant_fraction:.0%} filler, cached in {run_dir}", flush=True)
-      summary = train.run(base, run_dir)
+      summary = train_run(base, run_dir)
       if summary["preempted"]:
         raise SystemExit(143)  # resumes from the base's checkpoints on the next call.
       paths.write_atomic(os.path.join(run_dir, DONE_FILE), json.dumps(
@@ -108,12 +109,12 @@ def ensure_base(config: ml_collections.ConfigDict) -> str:
   return run_dir
 
 
-def with_base(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`config` continuing from its cached base (built if missing); unchanged without a base or with
-  an explicit init_from."""
+def with_base(config: ml_collections.ConfigDict, train_run: Callable[..., dict]) -> ml_collections.ConfigDict:
+  """`config` continuing from its cached base (built with `train_run`, vpt.train.run, if missing);
+  unchanged without a base or with an explicit init_from."""
   if config.base.num_steps <= 0 or config.init_from:
     return config
-  run_dir = ensure_base(config)
+  run_dir = ensure_base(config, train_run)
   config = copy.deepcopy(config)
   with config.unlocked():
     config.init_from = run_dir

@@ -173,6 +173,7 @@ def vpt_config() -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.task = "language"  # the task this schema describes (vpt.core.tasks; vision: vpt/vision_config.py)
   c.seed = 0
   c.model = model_config("tiny")
   c.data = data_config()
@@ -295,7 +296,17 @@ def validate_mesh_and_checkpoint(config: ml_collections.ConfigDict) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks values that types alone cannot; raises ConfigError (a ValueError) naming the field."""
+  try:
+    _validate(config)
+  except ConfigError:
+    raise
+  except ValueError as e:  # the data and feedback blocks' own checks (feedback_sets, stream domains, …)
+    raise ConfigError(str(e)) from e
+
+
+def _validate(config: ml_collections.ConfigDict) -> None:
   need = requirement(config)
+  need(config.get("task", "language") == "language", "task", "'language' (this is the language schema)")
 
   m = config.model
   need(m.d_model > 0, "model.d_model", "> 0")

@@ -14,6 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vpt import config_lib
+from vpt.core import tasks
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config(arg)).",
                                           lock_config=True)
@@ -103,43 +104,32 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  if not _DRY_RUN.value:  # a dry run picks its own devices (simulated CPUs or a TPU topology)
-    _pick_platforms()
-  if config.get("task") == "vision":
-    return _run_vision(config)
   try:
-    config_lib.validate(config)
+    task = tasks.task_name(config)
   except ValueError as e:
     sys.exit(f"Invalid config: {e}")
-  if _DRY_RUN.value:
-    return _dry_run(config)
-  from vpt import train  # imported late so `--help` and config errors do not pay for JAX start-up.
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax's INFO lines would drown the progress output.
-  from vpt import base_model
-  config = base_model.with_base(config)  # config.base: train (or reuse) the base, continue from it
-  runner = train.run_with_baseline if config.compare_with_baseline else train.run
-  summary = runner(config, _WORKDIR.value)
-  logging.info("done at step %d", summary["step"])
+  try:
+    if _DRY_RUN.value:  # before any task module: a dry run sets its own devices before JAX starts
+      return _dry_run(config)
+    _pick_platforms()
+    module = tasks.task_module(config)  # imported now: `--help` and an unknown task pay no JAX start-up
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)  # orbax's INFO lines would drown the progress output.
+    summary = module.main_run(config, _WORKDIR.value)  # validates the config once, then trains
+  except config_lib.ConfigError as e:
+    sys.exit(f"Invalid config: {e}")
+  logging.info("%s run done at step %d", task, summary["step"])
   if summary["preempted"]:
     sys.exit(PREEMPTED_EXIT_CODE)  # non-zero, so launchers (launch/tpu.sh) know to re-run.
 
 
-def _run_vision(config):
-  """The vision path: its own schema (vpt/vision_config.py) and loop (vpt/train_vision.py). The loop's entry
-  (train_vision.prepare_config, also the dry run's) fills the schema's defaults and validates, once per
-  run; a rejected field stops the run here as "Invalid config", before anything is written."""
-  from vpt import train_vision  # imported late, as train: JAX start-up
-  try:
-    if _DRY_RUN.value:
-      return _dry_run(config)
-    if not flags.FLAGS["verbosity"].present:
-      logging.set_verbosity(logging.WARNING)
-    preempted = train_vision.run(config, _WORKDIR.value)["preempted"]
-  except config_lib.ConfigError as e:
-    sys.exit(f"Invalid config: {e}")
-  if preempted:
-    sys.exit(PREEMPTED_EXIT_CODE)
+def _jax_backends_started() -> bool:
+  """Whether JAX has brought up its backends (a vision config file imports jax without doing so)."""
+  if "jax" not in sys.modules:
+    return False
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  started = getattr(xla_bridge, "backends_are_initialized", None)
+  return started() if started is not None else True  # unknown JAX: assume the worst
 
 
 def _dry_run(config):
@@ -151,8 +141,8 @@ def _dry_run(config):
     # accelerator, so JAX's default backend stays the host's (a TPU VM would otherwise claim its chips).
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
   if n > 0:
-    if "jax" in sys.modules:  # the flag is read when the backend starts: too late once jax is in use.
-      sys.exit("--dry_run_devices must be set before JAX is imported (run vpt.main as a program)")
+    if _jax_backends_started():  # the flag is read when the backend starts (importing jax is not enough)
+      sys.exit("--dry_run_devices must be set before JAX starts its backends (run vpt.main as a program)")
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
     if config.mesh.num_devices not in (0, n):
@@ -164,7 +154,7 @@ def _dry_run(config):
                 topology_shape=_DRY_RUN_TOPOLOGY_SHAPE.value, num_slices=_DRY_RUN_SLICES.value,
                 estimate=_DRY_RUN_ESTIMATE.value)
   except config_lib.ConfigError:
-    raise  # the vision dry run validates its config (an LM config is validated before): "Invalid config"
+    raise  # the dry run validates the config: "Invalid config" (main)
   except (ValueError, RuntimeError) as e:
     sys.exit(f"Dry run failed: {e}")
 

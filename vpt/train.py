@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from vpt import checkpoint as ckpt_lib
+from vpt import base_model, checkpoint as ckpt_lib
 from vpt import config_lib, learner_source, metrics as metrics_lib, paths, run_dir as run_dir_lib, sharding, vpt_step
 from vpt.core import loop as loop_lib, meta as meta_lib
 from vpt.data.feedback import feedback_set_records, make_feedback_iterator
@@ -389,6 +389,14 @@ def verdict(vpt: dict[str, Any], ntp: dict[str, Any]) -> str:
             else "no difference beyond noise")
     lines.append(f"  {what}: {diff:+.3f} ± {se:.3f} → {call}")
   return "\n".join(lines)
+
+
+def main_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """What `python -m vpt.main` runs for a language config (vpt.core.tasks): validate it, build or reuse
+  its base model (config.base), then train — with the NTP baseline beside it if asked."""
+  config_lib.validate(config)
+  config = base_model.with_base(config, run)  # config.base: train (or reuse) the base, continue from it
+  return (run_with_baseline if config.compare_with_baseline else run)(config, workdir)
 
 
 def run_with_baseline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -357,6 +357,11 @@ def jit_step_programs(config: ml_collections.ConfigDict, shardings, mesh,
   return {m: jit_step(m) for m in meta_lib.programs_for(dispatch or config.vpt.dispatch, uses_designer)}
 
 
+def main_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """What `python -m vpt.main` runs for a vision config (vpt.core.tasks): the run, which validates once."""
+  return run(config, workdir)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
   """Trains to `config.num_steps` (resuming from `workdir` if it holds checkpoints).
 

@@ -94,7 +94,7 @@ def arm_config(args, arm, seed, steps):
       **STREAMS[args.stream], **ARMS[arm]}
   if args.smoke:
     overrides.update({"base.num_steps": args.base_steps, "optimizer.learning_rate": 1e-3})
-  return base_model.with_base(config_lib.with_overrides(config, overrides))
+  return base_model.with_base(config_lib.with_overrides(config, overrides), train.run)
 
 
 def interleaved_step_times(args, arms, tokenizer, rounds: int = 5) -> dict[str, float]:
