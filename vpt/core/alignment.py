@@ -53,9 +53,9 @@ def merge_params(subset: dict, rest: dict) -> Params:
   return traverse_util.unflatten_dict({**rest, **subset}, sep="/")
 
 
-def subset_zeros(params: Params, n_layers: int, align_last_n_layers: int) -> dict:
+def subset_zeros(params: Params, n_layers: int, align_last_n_layers: int, tail=TAIL) -> dict:
   """0 on S: the g_down of a step without a meta step."""
-  return jax.tree.map(jnp.zeros_like, split_params(params, n_layers, align_last_n_layers)[0])
+  return jax.tree.map(jnp.zeros_like, split_params(params, n_layers, align_last_n_layers, tail)[0])
 
 
 # ----------------------------------------------------------------------------- tree algebra on S
