@@ -139,7 +139,7 @@ def test_vision_run_config_fills_new_fields_and_refuses_an_lm_run(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(old))
   assert train_vision.load_run_config(str(tmp_path)).eval.knn_k == vision_config.eval_config().knn_k
   run_dir.write_config(_lm_config(), str(tmp_path / "lm"))
-  with pytest.raises(ValueError, match="task=None, not a vision run"):
+  with pytest.raises(ValueError, match="task='language', not a vision run"):
     train_vision.load_run_config(str(tmp_path / "lm"))
 
 

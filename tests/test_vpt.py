@@ -130,6 +130,7 @@ def test_sharded_vpt_step_matches_single_device(mesh_sizes):
     np.testing.assert_allclose(a, b, atol=3e-5)
 
 
+@pytest.mark.slow
 def test_host_dispatched_programs_equal_the_single_cond_program(x64):
   """vpt.dispatch='host': the loop runs make_vpt_train_step(meta=True) on meta steps and (meta=False)
   otherwise; over two meta and two plain steps (meta every 2, a moving designer) they equal the lax.cond
