@@ -323,14 +323,13 @@ def flops_per_image(setup: VisionSetup, student) -> float:
   """The learner's model FLOPs per training image (metrics.dino_flops_per_image) from the student's
   parameter tree (abstract or concrete) and the multi-crop sizes."""
   backbone, cfg, crops = student["backbone"], setup.vit_cfg, setup.crops
-  size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-  blocks = size({k: v for k, v in backbone.items() if k.startswith("layers_")})
+  blocks = count_params({k: v for k, v in backbone.items() if k.startswith("layers_")})
   crop = lambda side: (1 + cfg.n_registers + (side // cfg.patch_size) ** 2, (side // cfg.patch_size) ** 2)
   sides = [crops.global_size] * crops.n_global + [crops.local_size] * crops.n_local
   return metrics_lib.dino_flops_per_image(
       crops=[crop(s) for s in sides], n_teacher_crops=crops.n_global, n_params_blocks=blocks,
-      n_layers=cfg.n_layers, d_model=cfg.d_model, patch_params=size(backbone["patch_embeddings"]),
-      head_params=size(student["head"]))
+      n_layers=cfg.n_layers, d_model=cfg.d_model, patch_params=count_params(backbone["patch_embeddings"]),
+      head_params=count_params(student["head"]))
 
 
 def _rates(steps: int, seconds: float, images_per_step: int, flops_per_image: float, peak_flops: float) -> dict:
