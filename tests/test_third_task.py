@@ -120,7 +120,7 @@ def train(workdir, num_steps, stop_after=None, dispatch=None):
 
   def next_step(step):
     is_meta = bool(meta.is_meta_step(step, 0, META_EVERY))
-    key = None if None in programs else is_meta
+    key = meta.program_key(programs, is_meta)
     return loop.StepCall(key, programs[key], batches(step), is_meta)
 
   held_out = batches(10_000)[1]

@@ -310,7 +310,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
     nonlocal pending_batch
     batch, pending_batch = (pending_batch if pending_batch is not None else next(train_iter)), None
     meta = uses_designer and bool(meta_lib.is_meta_step(step, vpt_cfg.burn_in_steps, vpt_cfg.meta_every))
-    key = meta if None not in programs else None
+    key = meta_lib.program_key(programs, meta)
     return loop_lib.StepCall(key, programs[key], (sharding.global_batch(batch, mesh), feedback.batch_for(step)), meta)
 
   def evaluate(state, step: int) -> dict[str, float]:

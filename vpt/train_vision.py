@@ -434,7 +434,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
     batch_u, pending = (pending if pending is not None else _images_only(next(train_iter))), None
     meta = uses_designer and bool(setup.is_meta_step(step))
     feeds = meta_feed.batches_for(step) if uses_designer else (None, None, None)
-    key = meta if None not in programs else None
+    key = meta_lib.program_key(programs, meta)
     return loop_lib.StepCall(key, programs[key], (sharding.global_batch(batch_u, mesh), *feeds), meta)
 
   evaluate = lambda state, step: None if evaluator is None else evaluator(eval_backbone(state))

@@ -66,6 +66,11 @@ def programs_for(dispatch: str, uses_designer: bool) -> tuple[bool | None, ...]:
   return (False, True) if uses_designer and dispatch == "host" else (None,)
 
 
+def program_key(keys, is_meta: bool) -> bool | None:
+  """Which of the programs keyed by `programs_for` runs a step: the one program, or the meta / plain one."""
+  return None if None in keys else is_meta
+
+
 def meta_or_skip(dispatch: bool | None, is_meta, run: Callable[[], Any], skip: Callable[[], Any]):
   """(outputs of `run` on a meta step, else of `skip`; is_meta as an array).
 
