@@ -8,8 +8,8 @@ the examples, L_pre(θ; φ) = mean_i w_φ(x_i) (f_θ(x_i) − t(x_i))², w_φ(x)
 set is labeled with the downstream target y = x₀ − x₁ (a mismatch: the stream's target is not the
 downstream's). Every `meta_every` steps the designer takes one step on −V(φ), V = ⟨g_down, ∇_S L_pre⟩
 by one JVP (vpt.core.alignment), S = the last block and `out`; the learner steps on L_pre with the
-designer's weights held constant. The core supplies everything else: the schedule, the dispatch, the
-alignment bookkeeping, the designer's state and optimizer, the loop, orbax checkpoints, preemption.
+designer's weights held constant. The test writes those two updates (a vpt.core.step.StepTask); the core
+supplies everything else: the step's order, the schedule, the dispatch, the alignment bookkeeping, the designer's state and optimizer, the loop, orbax checkpoints, preemption.
 """
 
 import flax.struct
@@ -21,6 +21,7 @@ import pytest
 
 from vpt import checkpoint as ckpt_lib
 from vpt.core import alignment, loop, meta
+from vpt.core import step as core_step
 
 D, H, BATCH, META_EVERY, TAIL = 4, 8, 16, 2, ("out/",)
 
@@ -82,22 +83,22 @@ def make_step(designer_lr=3e-2, dispatch=None):
     (_, value), grads = jax.value_and_grad(objective, has_aux=True)(state.designer.params)
     updates, opt_state = designer_opt.update(grads, state.designer.opt_state, state.designer.params)
     last = {**state.designer.last_meta, "value": value.astype(jnp.float32)}
-    return state.designer.replace(params=optax.apply_updates(state.designer.params, updates), opt_state=opt_state,
-                                  last_meta=last), g_down
+    return {"designer": state.designer.replace(params=optax.apply_updates(state.designer.params, updates),
+                                               opt_state=opt_state, last_meta=last)}, g_down
 
-  def step(state, x, feedback):
-    skip = lambda: (state.designer, alignment.subset_zeros(state.params, 2, 1, tail=TAIL))
-    (designer, g_down), is_meta = meta.meta_or_skip(
-        dispatch, meta.is_meta_step(state.step, 0, META_EVERY), lambda: meta_update(state, x, feedback), skip)
-    w = jax.lax.stop_gradient(weights(designer.params, x))  # the learner reads the designer's task, detached
+  def learner_update(state, x, feedback):
+    del feedback  # the learner never reads the labels
+    w = jax.lax.stop_gradient(weights(state.designer.params, x))  # the designer's task, detached
     loss, grads = jax.value_and_grad(ssl_loss)(state.params, x, w)
     updates, opt_state = LEARNER_OPT.update(grads, state.opt_state, state.params)
-    g_pre, _ = alignment.split_params(grads, 2, 1, tail=TAIL)
-    designer = designer.replace(last_meta=meta.record_alignment(designer.last_meta, is_meta, g_down, g_pre))
-    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state,
-                        designer=designer)
-    return new, {"loss": loss, **{f"meta/{k}": v for k, v in designer.last_meta.items()}}
+    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    return new, {"loss": loss}, grads
 
+  step = core_step.make_train_step(core_step.StepTask(
+      learner_update=learner_update, is_meta_step=lambda step: meta.is_meta_step(step, 0, META_EVERY),
+      meta_update=meta_update,
+      on_subset=lambda grads: alignment.split_params(grads, 2, 1, tail=TAIL)[0],
+      subset_zeros=lambda state: alignment.subset_zeros(state.params, 2, 1, tail=TAIL)), dispatch)
   return jax.jit(step)
 
 

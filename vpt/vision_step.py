@@ -70,6 +70,7 @@ import optax
 from vpt import optim, sharding, vision_config
 from vpt.core import alignment
 from vpt.core import meta as meta_lib
+from vpt.core import step as core_step
 from vpt.core.meta import DesignerState
 from vpt.models import dense_heads
 from vpt.models.unet import MaskUNet, UNetConfig, init_unet, keep_ratio_penalty, predict_mask, total_variation
@@ -860,32 +861,35 @@ def make_vision_train_step(config, meta: bool | None = None) -> Callable:
   optimizer, schedule = make_vision_optimizer(config)
   head_opt = make_head_optimizer(config) if setup.uses_designer else None
   designer_opt = make_designer_optimizer(config) if setup.uses_designer else None
+  n_layers = setup.vit_cfg.n_layers
+
+  def learner(state: VisionState, batch_u: dict, *feedback):
+    del feedback  # the learner never reads the labeled batches
+    designer_params = state.designer.params if setup.uses_designer else None
+    return learner_update(setup, optimizer, schedule, state, batch_u, designer_params, step_keys(state))
+
+  def heads_and_designer(state: VisionState, batch_u: dict, batch_meta_u: dict, batch_labeled_train: dict,
+                         batch_labeled_meta: dict):
+    del batch_u
+    heads, designer, g_down = meta_update(setup, head_opt, designer_opt, state, batch_meta_u, batch_labeled_train,
+                                          batch_labeled_meta, step_keys(state)["meta"])
+    return {"heads": heads, "designer": designer}, g_down
+
+  step = core_step.make_train_step(core_step.StepTask(
+      learner_update=learner, uses_designer=setup.uses_designer, is_meta_step=setup.is_meta_step,
+      meta_update=heads_and_designer, meta_fields=("heads", "designer"),
+      on_subset=lambda grads: alignment.split_params(grads["backbone"], n_layers, setup.n_last)[0],
+      subset_zeros=lambda state: alignment.subset_zeros(state.student["backbone"], n_layers, setup.n_last)), meta)
 
   def train_step(state: VisionState, batch_u: dict, batch_meta_u: dict | None = None,
                  batch_labeled_train: dict | None = None, batch_labeled_meta: dict | None = None):
-    keys = step_keys(state)
     if not setup.uses_designer:  # the fixed-view baseline: no heads, no designer, no feedback.
-      new_state, metrics, _ = learner_update(setup, optimizer, schedule, state, batch_u, None, keys)
-      return new_state, metrics
+      return step(state, batch_u)
     for name, b in (("batch_meta_u", batch_meta_u), ("batch_labeled_train", batch_labeled_train),
                     ("batch_labeled_meta", batch_labeled_meta)):
       if b is None:
         raise ValueError(f"vision step (mode {setup.mode!r}): {name} is required")
-    n_layers = setup.vit_cfg.n_layers
-    (heads, designer, g_down), is_meta = meta_lib.meta_or_skip(
-        meta, setup.is_meta_step(state.step),
-        lambda: meta_update(setup, head_opt, designer_opt, state, batch_meta_u, batch_labeled_train,
-                            batch_labeled_meta, keys["meta"]),
-        lambda: (state.heads, state.designer, alignment.subset_zeros(state.student["backbone"], n_layers,
-                                                                      setup.n_last)))
-    state = state.replace(heads=heads, designer=designer)
-    new_state, metrics, grads = learner_update(setup, optimizer, schedule, state, batch_u, designer.params, keys)
-    g_pre, _ = alignment.split_params(grads["backbone"], n_layers, setup.n_last)
-    last = meta_lib.record_alignment(designer.last_meta, is_meta, g_down, g_pre)
-    new_state = new_state.replace(designer=designer.replace(last_meta=last))
-    metrics.update({f"meta/{k}": v for k, v in last.items()})
-    metrics["meta/is_meta_step"] = is_meta.astype(jnp.float32)
-    return new_state, metrics
+    return step(state, batch_u, batch_meta_u, batch_labeled_train, batch_labeled_meta)
 
   return train_step
 

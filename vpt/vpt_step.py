@@ -64,6 +64,7 @@ from vpt import config_lib
 from vpt import value as value_lib
 from vpt.core import alignment
 from vpt.core import meta as meta_lib
+from vpt.core import step as core_step
 from vpt.core.meta import DesignerState
 from vpt.models.designer import DesignerConfig, TaskDesigner
 from vpt.steps import TrainState, apply_lm, learner_update, step_dropout_rng
@@ -387,33 +388,28 @@ def make_vpt_train_step(model: nn.Module, optimizer: optax.GradientTransformatio
 
   fb_batch is one batch, or {set name: batch} when plan.sets names the feedback sets (FeedbackPlan).
   `meta=None`: the meta step under `lax.cond` on the step counter; True / False: always / never (the
-  loop dispatches on the host's step count, vpt.dispatch='host'; vpt.core.meta).
+  loop dispatches on the host's step count, vpt.dispatch='host'; vpt.core.meta). The step's order and
+  bookkeeping are vpt.core.step's; this module supplies the language meta update and learner step.
   """
   designer = TaskDesigner(DesignerConfig.from_config(vpt_cfg)) if uses_designer(vpt_cfg) else None
   designer_opt = make_designer_optimizer(vpt_cfg) if designer is not None else None
+  n_layers, n_last = model.cfg.n_layers, vpt_cfg.align_last_n_layers
 
-  learner_kw = lambda st: dict(dropout_rng=step_dropout_rng(model, st), lora_only=model.cfg.lora_rank > 0)
+  def learner(state: TrainState, batch: dict, fb_batch: dict | None = None):
+    del fb_batch  # the learner never reads the feedback
+    designer_params = None if designer is None else state.designer.params
+    return learner_update(state, batch, soft_target_loss_fn(model, vpt_cfg, designer, designer_params), optimizer,
+                          schedule, accum_steps, dropout_rng=step_dropout_rng(model, state),
+                          lora_only=model.cfg.lora_rank > 0)
 
-  def train_step(state: TrainState, batch: dict, fb_batch: dict | None = None):
-    if designer is None:  # fixed-target controls: no designer, no feedback.
-      new_state, metrics, _ = learner_update(state, batch, soft_target_loss_fn(model, vpt_cfg, None, None),
-                                             optimizer, schedule, accum_steps, **learner_kw(state))
-      return new_state, metrics
+  def designer_update(state: TrainState, batch: dict, fb_batch: dict | None = None):
     rng = jax.random.fold_in(state.rng, state.step)
-    n_layers, n_last = model.cfg.n_layers, vpt_cfg.align_last_n_layers
-    (new_designer, g_down), is_meta = meta_lib.meta_or_skip(
-        meta, meta_lib.is_meta_step(state.step, vpt_cfg.burn_in_steps, vpt_cfg.meta_every),
-        lambda: meta_update(state, batch, fb_batch, rng, model=model, designer=designer, vpt_cfg=vpt_cfg,
-                            designer_opt=designer_opt, learner_opt_cfg=learner_opt_cfg, plan=plan),
-        lambda: (state.designer, alignment.subset_zeros(state.params, n_layers, n_last)))
-    state = state.replace(designer=new_designer)
-    loss_fn = soft_target_loss_fn(model, vpt_cfg, designer, new_designer.params)
-    new_state, metrics, grads = learner_update(state, batch, loss_fn, optimizer, schedule, accum_steps,
-                                               **learner_kw(state))
-    g_pre, _ = alignment.split_params(grads, n_layers, n_last)
-    last = meta_lib.record_alignment(new_designer.last_meta, is_meta, g_down, g_pre)
-    new_state = new_state.replace(designer=new_designer.replace(last_meta=last))
-    metrics.update({f"meta/{k}": v for k, v in last.items()})
-    return new_state, metrics
+    new_designer, g_down = meta_update(state, batch, fb_batch, rng, model=model, designer=designer, vpt_cfg=vpt_cfg,
+                                       designer_opt=designer_opt, learner_opt_cfg=learner_opt_cfg, plan=plan)
+    return {"designer": new_designer}, g_down
 
-  return train_step
+  return core_step.make_train_step(core_step.StepTask(
+      learner_update=learner, uses_designer=designer is not None,
+      is_meta_step=lambda step: meta_lib.is_meta_step(step, vpt_cfg.burn_in_steps, vpt_cfg.meta_every),
+      meta_update=designer_update, on_subset=lambda grads: alignment.split_params(grads, n_layers, n_last)[0],
+      subset_zeros=lambda state: alignment.subset_zeros(state.params, n_layers, n_last)), meta)
