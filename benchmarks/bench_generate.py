@@ -23,9 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vpt import config_lib
-from vpt import generate as gen
-from vpt.models.lm import LMConfig, Transformer
+from vpt.language import config_lib, generate as gen
+from vpt.language.models.lm import LMConfig, Transformer
 
 
 REF = "full-prefix recompute (prefix rounded up to 16)"

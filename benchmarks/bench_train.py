@@ -18,12 +18,13 @@ import time
 import jax
 import numpy as np
 
-from vpt import config_lib, metrics
-from vpt.data.pipeline import make_lm_iterator
-from vpt.data.tokenizer import load_or_train_tokenizer
-from vpt.models.lm import LMConfig, Transformer, count_nonembedding_params, count_params
-from vpt.optim import make_optimizer
-from vpt.steps import init_train_state, make_train_step
+from vpt.core import metrics
+from vpt.core.optim import make_optimizer
+from vpt.language import config_lib
+from vpt.language.data.pipeline import make_lm_iterator
+from vpt.language.data.tokenizer import load_or_train_tokenizer
+from vpt.language.models.lm import LMConfig, Transformer, count_nonembedding_params, count_params
+from vpt.language.steps import init_train_state, make_train_step
 
 # (size preset, batch, seq_len, vocab) — the shapes the experiments use.
 SHAPES = {"tiny": (16, 128, 1024), "small": (16, 256, 4096)}

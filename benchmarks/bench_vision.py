@@ -30,10 +30,13 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from vpt import config_lib, train_vision, vision_step  # noqa: E402
-from vpt.data import images as images_lib  # noqa: E402
-from vpt.models.vit import count_params  # noqa: E402
-from vpt.tasks import vision_candidates as cand_lib  # noqa: E402
+
+from vpt.core import config as core_config
+from vpt.vision import train as train_vision
+from vpt.vision import step as vision_step  # noqa: E402
+from vpt.vision.data import images as images_lib  # noqa: E402
+from vpt.vision.models.vit import count_params  # noqa: E402
+from vpt.vision import candidates as cand_lib  # noqa: E402
 
 
 def peak_bytes(compiled) -> float:
@@ -55,9 +58,9 @@ def config_for(args, mode):
   overrides = {"vpt.designer.grad_through_teacher": False} if mode == DETACHED else {}
   objective = ",dinov2" if mode in (DINO_V2, UNET_V2) else ""
   mode = {NO_META: "unet", COND: "unet", DETACHED: "unet", DINO_V2: "dino", UNET_V2: "unet"}.get(mode, mode)
-  config = config_lib.load_config_file(os.path.join(REPO, "experiments", "vision_dino.py"),
+  config = core_config.load_config_file(os.path.join(REPO, "experiments", "vision_dino.py"),
                                        f"{args.size},{mode}{objective}")
-  return config_lib.with_overrides(config, {"vpt.meta_every": meta_every, "vpt.burn_in_steps": 0,
+  return core_config.with_overrides(config, {"vpt.meta_every": meta_every, "vpt.burn_in_steps": 0,
                                             "num_steps": 10_000, **overrides})
 
 

@@ -21,15 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vpt import config_lib
-from vpt import value as value_lib
-from vpt.tasks.losses import downstream_nll
-from vpt.models.designer import DesignerConfig, TaskDesigner
-from vpt.models.lm import LMConfig, Transformer, count_params
-from vpt.optim import make_optimizer
-from vpt.steps import init_train_state, make_train_step
-from vpt.tasks.lm_soft_targets import candidate_logprobs, candidates, soft_targets
-from vpt.vpt_step import designer_targets, init_designer_state, make_designer_optimizer, make_vpt_train_step
+from vpt.core.optim import make_optimizer
+from vpt.language import config_lib, value as value_lib
+from vpt.language.losses import downstream_nll
+from vpt.language.models.designer import DesignerConfig, TaskDesigner
+from vpt.language.models.lm import LMConfig, Transformer, count_params
+from vpt.language.soft_targets import candidate_logprobs, candidates, soft_targets
+from vpt.language.steps import init_train_state, make_train_step
+from vpt.language.vpt_step import designer_targets, init_designer_state, make_designer_optimizer, make_vpt_train_step
 
 
 def median_seconds(fn, repeats: int, per_window: int = 1) -> float:

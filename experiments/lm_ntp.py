@@ -5,7 +5,7 @@
 The argument picks the learner size: nano (CI), tiny (~1M params, default), small (~25M).
 """
 
-from vpt import config_lib
+from vpt.language import config_lib
 
 
 def continued_pretraining_default(config):
@@ -13,7 +13,7 @@ def continued_pretraining_default(config):
   downstream task as NuminaMath-CoT does GSM8K (the paper continues Qwen on NuminaMath-CoT, judged on
   GSM8K). A few minutes on 2 CPU cores, the base included.
 
-  Base (trained once, cached; vpt/base_model.py): 600 NTP steps (lr 3e-3) on the clean generator — every
+  Base (trained once, cached; vpt/language/base_model.py): 600 NTP steps (lr 3e-3) on the clean generator — every
   solution ends `#### N` — with 60 % off-domain filler. Continued: 200 steps at lr 1e-3 on a stream of 30 % filler, and only 30 %
   of the solutions end `#### N`, the rest NuminaMath's `$\\boxed{N}$`. The feedback set (and the
   held-out test) are clean GSM8K format, so NTP drifts to `$\\boxed{` while the downstream wants `####`.

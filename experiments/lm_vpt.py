@@ -14,7 +14,8 @@ The argument is `size[,variant]`: size as in lm_ntp.py (nano, tiny, small); vari
 
 import os
 
-from vpt import config_lib
+
+from vpt.core import config as core_config
 
 VARIANTS = {
     "ntp": dict(mode="ntp"),
@@ -27,7 +28,7 @@ VARIANTS = {
 
 
 def _ntp_config(size):
-  return config_lib.load_config_file(os.path.join(os.path.dirname(__file__), "lm_ntp.py"), size)
+  return core_config.load_config_file(os.path.join(os.path.dirname(__file__), "lm_ntp.py"), size)
 
 
 def get_config(arg: str = "tiny,value"):

@@ -33,7 +33,7 @@ Values the paper does not give are marked [?] below (see docs/PAPER.md §6a, §1
 beside this file has the GPU and TPU commands and the measured dry-run memory.
 """
 
-from vpt import config_lib
+from vpt.language import config_lib
 
 VOCAB = 151_936
 

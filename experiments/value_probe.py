@@ -26,7 +26,7 @@ matplotlib.use("Agg")  # headless
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 
-from vpt import analysis  # noqa: E402  pylint: disable=wrong-import-position
+from vpt.language import analysis  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def _lm_vpt_config(arg: str):
@@ -38,7 +38,7 @@ def _lm_vpt_config(arg: str):
 
 def train_run(workdir: str, size: str, variant: str, steps: int) -> None:
   """A briefly trained run to probe (resumed, or left as is, if `workdir` already holds it)."""
-  from vpt import train  # pylint: disable=import-outside-toplevel
+  from vpt.language import train  # pylint: disable=import-outside-toplevel
   config = _lm_vpt_config(f"{size},{variant}")
   config.num_steps = steps
   config.checkpoint.every_steps = steps

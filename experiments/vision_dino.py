@@ -25,7 +25,7 @@ alone, with DINO's centring (dino.ibot_weight = dino.koleo_weight = 0, dino.cent
 `dinov2` switches to the objective DINOv2 / DINOv3 checkpoints were trained with: DINO + the iBOT
 masked-patch loss (weight 1, the DINO head shared, half the global crops masked at 10–50 % of their
 patches) + KoLeo (weight 0.1) + Sinkhorn-Knopp teacher targets (3 iterations), the V-Pretraining value
-then differentiating all of it (vpt.tasks.dinov2_terms).
+then differentiating all of it (vpt.vision.dinov2_terms).
 
 `chips=N` lays the recipe out on N devices (a TPU slice: v5e-8 has 8 chips) without changing any batch:
 the data axis is the largest divisor of N that divides every batch (images, meta, feedback), the rest is
@@ -33,7 +33,7 @@ tensor parallelism. vitl / vitb train on 50 images, which 8 chips do not divide:
 tensor 4 (the heads, MLP and DINO head split 4 ways), chips=4 is data 2 × tensor 2.
 """
 
-from vpt import vision_config
+from vpt.vision import config as vision_config
 
 VARIANTS = ("dino", "unet", "candidates", "random_feedback")
 

@@ -46,12 +46,12 @@ GSM8K_DIR = os.path.join(SHARED_DIR, "data", "gsm8k")
 # layout, unless VPT_FASHION_MNIST_DIR already names a directory (e.g. the Debian package's, for the real images).
 if not os.environ.get("VPT_FASHION_MNIST_DIR"):
   import fashion_stand_in  # noqa: E402
-  os.environ["VPT_FASHION_MNIST_DIR"] = fashion_stand_in.directory_for()  # before vpt.data.images reads it
+  os.environ["VPT_FASHION_MNIST_DIR"] = fashion_stand_in.directory_for()  # before vpt.vision.data.images reads it
   fashion_stand_in.ensure(os.environ["VPT_FASHION_MNIST_DIR"])
 
 import pytest  # noqa: E402
 
-from vpt.data.tokenizer import Tokenizer  # noqa: E402 (after XLA_FLAGS; imports no JAX)
+from vpt.language.data.tokenizer import Tokenizer  # noqa: E402 (after XLA_FLAGS; imports no JAX)
 
 
 class CharTokenizer(Tokenizer):
@@ -97,7 +97,7 @@ def preempt_run(argv, workdir, after_step: int, *, timeout: float = 180.0, cwd=N
   """Starts `python -m vpt.main --workdir=workdir *argv` as a real process, sends it SIGTERM once its
   metrics.jsonl has logged `after_step` (or a later step), and returns (exit code, its output). The
   process is killed if it ends early, never gets there within `timeout` s, or the test fails."""
-  from vpt import metrics  # pylint: disable=g-import-not-at-top (conftest imports no JAX before XLA_FLAGS is set)
+  from vpt.core import metrics  # pylint: disable=g-import-not-at-top (conftest imports no JAX before XLA_FLAGS is set)
   jsonl = os.path.join(str(workdir), "metrics.jsonl")
   reached = lambda: os.path.exists(jsonl) and any(r.get("step", 0) >= after_step for r in metrics.read_jsonl(jsonl))
 

@@ -4,7 +4,7 @@ The tests must pass on a fresh machine where the Debian package `dataset-fashion
 installed, so tests/conftest.py writes this set once per machine (under the system temp directory)
 and points `VPT_FASHION_MNIST_DIR` at it, unless the caller already set that variable (e.g. to
 /usr/share/datasets/fashion-mnist, to run the vision tests on the real images). The files go through
-the same loader as the real ones (`vpt.data.fashion_mnist.load_fashion_mnist`): idx3 images, idx1 labels,
+the same loader as the real ones (`vpt.vision.data.fashion_mnist.load_fashion_mnist`): idx3 images, idx1 labels,
 gzipped, {train,t10k}-*. Ten classes in Fashion-MNIST's order, each a distinct silhouette with random
 scale, position, brightness and texture; balanced, like the real set. Not a substitute for the real
 images in experiments: only for tests of the code paths.
@@ -74,7 +74,7 @@ def directory_for(root: str | None = None) -> str:
 
 def ensure(directory: str) -> str:
   """Writes the stand-in into `directory` once (atomically: concurrent test workers may race)."""
-  from vpt.data.fashion_mnist import write_idx
+  from vpt.vision.data.fashion_mnist import write_idx
   if os.path.isdir(directory):
     return directory
   os.makedirs(os.path.dirname(directory), exist_ok=True)

@@ -1,4 +1,4 @@
-"""vpt.analysis against explicit references: per-layer dots add up to the full dot, candidate scores are
+"""vpt.language.analysis against explicit references: per-layer dots add up to the full dot, candidate scores are
 per-candidate gradient dot products, the probe's first-order prediction matches the realised drop for a
 small step, Pearson/Fisher CI against the textbook formulas, and load_run restores a saved state."""
 
@@ -13,16 +13,14 @@ import numpy as np
 import optax
 import pytest
 
-from vpt import analysis, config_lib, sharding
-from vpt import checkpoint as ckpt_lib
-from vpt import value as value_lib
-from vpt.core import alignment
-from vpt.tasks.losses import downstream_nll
-from vpt.models.designer import DesignerConfig, TaskDesigner
-from vpt.models.lm import LMConfig, Transformer
-from vpt.steps import init_train_state
-from vpt.run_dir import write_config
-from vpt.vpt_step import init_designer_state, make_designer_optimizer
+from vpt.core import alignment, checkpoint as ckpt_lib, sharding
+from vpt.core.run_dir import write_config
+from vpt.language import analysis, config_lib, value as value_lib
+from vpt.language.losses import downstream_nll
+from vpt.language.models.designer import DesignerConfig, TaskDesigner
+from vpt.language.models.lm import LMConfig, Transformer
+from vpt.language.steps import init_train_state
+from vpt.language.vpt_step import init_designer_state, make_designer_optimizer
 
 VOCAB, SEQ, LAYERS, K = 40, 9, 3, 5
 
@@ -161,7 +159,7 @@ def test_load_run_restores_a_saved_state(tmp_path):
   optimizer, _ = run.optimizer()
   designer = TaskDesigner(DesignerConfig.from_config(config.vpt))
 
-  def init():  # the training state as vpt.train builds it, one optimizer update in (non-trivial moments)
+  def init():  # the training state as vpt.language.train builds it, one optimizer update in (non-trivial moments)
     state = init_train_state(model, optimizer, config.data.seq_len, seed=3)
     state = state.replace(designer=init_designer_state(designer, make_designer_optimizer(config.vpt), state.params,
                                                        config.data.seq_len, config.vpt.top_k, seed=3))

@@ -7,7 +7,7 @@ import types
 import numpy as np
 
 from conftest import CharTokenizer
-from vpt import analysis
+from vpt.language import analysis
 
 
 def test_heldout_feedback_batch_falls_back_to_the_feedback_set(tmp_path, capsys):

@@ -10,18 +10,18 @@ import jax
 import numpy as np
 import pytest
 
-from vpt import aot, config_lib
-from vpt.models import lora as lora_lib
+from vpt import aot
+from vpt.core import config as core_config, lora as lora_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GB = 1024 ** 3
 
 
 def _nano(**overrides):
-  config = config_lib.load_config_file(os.path.join(REPO, "experiments", "lm_vpt.py"), "nano,value")
+  config = core_config.load_config_file(os.path.join(REPO, "experiments", "lm_vpt.py"), "nano,value")
   base = {"model.vocab_size": 96, "mesh.num_devices": 8, "mesh.data": 2, "mesh.fsdp": 4, "data.seq_len": 32,
           "feedback.seq_len": 32}
-  return config_lib.with_overrides(config, {**base, **overrides})
+  return core_config.with_overrides(config, {**base, **overrides})
 
 
 def _leaf_bytes(tree):
@@ -62,7 +62,7 @@ def test_dry_run_needs_the_vocabulary_size(tmp_path):
   with pytest.raises(ValueError, match="model.vocab_size"):
     aot.dry_run(config, echo=False)
   (tmp_path / "config.json").write_text('{"vocab_size": 77}')
-  config = config_lib.with_overrides(config, {"init_from": str(tmp_path)})
+  config = core_config.with_overrides(config, {"init_from": str(tmp_path)})
   assert aot.vocab_size_for_dry_run(config) == 77  # an HF directory's config.json supplies it
 
 
@@ -72,21 +72,21 @@ def test_qwen_configs_have_the_released_architectures():
       "qwen2.5-0.5b": (896, 24, 14, 2, 4864, 1e6, True), "qwen1.5-0.5b": (1024, 24, 16, 16, 2816, 1e6, True),
       "qwen1.5-4b": (2560, 40, 20, 20, 6912, 5e6, False), "qwen1.5-7b": (4096, 32, 32, 32, 11008, 1e6, False)}
   for name, dims in want.items():
-    m = config_lib.load_config_file(path, name).model
+    m = core_config.load_config_file(path, name).model
     assert (m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff, m.rope_theta, m.tie_embeddings) == dims, name
     assert (m.vocab_size, m.qkv_bias, m.dtype, m.remat) == (151936, True, "bfloat16", True)
-  lora = config_lib.load_config_file(path, "qwen2.5-0.5b-lora")
+  lora = core_config.load_config_file(path, "qwen2.5-0.5b-lora")
   assert (lora.model.lora_rank, lora.model.lora_alpha, lora.model.lora_dropout) == (8, 16.0, 0.05)
   assert (lora.batch_size, lora.grad_accum_steps, lora.optimizer.learning_rate) == (32, 8, 2e-4)
   assert (lora.data.seq_len, lora.feedback.seq_len, lora.vpt.meta_seq_len, lora.vpt.meta_batch_size) == (1024, 512, 256, 4)
   assert (lora.vpt.top_k, lora.vpt.alpha_max, lora.vpt.meta_every, lora.vpt.align_last_n_layers) == (64, 0.5, 8, 2)
   assert lora.vpt.designer.learning_rate == 1e-4 and lora.vpt.mode == "value"
   # dp=8 keeps the paper's global batch and gives each device a micro-batch of 4; ntp is the baseline.
-  wide = config_lib.load_config_file(path, "qwen1.5-7b,ntp,dp=8")
+  wide = core_config.load_config_file(path, "qwen1.5-7b,ntp,dp=8")
   assert (wide.batch_size, wide.grad_accum_steps, wide.vpt.mode) == (128, 4, "ntp")
   assert wide.batch_size // wide.grad_accum_steps // 8 == 4
   with pytest.raises(ValueError, match="dp=3"):
-    config_lib.load_config_file(path, "qwen1.5-7b,dp=3")
+    core_config.load_config_file(path, "qwen1.5-7b,dp=3")
 
 
 @pytest.mark.slow

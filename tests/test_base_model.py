@@ -1,17 +1,18 @@
-"""The cached base model (vpt/base_model.py): what enters it, what keys it, built once, reused, resumed."""
+"""The cached base model (vpt/language/base_model.py): what enters it, what keys it, built once, reused, resumed."""
 
 import os
 
 import pytest
 
-from vpt import base_model, config_lib, train
+from vpt.core import config as core_config
+from vpt.language import base_model, config_lib, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(tmp_path, **overrides):
-  config = config_lib.load_config_file(os.path.join(REPO, "experiments", "lm_vpt.py"), "nano,value")
-  return config_lib.with_overrides(config, {
+  config = core_config.load_config_file(os.path.join(REPO, "experiments", "lm_vpt.py"), "nano,value")
+  return core_config.with_overrides(config, {
       "progress_bar": False, "mesh.num_devices": 1, "base.num_steps": 3, "base.cache_dir": str(tmp_path / "cache"),
       "data.synthetic.downstream_format_fraction": 0.3, "data.synthetic.corrupt_fact_rate": 0.2,
       "data.synthetic.irrelevant_fraction": 0.3, "data.synthetic.seed": 202, **overrides})
@@ -55,7 +56,7 @@ def test_with_base_builds_once_reuses_and_continues_from_it(tmp_path, monkeypatc
   assert base_model.with_base(_config(tmp_path, init_from="/elsewhere"), train.run).init_from == "/elsewhere"
   assert base_model.with_base(_config(tmp_path, **{"base.num_steps": 0}), train.run).init_from == ""
   # The continued run starts from the base's weights and tokenizer.
-  summary = train.run(config_lib.with_overrides(continued, {"num_steps": 1}), str(tmp_path / "continued"))
+  summary = train.run(core_config.with_overrides(continued, {"num_steps": 1}), str(tmp_path / "continued"))
   assert summary["step"] == 1 and os.path.isfile(tmp_path / "continued" / "tokenizer" / "spm.model")
 
 
@@ -64,7 +65,7 @@ def test_an_interrupted_build_is_not_used_and_resumes_from_its_own_checkpoints(t
   config = _config(tmp_path)
   run_dir = base_model.base_dir(config)
   base = base_model.base_run_config(config)
-  train.run(config_lib.with_overrides(base, {"num_steps": 3, "checkpoint.every_steps": 2}), run_dir)
+  train.run(core_config.with_overrides(base, {"num_steps": 3, "checkpoint.every_steps": 2}), run_dir)
   os.remove(os.path.join(run_dir, "metrics.jsonl"))  # a build cut off after its checkpoints, before the marker
   assert not base_model.is_built(run_dir)
   starts = []
@@ -84,7 +85,7 @@ def test_continuing_from_a_run_prints_no_orbax_metadata_warning(tmp_path, caplog
   """Reading another run's params went through orbax with the item directory (…/<step>/state), and orbax
   warned on every start that the step's metadata file was missing there (it lives one level up)."""
   import jax
-  from vpt import checkpoint as ckpt_lib
+  from vpt.core import checkpoint as ckpt_lib
   run_dir = str(tmp_path / "base")
   summary = train.run(_config(tmp_path, **{"base.num_steps": 0, "vpt.mode": "ntp", "num_steps": 1}), run_dir)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), summary["state"].params)

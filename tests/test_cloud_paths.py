@@ -19,8 +19,10 @@ from etils.epath import backend as epath_backend
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from vpt import metrics, paths, train, train_vision
-from vpt.data import feedback as feedback_lib, sources
+from vpt.core import metrics, paths
+from vpt.language import train
+from vpt.language.data import feedback as feedback_lib, sources
+from vpt.vision import train as train_vision
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_train import nano_config  # noqa: E402

@@ -157,14 +157,13 @@ def test_the_core_imports_no_modality():
   """vpt.core knows the method, not tokens or pixels: importing it loads no language or vision module."""
   import subprocess  # noqa: PLC0415
   import sys  # noqa: PLC0415
-  code = ("import sys; import vpt.core.alignment, vpt.core.meta, vpt.core.loop; "
+  code = ("import sys; import vpt.core.alignment, vpt.core.meta, vpt.core.loop, vpt.core.step, vpt.core.tasks, "
+          "vpt.core.checkpoint, vpt.core.run_dir, vpt.core.sharding, vpt.core.optim, vpt.core.metrics; "
           "print(' '.join(m for m in sys.modules if m.startswith('vpt.')))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   loaded = set(out.stdout.split())
-  modality = {m for m in loaded if m.startswith(("vpt.models.lm", "vpt.models.vit", "vpt.tasks", "vpt.data",
-                                                   "vpt.vision", "vpt.train", "vpt.vpt_step", "vpt.value",
-                                                   "vpt.interop", "vpt.evals"))}
+  modality = {m for m in loaded if m.startswith(("vpt.language", "vpt.vision"))}
   assert "vpt.core.loop" in loaded and not modality, modality
 
 
@@ -172,8 +171,13 @@ def test_every_registered_task_supplies_the_entry_points_main_runs():
   import ml_collections  # noqa: PLC0415
   from vpt.core import tasks  # noqa: PLC0415
   assert tasks.task_name(ml_collections.ConfigDict({})) == "language"  # configs written before the field
-  with pytest.raises(ValueError, match=r"config.task='audio': expected one of \['language', 'vision'\]"):
-    tasks.task_name(ml_collections.ConfigDict({"task": "audio"}))
+  with pytest.raises(ValueError, match=r"config.task='audio': expected one of \['language', 'vision'\] or an "
+                                       r"importable task module \(No module named 'audio'\)"):
+    tasks.task_module(ml_collections.ConfigDict({"task": "audio"}))
+  with pytest.raises(ValueError, match=r"config.task='vpt.core.meta': module vpt.core.meta lacks \['main_run', 'run'\]"):
+    tasks.task_module(ml_collections.ConfigDict({"task": "vpt.core.meta"}))
+  with pytest.raises(ValueError, match=r"config.task='no such task'"):
+    tasks.task_name(ml_collections.ConfigDict({"task": "no such task"}))
   for name in tasks.TASKS:
     module = tasks.task_module(ml_collections.ConfigDict({"task": name}))
     assert callable(module.main_run) and callable(module.run), name

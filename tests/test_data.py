@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_batches_equal, packed_segments
-from vpt import config_lib
-from vpt.data import pipeline, sources, synthetic_math as sm, tokenizer as tok_lib
+from vpt.language import config_lib
+from vpt.language.data import pipeline, sources, synthetic_math as sm, tokenizer as tok_lib
 
 
 def _cfg(**overrides):

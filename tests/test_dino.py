@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from vpt.models.vit import vit_config
-from vpt.tasks import dino
+from vpt.vision import dino
+from vpt.vision.models.vit import vit_config
 
 
 def _softmax(x):

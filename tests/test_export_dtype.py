@@ -8,7 +8,7 @@ import sys
 import torch
 from safetensors import safe_open
 
-from vpt.interop import hf
+from vpt.language.interop import hf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_hf_interop import _build  # noqa: E402

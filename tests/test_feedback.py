@@ -12,10 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vpt import config_lib
-from vpt.data import feedback as fb
-from vpt.tasks import losses
-from vpt.data import pipeline, synthetic_math as sm, tokenizer as tok_lib
+from vpt.language import config_lib, losses
+from vpt.language.data import feedback as fb, pipeline, synthetic_math as sm, tokenizer as tok_lib
 
 from conftest import GSM8K_DIR, assert_batches_equal
 

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vpt import generate as gen
-from vpt.models.lm import LMConfig, Transformer
+from vpt.language import generate as gen
+from vpt.language.models.lm import LMConfig, Transformer
 
 from conftest import CharTokenizer
 
@@ -167,7 +167,8 @@ def test_generation_under_an_8_device_mesh_equals_one_device():
   """Rows split over data × fsdp = 4, params over fsdp and tensor (heads, MLP, vocabulary): the same
   tokens as on one device (std 0.5: peaked logits, no near-ties for the reduction order to flip),
   with stop strings ending rows between chunks and a last batch filled with inactive rows."""
-  from vpt import config_lib, sharding
+  from vpt.language import config_lib
+  from vpt.core import sharding
   tok = CharTokenizer()
   model, _ = tiny(vocab=tok.vocab_size, **CONFIGS["untied_gqa_bias_headdim"])
   params = random_params(model, std=0.5)

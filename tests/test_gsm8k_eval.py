@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vpt import generate as gen
-from vpt.data import synthetic_math
-from vpt.data.feedback import load_gsm8k_jsonl
-from vpt.evals import gsm8k
-from vpt.models.lm import LMConfig, Transformer
+from vpt.language import generate as gen
+from vpt.language.data import synthetic_math
+from vpt.language.data.feedback import load_gsm8k_jsonl
+from vpt.language.evals import gsm8k
+from vpt.language.models.lm import LMConfig, Transformer
 
 from conftest import GSM8K_DIR, CharTokenizer
 
@@ -172,10 +172,10 @@ def test_evaluate_end_to_end_on_a_tiny_model(tmp_path):
 
 
 def _nano_config(**overrides):
-  from vpt import config_lib
+  from vpt.core import config as core_config
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  config = config_lib.load_config_file(os.path.join(repo, "experiments", "lm_ntp.py"), "nano")
-  return config_lib.with_overrides(config, {"progress_bar": False, "mesh.num_devices": 1, **overrides})
+  config = core_config.load_config_file(os.path.join(repo, "experiments", "lm_ntp.py"), "nano")
+  return core_config.with_overrides(config, {"progress_bar": False, "mesh.num_devices": 1, **overrides})
 
 
 def test_cli_on_a_tiny_run_directory(tmp_path, monkeypatch, caplog, capfd):
@@ -183,7 +183,8 @@ def test_cli_on_a_tiny_run_directory(tmp_path, monkeypatch, caplog, capfd):
   orbax warns of no item it could not restore)."""
   import logging
   import orbax.checkpoint as ocp
-  from vpt import learner_source, train
+  from vpt.language import learner_source
+  from vpt.language import train
   workdir = str(tmp_path / "run")
   summary = train.run(_nano_config(num_steps=3, log_every_steps=1, eval_batches=1), workdir)
   restored_items = []

@@ -17,11 +17,11 @@ import transformers
 from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
-from vpt import checkpoint as ckpt_lib, config_lib, generate as gen, sharding, train
-from vpt.data import tokenizer as tok_lib
-from vpt.interop import hf
-from vpt.models import lora as lora_lib
-from vpt.models.lm import LMConfig, Transformer
+from vpt.core import checkpoint as ckpt_lib, config as core_config, lora as lora_lib, sharding
+from vpt.language import config_lib, generate as gen, train
+from vpt.language.data import tokenizer as tok_lib
+from vpt.language.interop import hf
+from vpt.language.models.lm import LMConfig, Transformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -154,7 +154,7 @@ def test_export_loads_in_transformers_and_round_trips_bit_exactly(hf_dirs, tmp_p
 
 def test_sharded_import_on_8_devices_matches_single_device(hf_dirs):
   model, path = hf_dirs["qwen2_untied_gqa42"]  # the sharded (indexed) checkpoint
-  mesh = sharding.make_mesh(config_lib.with_overrides(config_lib.base_config(), {
+  mesh = sharding.make_mesh(core_config.with_overrides(config_lib.base_config(), {
       "mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2}).mesh)
   sharded, cfg = hf.import_params(path, mesh=mesh)
   single, _ = hf.import_params(path)
@@ -238,9 +238,9 @@ def test_export_folds_lora_adapters_through_merge_fn(tmp_path):
 
 def test_cli_export_of_a_lora_run_needs_merge_lora(monkeypatch):
   import sys
-  import vpt.models
-  monkeypatch.delattr(vpt.models, "lora")
-  monkeypatch.setitem(sys.modules, "vpt.models.lora", None)  # as if the module did not exist
+  import vpt.core
+  monkeypatch.delattr(vpt.core, "lora")
+  monkeypatch.setitem(sys.modules, "vpt.core.lora", None)  # as if the module did not exist
   model_cfg = config_lib.model_config("nano")
   model_cfg.lora_rank = 2
   with pytest.raises(ValueError, match=r"RUN/config\.json: model\.lora_rank=2 .*merge_lora is not available"):
@@ -316,8 +316,8 @@ def test_hf_tokenizer_round_trip_and_special_tokens(tmp_path):
 
 
 def _nano(**overrides):
-  config = config_lib.load_config_file(os.path.join(REPO, "experiments", "lm_ntp.py"), "nano")
-  return config_lib.with_overrides(config, {"progress_bar": False, "mesh.num_devices": 1, **overrides})
+  config = core_config.load_config_file(os.path.join(REPO, "experiments", "lm_ntp.py"), "nano")
+  return core_config.with_overrides(config, {"progress_bar": False, "mesh.num_devices": 1, **overrides})
 
 
 @pytest.mark.slow
@@ -509,7 +509,7 @@ def test_gsm8k_eval_of_an_hf_directory_equals_its_imported_run_and_sharded_eval(
   """`--workdir` an HF directory scores the base model: the same predictions as its imported run, and
   the same again with the params and the batch sharded over 8 devices (data 2 × fsdp 2 × tensor 2)."""
   from conftest import GSM8K_DIR
-  from vpt.evals import gsm8k
+  from vpt.language.evals import gsm8k
   hf_dir, run_dir, _ = imported_run
   common = ["--data", os.path.join(GSM8K_DIR, "test.jsonl"), "--limit", "5", "--max-new-tokens", "12",
             "--batch-size", "4"]

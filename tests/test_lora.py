@@ -8,16 +8,14 @@ import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from vpt import config_lib, generate as gen, sharding
-from vpt import value as value_lib
-from vpt.core import alignment
-from vpt.tasks.losses import downstream_nll
-from vpt.models import lora as lora_lib
-from vpt.models.designer import DesignerConfig, TaskDesigner
-from vpt.models.lm import LMConfig, Transformer
-from vpt.optim import make_optimizer
-from vpt.steps import init_train_state
-from vpt.vpt_step import init_designer_state, make_designer_optimizer, make_vpt_train_step, meta_objective
+from vpt.core import alignment, config as core_config, lora as lora_lib, sharding
+from vpt.core.optim import make_optimizer
+from vpt.language import config_lib, generate as gen, value as value_lib
+from vpt.language.losses import downstream_nll
+from vpt.language.models.designer import DesignerConfig, TaskDesigner
+from vpt.language.models.lm import LMConfig, Transformer
+from vpt.language.steps import init_train_state
+from vpt.language.vpt_step import init_designer_state, make_designer_optimizer, make_vpt_train_step, meta_objective
 
 VOCAB, SEQ, LAYERS, K = 48, 12, 2, 6
 
@@ -221,10 +219,10 @@ def test_lora_run_checkpoints_and_resumes_exactly(tmp_path):
   checkpoints and restores; a resumed run ends bit-identical to the uninterrupted one."""
   import os
   import shutil
-  from vpt import train
+  from vpt.language import train
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  config = config_lib.load_config_file(os.path.join(repo, "experiments", "lm_vpt.py"), "nano,value")
-  config = config_lib.with_overrides(config, {"model.lora_rank": 4, "num_steps": 3, "checkpoint.every_steps": 2,
+  config = core_config.load_config_file(os.path.join(repo, "experiments", "lm_vpt.py"), "nano,value")
+  config = core_config.with_overrides(config, {"model.lora_rank": 4, "num_steps": 3, "checkpoint.every_steps": 2,
                                               "progress_bar": False, "mesh.num_devices": 1, "eval_every_steps": 1000})
   full = train.run(config, str(tmp_path))
   shutil.rmtree(tmp_path / "checkpoints" / "3")

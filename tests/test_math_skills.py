@@ -1,12 +1,12 @@
-"""The main job's generation metrics and designer probe (vpt/evals/math_skills.py) against hand counts."""
+"""The main job's generation metrics and designer probe (vpt/language/evals/math_skills.py) against hand counts."""
 
 import math
 
 import numpy as np
 import pytest
 
-from vpt import train
-from vpt.evals import math_skills
+from vpt.language import train
+from vpt.language.evals import math_skills
 
 
 def test_token_classes_put_both_answer_markers_in_format():

@@ -1,4 +1,4 @@
-"""Tests for vpt.metrics: writers, progress output, FLOP accounting, peaks and MFU."""
+"""Tests for vpt.core.metrics: writers, progress output, FLOP accounting, peaks and MFU."""
 
 import glob
 import io
@@ -14,7 +14,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import masked_crc32c
 
-from vpt import metrics
+from vpt.core import metrics
 
 
 def read_tfrecords(path):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vpt.models.lm import LMConfig, Transformer
+from vpt.language.models.lm import LMConfig, Transformer
 
 
 def reference_forward(p, tokens, positions, segment_ids, cfg):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from vpt import metrics
+from vpt.core import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 40

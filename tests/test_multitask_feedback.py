@@ -18,18 +18,17 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from vpt import aot, config_lib, metrics, sharding, train
-from vpt.core import alignment
-from vpt import vpt_step
-from vpt.data import feedback as feedback_lib
-from vpt.data import pipeline, sources
-from vpt.tasks.losses import downstream_nll
-from vpt.models.designer import DesignerConfig, TaskDesigner
-from vpt.models.lm import LMConfig, Transformer
-from vpt.optim import make_optimizer
-from vpt.steps import init_train_state
-from vpt.tasks.lm_soft_targets import candidate_logprobs
-from vpt.vpt_step import FeedbackPlan, init_designer_state, make_designer_optimizer, meta_objective
+from vpt import aot
+from vpt.core import alignment, config as core_config, metrics, sharding
+from vpt.core.optim import make_optimizer
+from vpt.language import config_lib, train, vpt_step
+from vpt.language.data import feedback as feedback_lib, pipeline, sources
+from vpt.language.losses import downstream_nll
+from vpt.language.models.designer import DesignerConfig, TaskDesigner
+from vpt.language.models.lm import LMConfig, Transformer
+from vpt.language.soft_targets import candidate_logprobs
+from vpt.language.steps import init_train_state
+from vpt.language.vpt_step import FeedbackPlan, init_designer_state, make_designer_optimizer, meta_objective
 
 from conftest import CharTokenizer
 
@@ -350,8 +349,8 @@ def test_feedback_sets_are_disjoint_and_the_first_is_the_lone_set(tmp_path):
 
 
 def test_dry_run_feedback_pytree_is_the_one_training_feeds():
-  config = config_lib.load_config_file(os.path.join(REPO, "experiments", "lm_vpt.py"), "nano,value")
-  config = config_lib.with_overrides(config, {"feedback.sets": ({"name": "b", "weight": 0.5, "batch_size": 4,
+  config = core_config.load_config_file(os.path.join(REPO, "experiments", "lm_vpt.py"), "nano,value")
+  config = core_config.with_overrides(config, {"feedback.sets": ({"name": "b", "weight": 0.5, "batch_size": 4,
                                                                  "seq_len": 64},)})
   config_lib.validate(config)
   plan = vpt_step.feedback_plan(config)
@@ -366,17 +365,17 @@ def test_dry_run_feedback_pytree_is_the_one_training_feeds():
     assert (x.shape, x.dtype) == (y.shape, y.dtype)
   assert abstract["b"]["inputs"].shape == (4, 64) and abstract["main"]["inputs"].shape == (8, 128)
   # Without sets: today's one plain batch.
-  lone = config_lib.load_config_file(os.path.join(REPO, "experiments", "lm_vpt.py"), "nano,value")
+  lone = core_config.load_config_file(os.path.join(REPO, "experiments", "lm_vpt.py"), "nano,value")
   assert set(aot.abstract_feedback(lone, mesh)) == set(train.FEEDBACK_FIELDS)
   # Domain-matched on the synthetic stream: math pairs with the main set, filler with none, and a set no
   # domain pairs with is not read.
-  dm = config_lib.with_overrides(config, {"vpt.alignment": "domain_matched"})
+  dm = core_config.with_overrides(config, {"vpt.alignment": "domain_matched"})
   assert vpt_step.feedback_plan(dm) == FeedbackPlan(sets=(("main", 1.0),), domains=((sources.DOMAIN_MATH, "main"),))
 
 
 def _base(**overrides):
-  config = config_lib.load_config_file(os.path.join(REPO, "experiments", "lm_vpt.py"), "nano,value")
-  return config_lib.with_overrides(config, overrides)
+  config = core_config.load_config_file(os.path.join(REPO, "experiments", "lm_vpt.py"), "nano,value")
+  return core_config.with_overrides(config, overrides)
 
 
 @pytest.mark.parametrize("overrides,field", [

@@ -4,7 +4,9 @@ import os
 import re
 import sys
 
-from vpt import config_lib, train
+
+from vpt.core import config as core_config
+from vpt.language import train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_train import REPO, nano_config  # noqa: E402
@@ -12,7 +14,7 @@ from test_train import REPO, nano_config  # noqa: E402
 
 def test_the_paper_recipe_shows_progress():
   for setup in ("qwen2.5-0.5b-lora", "qwen1.5-7b,ntp"):
-    assert config_lib.load_config_file(os.path.join(REPO, "experiments", "qwen.py"), setup).progress_bar
+    assert core_config.load_config_file(os.path.join(REPO, "experiments", "qwen.py"), setup).progress_bar
   with open(os.path.join(REPO, "experiments", "README_qwen.md")) as f:
     assert "progress_bar=False" not in f.read()
 

@@ -34,7 +34,7 @@ def test_main_job_config_resolves():
   spec.loader.exec_module(module)
   config = module.get_config(arg)
   assert config.vpt.mode == "value"
-  from vpt import config_lib
+  from vpt.language import config_lib
   config_lib.validate(config)
 
 

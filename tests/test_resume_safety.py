@@ -14,8 +14,9 @@ import pytest
 
 from conftest import preempt_run
 
-from vpt import checkpoint as ckpt_lib
-from vpt import config_lib, metrics, train, train_vision
+from vpt.core import checkpoint as ckpt_lib, config as core_config, metrics
+from vpt.language import train
+from vpt.vision import train as train_vision
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,8 +148,8 @@ def test_error_classification():
 
 
 def nano_config(**overrides):
-  config = config_lib.load_config_file(os.path.join(REPO, "experiments", "lm_ntp.py"), "nano")
-  return config_lib.with_overrides(config, {"progress_bar": False, "mesh.num_devices": 1, "num_steps": 2,
+  config = core_config.load_config_file(os.path.join(REPO, "experiments", "lm_ntp.py"), "nano")
+  return core_config.with_overrides(config, {"progress_bar": False, "mesh.num_devices": 1, "num_steps": 2,
                                             "checkpoint.every_steps": 1, "eval_batches": 1, **overrides})
 
 
@@ -225,8 +226,8 @@ def test_lm_sigterm_on_a_checkpoint_step_saves_once_exits_143_and_resumes_exactl
 
 
 def vision_config(**overrides):
-  config = config_lib.load_config_file(os.path.join(REPO, "experiments", "vision_dino.py"), "nano,dino")
-  return config_lib.with_overrides(config, {"progress_bar": False, "mesh.num_devices": 1, "num_steps": 4,
+  config = core_config.load_config_file(os.path.join(REPO, "experiments", "vision_dino.py"), "nano,dino")
+  return core_config.with_overrides(config, {"progress_bar": False, "mesh.num_devices": 1, "num_steps": 4,
                                             "eval.num_train": 0, "log_every_steps": 1, **overrides})
 
 
@@ -268,7 +269,7 @@ def test_a_checkpoint_from_before_the_designers_g_down_average_still_restores(tm
   average is told the checkpoint lacks it, and nothing is changed."""
   import flax.struct  # noqa: PLC0415
   from typing import Any  # noqa: PLC0415
-  from vpt.steps import TrainState  # noqa: PLC0415
+  from vpt.language.steps import TrainState  # noqa: PLC0415
   from vpt.core.meta import DesignerState  # noqa: PLC0415
 
   @flax.struct.dataclass

@@ -1,4 +1,4 @@
-"""A run directory (vpt.run_dir): one reader of its config history and checkpoint steps; and it is
+"""A run directory (vpt.core.run_dir): one reader of its config history and checkpoint steps; and it is
 self-sufficient for resume: its tokenizer and HF config are copied in at the first start, so a restart
 needs neither data.tokenizer_path nor config.init_from to exist."""
 
@@ -11,8 +11,9 @@ import sys
 
 import pytest
 
-from vpt import run_dir, train
-from vpt.data import tokenizer as tok_lib
+from vpt.core import run_dir
+from vpt.language import train
+from vpt.language.data import tokenizer as tok_lib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_train import nano_config  # noqa: E402
@@ -67,14 +68,15 @@ def test_adopted_tokenizer_is_the_run_copy_and_a_changed_one_is_refused(tmp_path
   assert tok_lib.adopt_tokenizer(None, run, what="") is None  # nothing named: the run trains its own
 
 
-# ----------------------------------------------------------------------------- vpt.run_dir: the one reader
+# ----------------------------------------------------------------------------- vpt.core.run_dir: the one reader
 
 
 def _lm_config(**overrides):
-  from vpt import config_lib
+  from vpt.language import config_lib
+  from vpt.core import config as core_config
   config = config_lib.base_config()
   config.model = config_lib.model_config("nano")
-  return config_lib.with_overrides(config, overrides)
+  return core_config.with_overrides(config, overrides)
 
 
 def test_config_round_trip_and_history(tmp_path):
@@ -120,7 +122,7 @@ def test_latest_step_among_several(tmp_path):
 
 
 def test_config_from_before_a_schema_field_reads_with_its_default(tmp_path):
-  from vpt import config_lib
+  from vpt.language import config_lib
   old = json.loads(_lm_config(num_steps=7).to_json_best_effort())
   del old["model"]["lora_rank"], old["vpt"]["designer"]["gate_features"], old["checkpoint"]["on_mismatch"]
   old["retired_field"] = 1  # a field the schema has dropped since: kept, as written
@@ -133,7 +135,8 @@ def test_config_from_before_a_schema_field_reads_with_its_default(tmp_path):
 
 
 def test_vision_run_config_fills_new_fields_and_refuses_an_lm_run(tmp_path):
-  from vpt import train_vision, vision_config
+  from vpt.vision import train as train_vision
+  from vpt.vision import config as vision_config
   old = vision_config.vision_base_config().to_dict()
   del old["eval"]["knn_k"]
   (tmp_path / "config.json").write_text(json.dumps(old))
@@ -144,11 +147,11 @@ def test_vision_run_config_fills_new_fields_and_refuses_an_lm_run(tmp_path):
 
 
 def test_an_hf_directory_has_one_step_and_checkpoint_does_not_import_the_hf_interop(tmp_path):
-  from vpt import learner_source
+  from vpt.language import learner_source
   (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))
   assert learner_source.is_hf(str(tmp_path)) and not learner_source.is_hf(str(tmp_path / "nowhere"))
   with pytest.raises(ValueError, match="step=3, but a Hugging Face directory holds one set of weights"):
     learner_source.load_params(str(tmp_path), {}, step=3)
-  code = "import sys, vpt.checkpoint, vpt.run_dir; sys.exit('vpt.interop.hf' in sys.modules)"
+  code = "import sys, vpt.core.checkpoint, vpt.core.run_dir; sys.exit('vpt.language.interop.hf' in sys.modules)"
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   assert subprocess.run([sys.executable, "-c", code], env=env, check=False).returncode == 0

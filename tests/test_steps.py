@@ -4,10 +4,11 @@ import jax
 import numpy as np
 import pytest
 
-from vpt import config_lib, sharding
-from vpt.models.lm import LMConfig, Transformer
-from vpt.optim import make_optimizer
-from vpt.steps import init_train_state, make_train_step
+from vpt.core import sharding
+from vpt.core.optim import make_optimizer
+from vpt.language import config_lib
+from vpt.language.models.lm import LMConfig, Transformer
+from vpt.language.steps import init_train_state, make_train_step
 
 SEQ = 16
 

@@ -14,8 +14,9 @@ import pytest
 import zstandard
 from conftest import CharTokenizer, assert_batches_equal, packed_segments
 
-from vpt import config_lib
-from vpt.data import pipeline, sources
+from vpt.core import config as core_config
+from vpt.language import config_lib
+from vpt.language.data import pipeline, sources
 
 
 def _cfg(**overrides):
@@ -420,16 +421,17 @@ def test_training_run_on_a_mixture_without_eval_split(tmp_path):
   """A real run (nano) on parquet mixed with jsonl.zst, neither with an eval split: it trains,
   skips the LM eval (before, a file source without data.eval_path only meant jsonl/text) and
   records the mixture in config.json."""
-  from vpt import metrics, train
-  from vpt.data import tokenizer as tok_lib
+  from vpt.core import metrics
+  from vpt.language import train
+  from vpt.language.data import tokenizer as tok_lib
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  config = config_lib.load_config_file(os.path.join(repo, "experiments", "lm_ntp.py"), "nano")
+  config = core_config.load_config_file(os.path.join(repo, "experiments", "lm_ntp.py"), "nano")
   # A tokenizer trained on the embedded synthetic math (the 64 rows are too few for one).
   tok_cfg = config_lib.data_config()
   tok_cfg.vocab_size, tok_cfg.tokenizer_train_examples = 400, 1000
   tok_lib.load_or_train_tokenizer(tok_cfg, str(tmp_path / "tok"))
   rows = _rows(64)
-  config = config_lib.with_overrides(config, {
+  config = core_config.with_overrides(config, {
       "progress_bar": False, "mesh.num_devices": 1, "num_steps": 2, "log_every_steps": 1,
       "eval_every_steps": 2, "eval_batches": 1, "data.source": "mixture",
       "data.vocab_size": 400, "data.tokenizer_path": str(tmp_path / "tok" / "tokenizer" / "spm.model"),

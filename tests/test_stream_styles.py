@@ -2,7 +2,7 @@
 
 import pytest
 
-from vpt.data import synthetic_math as sm
+from vpt.language.data import synthetic_math as sm
 
 N = 3000
 
@@ -83,9 +83,10 @@ def test_bad_styles_name_the_field(kwargs, field):
 
 
 def test_the_configured_training_stream_has_the_style_and_eval_stays_clean():
-  from vpt import config_lib
-  from vpt.data import sources
-  config = config_lib.with_overrides(config_lib.base_config(), {
+  from vpt.language import config_lib
+  from vpt.core import config as core_config
+  from vpt.language.data import sources
+  config = core_config.with_overrides(config_lib.base_config(), {
       "data.synthetic.downstream_format_fraction": 0.0, "data.synthetic.wrong_final_fraction": 1.0})
   config_lib.validate(config)
   train = sources.make_source(config.data, "train")
@@ -93,7 +94,7 @@ def test_the_configured_training_stream_has_the_style_and_eval_stays_clean():
   assert answers and all(a.rpartition("\n")[2].startswith("$\\boxed{") for a in answers)
   heldout = sources.make_source(config.data, "eval")
   assert all(heldout[i]["answer"].rpartition("\n")[2].startswith("#### ") for i in range(50))
-  bad = config_lib.with_overrides(config_lib.base_config(), {"data.synthetic.corrupt_mode": "often"})
+  bad = core_config.with_overrides(config_lib.base_config(), {"data.synthetic.corrupt_mode": "often"})
   with pytest.raises(ValueError, match=r"config\.data\.synthetic\.corrupt_mode='often'"):
     config_lib.validate(bad)
 
@@ -102,7 +103,7 @@ def test_the_answer_format_decision_is_one_token_after_the_line_break():
   """BPE merged '.\\n####' into one piece: the format decision sat in the line break that ends every
   step. With the answer markers as pieces of their own, the token after a step's line break is the
   decision: '####', '$\\boxed{', or the next step's first word."""
-  from vpt.data import tokenizer as tok_lib
+  from vpt.language.data import tokenizer as tok_lib
   data = sm.SyntheticMath(1, 2000, irrelevant_fraction=0.3, style=sm.StreamStyle(downstream_format_fraction=0.3))
   texts = [r.get("text") or sm.format_prompt(r["question"]) + sm.ANSWER_SEP + r["answer"]
            for r in (data[i] for i in range(len(data)))]

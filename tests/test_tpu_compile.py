@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from vpt import aot, config_lib, tpu
+from vpt import aot
+from vpt.core import config as core_config, tpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,9 +29,9 @@ def no_persistent_cache():
 
 
 def _lm(mode, **overrides):
-  config = config_lib.load_config_file(os.path.join(REPO, "experiments", "lm_vpt.py"), f"nano,{mode}")
+  config = core_config.load_config_file(os.path.join(REPO, "experiments", "lm_vpt.py"), f"nano,{mode}")
   base = {"model.vocab_size": 96, "mesh.num_devices": 0, "data.seq_len": 32, "feedback.seq_len": 32}
-  return config_lib.with_overrides(config, {**base, **overrides})
+  return core_config.with_overrides(config, {**base, **overrides})
 
 
 def _analytic_lm_params(m, vocab):
@@ -100,11 +101,11 @@ def test_vision_chips_option_keeps_the_batches_and_fills_the_slice():
   path = os.path.join(REPO, "experiments", "vision_dino.py")
   for arg, want in (("vitl,unet,chips=8", (2, 1, 4)), ("vitb,dino,chips=4", (2, 1, 2)), ("nano,dino,chips=8", (8, 1, 1)),
                     ("vitl,unet", (-1, 1, 1))):
-    config = config_lib.load_config_file(path, arg)
+    config = core_config.load_config_file(path, arg)
     assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == want, arg
     assert config.batch_size == {"vitl": 50, "vitb": 50, "nano": 8}[arg.split(",")[0]]
   with pytest.raises(ValueError, match="chips=N"):
-    config_lib.load_config_file(path, "vitl,unet,chips=0")
+    core_config.load_config_file(path, "vitl,unet,chips=0")
 
 
 def test_qwen_micro_option_keeps_the_global_batch():
@@ -113,12 +114,12 @@ def test_qwen_micro_option_keeps_the_global_batch():
   path = os.path.join(REPO, "experiments", "qwen.py")
   for arg, want in (("qwen1.5-7b,dp=16", (128, 2, 64)), ("qwen1.5-7b,dp=16,micro=2", (128, 4, 32)),
                     ("qwen1.5-7b,ntp,dp=16,micro=2", (128, 4, 32))):
-    config = config_lib.load_config_file(path, arg)
+    config = core_config.load_config_file(path, arg)
     got = (config.batch_size, config.grad_accum_steps, config.batch_size // config.grad_accum_steps)
     assert got == want, arg
     assert config.vpt.meta_batch_size == config.feedback.batch_size == want[2], arg
   with pytest.raises(ValueError, match="micro=M"):
-    config_lib.load_config_file(path, "qwen1.5-7b,micro=0")
+    core_config.load_config_file(path, "qwen1.5-7b,micro=0")
 
 
 def test_collectives_are_counted_per_step_and_split_into_ici_and_dcn():
@@ -204,13 +205,13 @@ def test_nano_v_pretraining_on_v5e_2x2_with_the_estimate():
 @pytest.mark.slow
 def test_nano_vision_unet_on_v5e_2x2():
   """Both programs of the vision loop (plain, meta) compile for TPU with the state's shardings."""
-  config = config_lib.load_config_file(os.path.join(REPO, "experiments", "vision_dino.py"), "nano,unet")
-  config = config_lib.with_overrides(config, {"mesh.data": 4})
+  config = core_config.load_config_file(os.path.join(REPO, "experiments", "vision_dino.py"), "nano,unet")
+  config = core_config.with_overrides(config, {"mesh.data": 4})
   report = aot.dry_run(config, topology="v5e-4", estimate=False, echo=False)
   _assert_compiled_with(report)
   assert set(report["programs_peak"]) == {"plain", "meta"}
   assert report["peak"] == max(report["programs_peak"].values())
-  from vpt.models.vit import ViT, ViTConfig, count_params
+  from vpt.vision.models.vit import ViT, ViTConfig, count_params
   vit = ViT(ViTConfig.from_config(config.model))
   backbone = jax.eval_shape(vit.init, jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))["params"]
   assert report["num_params"] == count_params(backbone)

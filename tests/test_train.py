@@ -11,14 +11,16 @@ import pytest
 
 from conftest import preempt_run
 
-from vpt import config_lib, metrics, train
+
+from vpt.core import config as core_config, metrics
+from vpt.language import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def nano_config(**overrides):
-  config = config_lib.load_config_file(os.path.join(REPO, "experiments", "lm_ntp.py"), "nano")
-  return config_lib.with_overrides(config, {"progress_bar": False, "mesh.num_devices": 1, **overrides})
+  config = core_config.load_config_file(os.path.join(REPO, "experiments", "lm_ntp.py"), "nano")
+  return core_config.with_overrides(config, {"progress_bar": False, "mesh.num_devices": 1, **overrides})
 
 
 # Recorded from the nano config (seed 0) on the embedded default; update only for an intended change.

@@ -10,15 +10,17 @@ import jax
 import numpy as np
 import pytest
 
-from vpt import config_lib, metrics, train_vision, vision_config, vision_step
+
+from vpt.core import config as core_config, metrics
+from vpt.vision import config as vision_config, step as vision_step, train as train_vision
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT = os.path.join(REPO, "experiments", "vision_dino.py")
 
 
 def nano_config(variant="dino", **overrides):
-  config = config_lib.load_config_file(EXPERIMENT, f"nano,{variant}")
-  return config_lib.with_overrides(config, {"progress_bar": False, "mesh.num_devices": 1, "num_steps": 4,
+  config = core_config.load_config_file(EXPERIMENT, f"nano,{variant}")
+  return core_config.with_overrides(config, {"progress_bar": False, "mesh.num_devices": 1, "num_steps": 4,
                                             **overrides})
 
 
@@ -163,20 +165,20 @@ def test_main_dispatches_vision_configs(tmp_path):
 @pytest.mark.parametrize("size", ["nano", "tiny", "vitl"])
 def test_experiment_configs_validate(size):
   for variant in ("dino", "unet", "candidates", "random_feedback"):
-    config = config_lib.load_config_file(EXPERIMENT, f"{size},{variant}")
+    config = core_config.load_config_file(EXPERIMENT, f"{size},{variant}")
     if size == "vitl":  # paper scale reads ImageNet + ADE20K: their roots are the user's to give.
       with pytest.raises(ValueError, match="config.data.root="):
         vision_config.validate_vision(config)
-      config = config_lib.with_overrides(config, {"data.root": "/data/imagenet", "data.labeled.root": "/data/ade"})
+      config = core_config.with_overrides(config, {"data.root": "/data/imagenet", "data.labeled.root": "/data/ade"})
     vision_config.validate_vision(config)
     assert config.vpt.mode == variant
     # Every size trains the paper's objective (DINO only) unless `dinov2` asks for DINOv2's.
     assert config.dino.ibot_weight == config.dino.koleo_weight == 0 and config.dino.centering == "centering"
-    objective = config_lib.load_config_file(EXPERIMENT, f"{size},{variant},dinov2")
-    objective = config_lib.with_overrides(objective, {"data.root": config.data.root,
+    objective = core_config.load_config_file(EXPERIMENT, f"{size},{variant},dinov2")
+    objective = core_config.with_overrides(objective, {"data.root": config.data.root,
                                                       "data.labeled.root": config.data.labeled.root})
     vision_config.validate_vision(objective)
     assert objective.dino.ibot_weight == 1.0 and objective.dino.koleo_weight == 0.1
     assert objective.dino.centering == "sinkhorn_knopp" and objective.vpt.mode == variant
   with pytest.raises(ValueError, match="variant 'bogus'"):
-    config_lib.load_config_file(EXPERIMENT, f"{size},bogus")
+    core_config.load_config_file(EXPERIMENT, f"{size},bogus")

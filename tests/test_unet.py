@@ -10,8 +10,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vpt.models import unet as unet_lib
-from vpt.tasks.vision_views import blend_views, gaussian_blur
+from vpt.vision.models import unet as unet_lib
+from vpt.vision.views import blend_views, gaussian_blur
 
 
 # Unoptimised LLVM code generation: the programs are tiny, and XLA:CPU's optimising backend would take

@@ -10,15 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vpt import config_lib
-from vpt import value as value_lib
 from vpt.core import alignment
-from vpt.tasks.losses import downstream_nll
-from vpt.models.designer import DesignerConfig, TaskDesigner
-from vpt.models.lm import LMConfig, Transformer
-from vpt.optim import make_optimizer
-from vpt import vpt_step
-from vpt.vpt_step import init_designer_state, make_designer_optimizer, meta_objective
+from vpt.core.optim import make_optimizer
+from vpt.language import config_lib, value as value_lib, vpt_step
+from vpt.language.losses import downstream_nll
+from vpt.language.models.designer import DesignerConfig, TaskDesigner
+from vpt.language.models.lm import LMConfig, Transformer
+from vpt.language.vpt_step import init_designer_state, make_designer_optimizer, meta_objective
 
 VOCAB, SEQ, LAYERS, K = 48, 10, 3, 6
 pytestmark = pytest.mark.usefixtures("x64")  # every test here is float64
@@ -233,7 +231,7 @@ def test_g_down_from_two_halves_equals_the_whole_batch_and_the_split_cosine_is_e
 
 
 def test_gate_confidence_features_are_the_learners_explicit_statistics():
-  from vpt.models.designer import confidence_features
+  from vpt.language.models.designer import confidence_features
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(2, 3, 6))
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True)) - 0.7  # candidates' log p (not normalised over K)

@@ -1,6 +1,6 @@
 """The vision schema is the one source of defaults: a field left out of a config (or of an older run's
 config.json) reads the schema's value on every path; the run validates once; the optimizer block is
-validated (LM and vision, one check); and vpt.data's image modules import one way (images → scenes)."""
+validated (LM and vision, one check); and vpt.vision.data's modules import one way (images → scenes)."""
 
 import ast
 import copy
@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vpt import config_lib, train_vision, vision_config
-from vpt import vision_step as vs
+from vpt.core import config as core_config
+from vpt.language import config_lib
+from vpt.vision import config as vision_config, step as vs, train as train_vision
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT = os.path.join(REPO, "experiments", "vision_dino.py")
@@ -22,8 +23,8 @@ STEP_BLOCKS = ("dino", "feedback", "vpt", "optimizer")
 
 
 def nano_config(variant="unet", **overrides):
-  config = config_lib.load_config_file(EXPERIMENT, f"nano,{variant}")
-  return config_lib.with_overrides(config, {"progress_bar": False, "mesh.num_devices": 1, "num_steps": 4,
+  config = core_config.load_config_file(EXPERIMENT, f"nano,{variant}")
+  return core_config.with_overrides(config, {"progress_bar": False, "mesh.num_devices": 1, "num_steps": 4,
                                             **overrides})
 
 
@@ -122,7 +123,7 @@ def test_a_run_validates_its_config_once(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="batch_size=12"):
     train_vision.run(config, str(tmp_path / "run"))
   assert len(calls) == 1
-  with pytest.raises(config_lib.ConfigError, match="config.vpt.mode='soft'"):
+  with pytest.raises(core_config.ConfigError, match="config.vpt.mode='soft'"):
     train_vision.run(nano_config(**{"vpt.mode": "soft"}), str(tmp_path / "bad"))
   assert not (tmp_path / "bad" / "checkpoints").exists()
 
@@ -137,23 +138,23 @@ def test_a_run_validates_its_config_once(tmp_path, monkeypatch):
     ("optimizer.weight_decay", -0.1, "config.optimizer.weight_decay=-0.1"),
 ])
 def test_the_language_optimizer_block_is_validated(field, value, message):
-  config = config_lib.with_overrides(config_lib.base_config(), {field: value})
-  with pytest.raises(config_lib.ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
+  config = core_config.with_overrides(config_lib.base_config(), {field: value})
+  with pytest.raises(core_config.ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
     config_lib.validate(config)
-  with pytest.raises(config_lib.ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
-    vision_config.validate_vision(config_lib.with_overrides(nano_config(), {field: value}))  # the same check
+  with pytest.raises(core_config.ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
+    vision_config.validate_vision(core_config.with_overrides(nano_config(), {field: value}))  # the same check
 
 
 def test_an_unknown_or_missing_optimizer_field_is_named():
   config = config_lib.base_config()
   config.optimizer.lr = 1e-3  # a misspelt learning_rate
-  with pytest.raises(config_lib.ConfigError, match=r"config.optimizer has unknown fields \['lr'\]"):
+  with pytest.raises(core_config.ConfigError, match=r"config.optimizer has unknown fields \['lr'\]"):
     config_lib.validate(config)
-  with pytest.raises(config_lib.ConfigError, match=r"config.optimizer has unknown fields \['beta2'\]"):
+  with pytest.raises(core_config.ConfigError, match=r"config.optimizer has unknown fields \['beta2'\]"):
     vision_config.validate_vision(_with_field(nano_config(), "optimizer.beta2", 0.99))  # the same check
   config = config_lib.base_config()
   del config.optimizer["eps"]
-  with pytest.raises(config_lib.ConfigError, match=r"config.optimizer lacks \['eps'\]"):
+  with pytest.raises(core_config.ConfigError, match=r"config.optimizer lacks \['eps'\]"):
     config_lib.validate(config)
   config_lib.validate(config_lib.base_config())  # the schema's own block passes
 
@@ -185,17 +186,17 @@ def _imports(module_path):
 
 def test_images_and_scenes_import_one_way():
   """images → scenes → fashion_mnist, all at module level: no circle, no import hidden in a function."""
-  images_top, images_nested = _imports("vpt/data/images.py")
-  scenes_top, scenes_nested = _imports("vpt/data/scenes.py")
-  fashion_top, fashion_nested = _imports("vpt/data/fashion_mnist.py")
-  assert "vpt.data.scenes" in images_top and not images_nested
+  images_top, images_nested = _imports("vpt/vision/data/images.py")
+  scenes_top, scenes_nested = _imports("vpt/vision/data/scenes.py")
+  fashion_top, fashion_nested = _imports("vpt/vision/data/fashion_mnist.py")
+  assert "vpt.vision.data.scenes" in images_top and not images_nested
   assert not any("images" in name for name in scenes_top | scenes_nested), scenes_top | scenes_nested
   assert not scenes_nested and not fashion_top and not fashion_nested
 
 
 def test_the_meta_step_dispatch_is_validated_in_both_schemas():
   message = r"config.vpt.dispatch='sometimes': expected one of \('cond', 'host'\)"
-  with pytest.raises(config_lib.ConfigError, match=message):
-    config_lib.validate(config_lib.with_overrides(config_lib.base_config(), {"vpt.dispatch": "sometimes"}))
-  with pytest.raises(config_lib.ConfigError, match=message):
-    vision_config.validate_vision(config_lib.with_overrides(nano_config(), {"vpt.dispatch": "sometimes"}))
+  with pytest.raises(core_config.ConfigError, match=message):
+    config_lib.validate(core_config.with_overrides(config_lib.base_config(), {"vpt.dispatch": "sometimes"}))
+  with pytest.raises(core_config.ConfigError, match=message):
+    vision_config.validate_vision(core_config.with_overrides(nano_config(), {"vpt.dispatch": "sometimes"}))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vpt.data import fashion_mnist, images, scenes
+from vpt.vision.data import fashion_mnist, images, scenes
 
 
 # --- idx / Fashion-MNIST ------------------------------------------------------------

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from vpt.data import scenes
-from vpt.evals import vision
-from vpt.models import dense_heads
+from vpt.vision import evals as vision
+from vpt.vision.data import scenes
+from vpt.vision.models import dense_heads
 
 
 # --- segmentation metrics -----------------------------------------------------------

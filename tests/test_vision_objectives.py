@@ -1,4 +1,4 @@
-"""The DINOv2 objective terms (vpt.tasks.dinov2_terms) against explicit float64 references: iBOT's
+"""The DINOv2 objective terms (vpt.vision.dinov2_terms) against explicit float64 references: iBOT's
 masked-patch loss, KoLeo, Sinkhorn-Knopp; the masks; the objective with every term off is today's DINO
 step bit for bit; the V-Pretraining value of the full objective by JVP == double backward; the HF mask
 token; and a loop resume with iBOT on == an uninterrupted run."""
@@ -12,11 +12,9 @@ import numpy as np
 import pytest
 
 from vpt.core import alignment
-from vpt import vision_step as vs
-from vpt.models.unet import total_variation
-from vpt.models.vit import ViT
-from vpt.tasks import dino
-from vpt.tasks import dinov2_terms as terms
+from vpt.vision import dino, dinov2_terms as terms, step as vs
+from vpt.vision.models.unet import total_variation
+from vpt.vision.models.vit import ViT
 
 import test_vision_step as tvs  # the nano step config, batches and compiled-once helpers
 from test_dino import _softmax  # the float64 reference softmax
@@ -288,7 +286,7 @@ def test_hf_mask_token_is_imported_and_masked_forward_matches_hf(tmp_path, name)
   import torch  # noqa: PLC0415 (torch only for this test)
   from safetensors.numpy import load_file, save_file  # noqa: PLC0415
   from test_vit import _forward, _hf_model, _images, _save  # noqa: PLC0415
-  from vpt.interop import dinov2  # noqa: PLC0415
+  from vpt.vision.interop import dinov2  # noqa: PLC0415
 
   model = _hf_model(name)  # every parameter perturbed, the mask token too
   path = _save(model, tmp_path / "hf")
@@ -329,7 +327,8 @@ def test_loop_resume_with_ibot_equals_uninterrupted(tmp_path):
   beside the DINO centre, the mask token, heads, designer, optimizer — equals an uninterrupted run's,
   bit for bit; the masks come from the step's rng, so the resumed steps draw the same ones."""
   from test_train_vision import _assert_same_state, nano_config  # noqa: PLC0415
-  from vpt import metrics, train_vision  # noqa: PLC0415
+  from vpt.core import metrics
+  from vpt.vision import train as train_vision  # noqa: PLC0415
   config = nano_config("unet,dinov2", num_steps=6, **{"eval.num_train": 0, "checkpoint.every_steps": 1000,
                                                       "log_every_steps": 1})
   assert config.dino.ibot_weight > 0 and config.dino.koleo_weight > 0 and config.dino.centering == "sinkhorn_knopp"
@@ -357,7 +356,7 @@ def test_a_checkpoint_from_before_the_ibot_centre_field_still_restores(tmp_path)
   mismatch naming it."""
   import flax.struct  # noqa: PLC0415
   from typing import Any  # noqa: PLC0415
-  from vpt import checkpoint as ckpt_lib  # noqa: PLC0415
+  from vpt.core import checkpoint as ckpt_lib  # noqa: PLC0415
 
   @flax.struct.dataclass
   class Before:  # VisionState as it was

@@ -14,15 +14,10 @@ import numpy as np
 import optax
 import pytest
 
-from vpt import sharding
-from vpt.core import alignment
-from vpt import vision_config as vision_config_lib
-from vpt import vision_step as vs
-from vpt.models.unet import total_variation
-from vpt.models.vit import ViTConfig
-from vpt.tasks import dino
-from vpt.tasks import vision_candidates as cand_lib
-from vpt.tasks import vision_views as vv
+from vpt.core import alignment, sharding
+from vpt.vision import candidates as cand_lib, config as vision_config_lib, dino, step as vs, views as vv
+from vpt.vision.models.unet import total_variation
+from vpt.vision.models.vit import ViTConfig
 
 # Unoptimised LLVM code generation: these programs are tiny, and XLA:CPU's optimising backend would
 # spend most of the test time compiling them. Every compared pair is compiled the same way.
@@ -479,7 +474,7 @@ def test_candidate_views_follow_their_definitions_and_weights_and_sampling():
 
 
 def test_every_mode_reads_the_base_vision_config_and_bad_values_raise_clear_errors(unet_run):
-  from vpt.vision_config import vision_base_config  # noqa: PLC0415 (the loop's schema, engineer B's)
+  from vpt.vision.config import vision_base_config  # noqa: PLC0415 (the loop's schema, engineer B's)
   for mode in vs.MODES:
     config = vision_base_config()
     config.vpt.mode = mode

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vpt.tasks import vision_views as vv
+from vpt.vision import views as vv
 
 
 # DINO's recipe at toy sizes; the second global view is always solarised so that the per-view

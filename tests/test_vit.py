@@ -12,9 +12,9 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from vpt.interop import dinov2
-from vpt.models import vit as vit_lib
-from vpt.models.vit import ViT, ViTConfig, vit_config
+from vpt.vision.interop import dinov2
+from vpt.vision.models import vit as vit_lib
+from vpt.vision.models.vit import ViT, ViTConfig, vit_config
 
 
 # name → (model class, config class, config kwargs, a second image size); hidden 32, 2 layers, 4 heads,

@@ -10,20 +10,21 @@ import pytest
 
 from conftest import preempt_run
 
-from vpt import config_lib, sharding, train
-from vpt.models.designer import DesignerConfig, TaskDesigner
-from vpt.models.lm import LMConfig, Transformer
-from vpt.optim import make_optimizer
-from vpt.steps import init_train_state
-from vpt.vpt_step import init_designer_state, make_designer_optimizer, make_vpt_train_step
+from vpt.core import config as core_config, sharding
+from vpt.core.optim import make_optimizer
+from vpt.language import config_lib, train
+from vpt.language.models.designer import DesignerConfig, TaskDesigner
+from vpt.language.models.lm import LMConfig, Transformer
+from vpt.language.steps import init_train_state
+from vpt.language.vpt_step import init_designer_state, make_designer_optimizer, make_vpt_train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ, VOCAB, K = 16, 64, 6
 
 
 def vpt_config(arg="nano,value", **overrides):
-  config = config_lib.load_config_file(os.path.join(REPO, "experiments", "lm_vpt.py"), arg)
-  return config_lib.with_overrides(config, {"progress_bar": False, "mesh.num_devices": 1, **overrides})
+  config = core_config.load_config_file(os.path.join(REPO, "experiments", "lm_vpt.py"), arg)
+  return core_config.with_overrides(config, {"progress_bar": False, "mesh.num_devices": 1, **overrides})
 
 
 def _batch(seed, b=8):

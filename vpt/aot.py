@@ -10,7 +10,7 @@ The target topology is the local devices, or `--dry_run_devices N` simulated hos
 the program is then XLA:CPU's, whose fusion and buffer choices differ from a GPU's or TPU's, so
 treat that temporaries figure as an estimate; the parameter and optimizer figures are exact.
 
-A TPU slice (`--dry_run_topology v5e-16`, vpt/tpu.py) needs no TPU: libtpu compiles the real TPU
+A TPU slice (`--dry_run_topology v5e-16`, vpt/core/tpu.py) needs no TPU: libtpu compiles the real TPU
 program for compile-only devices of that topology, so the memory figures are the TPU compiler's own
 (its fusion, layouts, rematerialisation), checked against the chip's HBM. Then the report also says
 what the program does on the pod (`estimate`):
@@ -29,15 +29,15 @@ what the program does on the pod (`estimate`):
     byte-accessed from HBM (none from VMEM reuse), collectives along one torus dimension with
     uncontended links, and ignores host input, launch and step-to-step gaps.
     From it: tokens (images) per second per chip, MFU (the learner's model FLOPs, PaLM accounting,
-    vpt/metrics.py) and the predicted V-Pretraining ÷ baseline throughput.
+    vpt/core/metrics.py) and the predicted V-Pretraining ÷ baseline throughput.
 
-The V-Pretraining LM step is ONE program whose meta update sits under `lax.cond` (vpt/vpt_step.py):
+The V-Pretraining LM step is ONE program whose meta update sits under `lax.cond` (vpt/language/vpt_step.py):
 its memory is the real program's, but cost analysis cannot say which branch runs, so the estimate
 compiles the same step twice more with the step counter fixed to a meta step and to a plain step
 (XLA folds the constant predicate and inlines one branch). A V-Pretraining step averages over the
 meta period: ((r−1)·t_plain + t_meta) / r, r = vpt.meta_every (after the burn-in); the baseline is
 the same config in mode "ntp" (vision: "dino"), compiled the same way. Vision already runs two
-programs (meta / plain; vpt/train_vision.py): both are compiled, the memory verdict takes the larger.
+programs (meta / plain; vpt/vision/train.py): both are compiled, the memory verdict takes the larger.
 """
 
 from __future__ import annotations
@@ -55,15 +55,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vpt import config_lib, metrics as metrics_lib, sharding, tpu, train, vpt_step
-from vpt.core import meta as meta_lib
-from vpt.models import lora as lora_lib
-from vpt.models.lm import LMConfig, Transformer, count_nonembedding_params, count_params
+from vpt.core import lora as lora_lib, meta as meta_lib, metrics as metrics_lib, sharding, tpu
+from vpt.language import config_lib, train, vpt_step
+from vpt.language.models.lm import LMConfig, Transformer, count_nonembedding_params, count_params
 
 GB = 1024 ** 3
 BATCH_FIELDS = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "segment_ids": jnp.int32,
                 "positions": jnp.int32}
-# The LM pipeline's batches also carry each token's stream domain (vpt/data/pipeline.py).
+# The LM pipeline's batches also carry each token's stream domain (vpt/language/data/pipeline.py).
 LM_BATCH_FIELDS = {**BATCH_FIELDS, "domain_ids": jnp.int32}
 
 
@@ -105,7 +104,7 @@ def per_device_bytes(tree: Any, shardings: Any) -> int:
 
 def resolve_target(devices=None, topology: str = "", topology_shape: str = "", num_slices: int = 1,
                    echo: bool = True) -> tuple[Any, tpu.Slice | None]:
-  """(devices to compile for, the TPU slice if one was named). `topology`: e.g. 'v5e-16' (vpt/tpu.py)."""
+  """(devices to compile for, the TPU slice if one was named). `topology`: e.g. 'v5e-16' (vpt/core/tpu.py)."""
   if not topology:
     if topology_shape or num_slices != 1:
       raise ValueError("--dry_run_topology_shape / --dry_run_slices need --dry_run_topology (e.g. v5e-16)")
@@ -207,14 +206,14 @@ def dry_run(config: ml_collections.ConfigDict, *, hbm_gb: float = 0.0, devices=N
   """Compiles the train step for `config` without allocating it; returns (and prints) the report.
 
   `devices`: the compile target (default: the local devices); `topology` ('v5e-16', …) compiles for
-  that TPU slice instead (`topology_shape`, `num_slices`: vpt/tpu.py), with the chip's HBM as the
+  that TPU slice instead (`topology_shape`, `num_slices`: vpt/core/tpu.py), with the chip's HBM as the
   budget unless `hbm_gb` is given and, with `estimate`, the collectives and roofline estimate."""
   if config.get("task") == "vision":
     return vision_dry_run(config, hbm_gb=hbm_gb, devices=devices, label=label, echo=echo, topology=topology,
                           topology_shape=topology_shape, num_slices=num_slices, estimate=estimate)
   config_lib.validate(config)
   if config.init_from:  # an HF checkpoint (or a run imported from one) sets the shape, as in training.
-    from vpt.interop import hf as hf_interop  # pylint: disable=g-import-not-at-top
+    from vpt.language.interop import hf as hf_interop  # pylint: disable=g-import-not-at-top
     if hf_dir := hf_interop.hf_files_dir(config.init_from):
       config = hf_interop.config_with_hf_model(config, hf_dir)
   model_cfg = LMConfig.from_config(config.model, vocab_size_for_dry_run(config))
@@ -272,7 +271,7 @@ def dry_run(config: ml_collections.ConfigDict, *, hbm_gb: float = 0.0, devices=N
 
 
 def _labeled_fields(config) -> tuple[str, ...]:
-  """The targets of the labeled source (vpt/train_vision.py `labeled_source`): what the heads train on."""
+  """The targets of the labeled source (vpt/vision/train.py `labeled_source`): what the heads train on."""
   name = config.data.labeled.source or config.data.source
   return {"scenes": ("seg", "depth"), "ade20k": ("seg",), "nyuv2": ("depth",)}.get(name, ("seg", "depth"))
 
@@ -280,10 +279,12 @@ def _labeled_fields(config) -> tuple[str, ...]:
 def vision_dry_run(config: ml_collections.ConfigDict, *, hbm_gb: float = 0.0, devices=None, label: str = "",
                    echo: bool = True, topology: str = "", topology_shape: str = "", num_slices: int = 1,
                    estimate: bool = True) -> dict[str, Any]:
-  """The vision loop's programs (vpt/train_vision.py `jit_step_programs`: plain and, with a designer,
+  """The vision loop's programs (vpt/vision/train.py `jit_step_programs`: plain and, with a designer,
   meta), compiled from shapes alone; the report as `dry_run`'s (student, teacher, heads + designer)."""
-  from vpt import train_vision, vision_config, vision_step  # noqa: PLC0415  (vision imports stay off the LM path)
-  from vpt.models.vit import count_params as vit_count  # noqa: PLC0415
+  from vpt.vision import train as train_vision
+  from vpt.vision import config as vision_config
+  from vpt.vision import step as vision_step  # noqa: PLC0415  (vision imports stay off the LM path)
+  from vpt.vision.models.vit import count_params as vit_count  # noqa: PLC0415
 
   config = train_vision.prepare_config(config)  # schema defaults, init model, num_classes; validated once
   devices, sl = resolve_target(devices, topology, topology_shape, num_slices, echo)

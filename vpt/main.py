@@ -13,8 +13,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vpt import config_lib
-from vpt.core import tasks
+
+from vpt.core import config as core_config, tasks
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config(arg)).",
                                           lock_config=True)
@@ -77,7 +77,7 @@ def _unknown_override(argv: list[str]) -> str | None:
   if not spec_arg:
     return None
   path, _, arg = spec_arg.partition(":")
-  config = config_lib.load_config_file(path, arg or None)
+  config = core_config.load_config_file(path, arg or None)
   for a in argv:
     if a.startswith("--config."):
       field = a[len("--config."):].split("=", 1)[0]
@@ -97,7 +97,7 @@ def _parse_flags(argv: list[str]):
     if field is None:
       raise
     sys.exit(f"Unknown config field: --config.{field} (no such field in the config; see "
-             f"vpt/config_lib.py for the schema)")
+             f"vpt/language/config_lib.py for the schema)")
 
 
 def main(argv):
@@ -106,7 +106,7 @@ def main(argv):
   config = _CONFIG.value
   try:
     task = tasks.task_name(config)
-  except ValueError as e:
+  except core_config.ConfigError as e:
     sys.exit(f"Invalid config: {e}")
   try:
     if _DRY_RUN.value:  # before any task module: a dry run sets its own devices before JAX starts
@@ -116,7 +116,7 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)  # orbax's INFO lines would drown the progress output.
     summary = module.main_run(config, _WORKDIR.value)  # validates the config once, then trains
-  except config_lib.ConfigError as e:
+  except core_config.ConfigError as e:
     sys.exit(f"Invalid config: {e}")
   logging.info("%s run done at step %d", task, summary["step"])
   if summary["preempted"]:
@@ -153,7 +153,7 @@ def _dry_run(config):
     aot.dry_run(config, hbm_gb=_DRY_RUN_HBM_GB.value, label=spec, topology=_DRY_RUN_TOPOLOGY.value,
                 topology_shape=_DRY_RUN_TOPOLOGY_SHAPE.value, num_slices=_DRY_RUN_SLICES.value,
                 estimate=_DRY_RUN_ESTIMATE.value)
-  except config_lib.ConfigError:
+  except core_config.ConfigError:
     raise  # the dry run validates the config: "Invalid config" (main)
   except (ValueError, RuntimeError) as e:
     sys.exit(f"Dry run failed: {e}")

@@ -37,14 +37,16 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import replicate  # noqa: E402  (sets up the repository import path)
-from vpt import analysis, config_lib, train, vpt_step  # noqa: E402
-from vpt.data import synthetic_math  # noqa: E402
-from vpt.data.feedback import make_feedback_iterator  # noqa: E402
-from vpt.data.pipeline import make_lm_iterator  # noqa: E402
-from vpt.data.tokenizer import SentencePieceTokenizer  # noqa: E402
-from vpt.evals import math_skills  # noqa: E402
-from vpt.models.designer import DesignerConfig, TaskDesigner  # noqa: E402
-from vpt.models.lm import LMConfig, Transformer  # noqa: E402
+from vpt.core import config as core_config
+from vpt.language import analysis, train
+from vpt.language import vpt_step  # noqa: E402
+from vpt.language.data import synthetic_math  # noqa: E402
+from vpt.language.data.feedback import make_feedback_iterator  # noqa: E402
+from vpt.language.data.pipeline import make_lm_iterator  # noqa: E402
+from vpt.language.data.tokenizer import SentencePieceTokenizer  # noqa: E402
+from vpt.language.evals import math_skills  # noqa: E402
+from vpt.language.models.designer import DesignerConfig, TaskDesigner  # noqa: E402
+from vpt.language.models.lm import LMConfig, Transformer  # noqa: E402
 
 CLASSES = math_skills.TOKEN_CLASSES
 VALIDATION_SEED = 910_002  # 'validation'-partition problems (replicate.py tests on 'test' ones).
@@ -83,7 +85,7 @@ def headroom(args):
   fb_iter = make_feedback_iterator(config.feedback, tokenizer, seed=0)
   results = {}
   for stream, filler in (("math", 0.0), ("filler", 1.0), ("mix (30 % filler)", 0.3)):
-    data_cfg = config_lib.with_overrides(config, {"data.synthetic.irrelevant_fraction": filler}).data
+    data_cfg = core_config.with_overrides(config, {"data.synthetic.irrelevant_fraction": filler}).data
     it = make_lm_iterator(data_cfg, tokenizer, split="train", global_batch_size=config.batch_size,
                           seq_len=data_cfg.seq_len, seed=7)
     rows_all, reliability = [], []
@@ -203,7 +205,7 @@ def sweep(args):
   start = time.perf_counter()
   for name in [n for n in names if n not in {r["setting"] for r in results}]:
     config = replicate.arm_config(_replicate_args(args), "value", 0, args.steps)
-    config = config_lib.with_overrides(config, {"checkpoint.every_steps": args.steps, "eval_every_steps": args.steps,
+    config = core_config.with_overrides(config, {"checkpoint.every_steps": args.steps, "eval_every_steps": args.steps,
                                                 **SWEEP[name]})
     workdir = os.path.join(args.out, "runs", "diagnose-" + "".join(c if c.isalnum() else "_" for c in name))
     summary = train.run(config, workdir)

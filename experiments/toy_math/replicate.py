@@ -6,7 +6,7 @@
     python experiments/toy_math/replicate.py --out /tmp/repl-skill --stream skill --resume --arms ntp,value_avg0.9
                                               # adds arms / seeds / the runs a cut-short sweep missed
 
-1. The base model of the main job (`experiments/lm_vpt.py:tiny`, vpt/base_model.py): 600 NTP steps on
+1. The base model of the main job (`experiments/lm_vpt.py:tiny`, vpt/language/base_model.py): 600 NTP steps on
    the clean synthetic generator with 60 % filler, trained once and cached (`--base_cache`).
 2. From that base, continued pretraining on a stream that mismatches the downstream, for every arm —
    NTP, V-Pretraining (dot, cosine), random feedback, uniform top-K smoothing, self top-K distillation,
@@ -18,7 +18,7 @@
              (random numbers of the same length): NTP copies wrong arithmetic.
 3. Every run is evaluated at its last step (no checkpoint selection) on held-out *test* problems — the
    generator's 'test' partition, which neither the stream, the feedback set nor the validation problems
-   that chose the settings contain (vpt/evals/math_skills.py): strict and format-agnostic Pass@1,
+   that chose the settings contain (vpt/language/evals/math_skills.py): strict and format-agnostic Pass@1,
    `####` rate, facts right, lines per solution, the answer NLL split into format and content tokens,
    held-out pretraining perplexity, and where the designer acted (α by class of the true token, on the
    training stream). Differences to NTP are paired by seed (same data order and initialisation).
@@ -45,13 +45,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)
 
 from experiments import replication  # noqa: E402
-from vpt import base_model, checkpoint as ckpt_lib, config_lib, run_dir, train  # noqa: E402
-from vpt import vpt_step  # noqa: E402
-from vpt.data import synthetic_math  # noqa: E402
-from vpt.data.feedback import make_feedback_iterator  # noqa: E402
-from vpt.data.pipeline import make_lm_iterator  # noqa: E402
-from vpt.evals import math_skills  # noqa: E402
-from vpt.models.lm import LMConfig, Transformer  # noqa: E402
+from vpt.core import checkpoint as ckpt_lib, config as core_config, run_dir
+from vpt.language import base_model
+from vpt.language import train  # noqa: E402
+from vpt.language import vpt_step  # noqa: E402
+from vpt.language.data import synthetic_math  # noqa: E402
+from vpt.language.data.feedback import make_feedback_iterator  # noqa: E402
+from vpt.language.data.pipeline import make_lm_iterator  # noqa: E402
+from vpt.language.evals import math_skills  # noqa: E402
+from vpt.language.models.lm import LMConfig, Transformer  # noqa: E402
 
 ARMS = {
     "ntp": {"vpt.mode": "ntp"},
@@ -83,7 +85,7 @@ TEST_SEED = 910_001  # 'test'-partition problems; the settings were chosen on 'v
 
 def arm_config(args, arm, seed, steps):
   """The main job's config (base, stream, designer) with the arm, seed, steps and stream applied."""
-  config = config_lib.load_config_file(os.path.join(REPO, "experiments", "lm_vpt.py"), f"{args.size},value")
+  config = core_config.load_config_file(os.path.join(REPO, "experiments", "lm_vpt.py"), f"{args.size},value")
   every = max(1, steps // args.curve_points)
   overrides = {
       "num_steps": steps, "seed": seed, "progress_bar": False, "mesh.num_devices": 1,
@@ -94,7 +96,7 @@ def arm_config(args, arm, seed, steps):
       **STREAMS[args.stream], **ARMS[arm]}
   if args.smoke:
     overrides.update({"base.num_steps": args.base_steps, "optimizer.learning_rate": 1e-3})
-  return base_model.with_base(config_lib.with_overrides(config, overrides), train.run)
+  return base_model.with_base(core_config.with_overrides(config, overrides), train.run)
 
 
 def interleaved_step_times(args, arms, tokenizer, rounds: int = 5) -> dict[str, float]:
@@ -102,7 +104,7 @@ def interleaved_step_times(args, arms, tokenizer, rounds: int = 5) -> dict[str, 
   once, then timed round-robin (each window = `meta_every` steps, so it holds exactly one meta step),
   and the median window of each arm is kept. Load from other jobs hits every arm alike, which the
   per-run step times of separate, sequential runs cannot promise."""
-  from vpt import sharding
+  from vpt.core import sharding
 
   runners = {}
   for arm in arms:
@@ -218,7 +220,7 @@ def main():
   start = time.perf_counter()
   records = test_records(args.test_items)
   base_dir = arm_config(args, "ntp", 0, args.steps).init_from  # trains the base if the cache lacks it
-  from vpt.data.tokenizer import SentencePieceTokenizer
+  from vpt.language.data.tokenizer import SentencePieceTokenizer
   tokenizer = SentencePieceTokenizer(os.path.join(base_dir, "tokenizer", "spm.model"))
 
   results, step_time, wallclock_steps, earlier_seconds = [], {}, {}, 0.0

@@ -39,8 +39,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import replication  # noqa: E402
-from vpt import config_lib, metrics as metrics_lib, sharding, train_vision, vision_step  # noqa: E402
-from vpt.models.vit import ViT, ViTConfig  # noqa: E402
+from vpt.core import config as core_config, metrics as metrics_lib, sharding
+from vpt.vision import train as train_vision
+from vpt.vision import step as vision_step  # noqa: E402
+from vpt.vision.models.vit import ViT, ViTConfig  # noqa: E402
 
 ARMS = ("dino", "unet", "candidates", "random_feedback")
 METRICS = (  # (key, label, higher is better)
@@ -60,13 +62,13 @@ SCENES = {"data.scenes.object_size": 1.2, "data.scenes.min_objects": 1, "data.sc
 
 
 def _experiment(arg):
-  config = config_lib.load_config_file(os.path.join(REPO, "experiments", "vision_dino.py"), arg)
-  return config_lib.with_overrides(config, SCENES)
+  config = core_config.load_config_file(os.path.join(REPO, "experiments", "vision_dino.py"), arg)
+  return core_config.with_overrides(config, SCENES)
 
 
 def base_config(args):
   config = _experiment(f"{args.size},dino")
-  return config_lib.with_overrides(config, {
+  return core_config.with_overrides(config, {
       "num_steps": args.base_steps, "seed": 1000, "progress_bar": False, "mesh.num_devices": 1,
       "optimizer.learning_rate": args.base_lr, "optimizer.warmup_steps": max(1, args.base_steps // 10),
       "eval.num_train": 0, "checkpoint.every_steps": args.base_steps, "log_every_steps": max(1, args.base_steps // 20)})
@@ -74,7 +76,7 @@ def base_config(args):
 
 def arm_config(args, arm, seed, base_dir):
   config = _experiment(f"{args.size},{arm}")
-  return config_lib.with_overrides(config, {
+  return core_config.with_overrides(config, {
       "num_steps": args.steps, "seed": seed, "init_from": base_dir, "progress_bar": False, "mesh.num_devices": 1,
       "optimizer.learning_rate": args.lr, "optimizer.warmup_steps": max(1, args.steps // 20),
       "vpt.burn_in_steps": args.burn_in, "vpt.meta_every": args.meta_every,
@@ -170,7 +172,7 @@ def main():
   # The gate, on val (test is only scored after training): is the base a better start than random weights?
   probes = {"eval.num_train": experiment.eval.num_train}  # base_config has it off
   gate = {"split": "val", "margin": args.gate_margin,
-          "random_init": probe_random_init(config_lib.with_overrides(base_config(args), probes), "val"),
+          "random_init": probe_random_init(core_config.with_overrides(base_config(args), probes), "val"),
           "base": train_vision.evaluate_checkpoint(base_dir, "val", overrides=probes)}
   gate["passed"], gate["reasons"] = gate_verdict(gate["random_init"], gate["base"], args.gate_margin)
   log(f"gate on val: {'passed' if gate['passed'] else 'FAILED: ' + '; '.join(gate['reasons'])}")

@@ -10,7 +10,7 @@ sentence that know nothing about tokens or pixels:
   meta       — the meta schedule, the designer's state and optimizer, the meta-or-skip dispatch and
                the cos(g_down, g_pre) bookkeeping every step does.
 
-Invariant: nothing under vpt.core imports a modality (vpt.models.lm / vit, vpt.tasks, vpt.data).
+Invariant: nothing under vpt.core imports a modality (vpt.language, vpt.vision).
 """
 
 # How a step takes its meta step (vpt.core.meta); here, so that config schemas validate it without JAX.

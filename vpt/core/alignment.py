@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from vpt.models.lora import is_lora_path
+from vpt.core.lora import is_lora_path
 
 Params = Any
 TAIL = ("norm/", "lm_head/")  # the modules after the last block that belong to S

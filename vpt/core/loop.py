@@ -1,5 +1,5 @@
 """The training loop every task runs: its steps, periodic logs and evaluations, checkpoints, and
-preemption. A task (vpt.train for language, vpt.train_vision for vision) builds the state, the
+preemption. A task (vpt.language.train for language, vpt.vision.train for vision) builds the state, the
 feeds and the step programs, restores with `restore_run`, hands them to `run_loop`, and prints its
 `summary_table` with `print_summary`.
 
@@ -25,7 +25,7 @@ from typing import Any, Callable, Hashable
 import jax
 import numpy as np
 
-from vpt import metrics as metrics_lib, paths, run_dir
+from vpt.core import metrics as metrics_lib, paths, run_dir
 
 
 class Preemption:

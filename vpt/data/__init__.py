@@ -1,5 +1,0 @@
-"""Data: the embedded synthetic math set, record sources, tokenizer and grain pipeline.
-
-Import the modules themselves (`from vpt.data import sources`): the package imports nothing, so
-light modules (synthetic_math, which config_lib reads) do not pull in grain and JAX.
-"""

@@ -1,1 +1,0 @@
-"""Interoperability with other ecosystems' checkpoints (Hugging Face safetensors)."""

@@ -1,0 +1,1 @@
+"""Interoperability with Hugging Face checkpoints (Qwen2 / Llama safetensors, tokenizers)."""

@@ -1,0 +1,1 @@
+"""Interoperability with DINOv2 / DINOv3 checkpoints (Hugging Face safetensors)."""
