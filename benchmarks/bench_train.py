@@ -23,6 +23,7 @@ from vpt.core.optim import make_optimizer
 from vpt.language import config_lib
 from vpt.language.data.pipeline import make_lm_iterator
 from vpt.language.data.tokenizer import load_or_train_tokenizer
+from vpt.language.models import lm
 from vpt.language.models.lm import LMConfig, Transformer, count_nonembedding_params, count_params
 from vpt.language.steps import init_train_state, make_train_step
 
@@ -66,7 +67,7 @@ def bench_train(size: str, dtype: str, repeats: int, steps: int, peak: float) ->
     jax.block_until_ready(run())
   step_time = statistics.median(time_windows(run, repeats, steps))
   nonembed = count_nonembedding_params(state.params)
-  fpt = metrics.lm_flops_per_token(n_params_nonembed=nonembed, n_layers=cfg.n_layers, d_model=cfg.d_model,
+  fpt = lm.flops_per_token(n_params_nonembed=nonembed, n_layers=cfg.n_layers, d_model=cfg.d_model,
                                    seq_len=seq, vocab_size=vocab, n_heads=cfg.n_heads,
                                    head_dim=cfg.resolved_head_dim)
   tps = batch * seq / step_time

@@ -15,6 +15,9 @@ from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import masked_crc32c
 
 from vpt.core import metrics
+from vpt.language.models import lm
+from vpt.vision import dino
+from vpt.vision.models import vit
 
 
 def read_tfrecords(path):
@@ -174,10 +177,10 @@ def test_flops_per_token_hand_count():
 
   kw = dict(n_params_nonembed=n_nonembed, n_layers=layers, d_model=d, seq_len=seq,
             vocab_size=vocab, n_heads=heads, head_dim=hd)
-  assert metrics.lm_flops_per_token(**kw, training=False, causal=False) == full_fwd_per_token
-  assert metrics.lm_flops_per_token(**kw, training=False) == causal_fwd_per_token
-  assert metrics.lm_flops_per_token(**kw) == 3 * causal_fwd_per_token == 9984
-  assert metrics.lm_flops_per_token(**kw, causal=False) == 3 * full_fwd_per_token
+  assert lm.flops_per_token(**kw, training=False, causal=False) == full_fwd_per_token
+  assert lm.flops_per_token(**kw, training=False) == causal_fwd_per_token
+  assert lm.flops_per_token(**kw) == 3 * causal_fwd_per_token == 9984
+  assert lm.flops_per_token(**kw, causal=False) == 3 * full_fwd_per_token
 
 
 def test_vit_and_dino_flops_hand_count():
@@ -192,12 +195,12 @@ def test_vit_and_dino_flops_hand_count():
   head_flops = sum(2 * i * o for i, o in head)  # the class token only
   kw = dict(n_params_blocks=n_blocks, n_layers=layers, d_model=d, patch_params=patch * patch * 3 * d,
             head_params=sum(i * o for i, o in head))
-  forward = metrics.vit_forward_flops(n_tokens=tokens, n_patches=patches, **kw)
+  forward = vit.forward_flops(n_tokens=tokens, n_patches=patches, **kw)
   assert forward == weights + embed + attention + head_flops == 70_224
   # DINO: 2 global 16×16 crops and 3 local 8×8 ones (4 patches + 2 tokens); the student trains on all 5
   # (3 forwards each), the teacher runs forward on the 2 global ones.
-  local = metrics.vit_forward_flops(n_tokens=6, n_patches=4, **kw)
-  image = metrics.dino_flops_per_image(crops=[(18, 16)] * 2 + [(6, 4)] * 3, n_teacher_crops=2, **kw)
+  local = vit.forward_flops(n_tokens=6, n_patches=4, **kw)
+  image = dino.flops_per_image(crops=[(18, 16)] * 2 + [(6, 4)] * 3, n_teacher_crops=2, **kw)
   assert image == 3 * (2 * forward + 3 * local) + 2 * forward
 
 

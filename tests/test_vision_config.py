@@ -107,7 +107,7 @@ def test_a_saved_run_config_without_newer_fields_loads_with_the_schema_defaults(
   config = train_vision.load_run_config(str(tmp_path))
   schema = vision_config.vision_base_config()
   for path in newer:
-    assert config_lib._get(config, path) == config_lib._get(schema, path), path  # pylint: disable=protected-access
+    assert core_config.get_field(config, path) == core_config.get_field(schema, path), path
   assert config.model.to_dict() == nano_config().model.to_dict()  # what the run set is kept
   vision_config.validate_vision(config)
   # Filling is idempotent: a complete config is returned as it is.

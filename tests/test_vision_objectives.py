@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from vpt.core import alignment
-from vpt.vision import dino, dinov2_terms as terms, step as vs
+from vpt.vision import dinov2_terms as terms, step as vs
 from vpt.vision.models.unet import total_variation
 from vpt.vision.models.vit import ViT
 

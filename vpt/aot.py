@@ -55,9 +55,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vpt.core import lora as lora_lib, meta as meta_lib, metrics as metrics_lib, sharding, tpu
+from vpt.core import lora as lora_lib, meta as meta_lib, sharding, tpu
 from vpt.language import config_lib, train, vpt_step
-from vpt.language.models.lm import LMConfig, Transformer, count_nonembedding_params, count_params
+from vpt.language.models.lm import (LMConfig, Transformer, count_nonembedding_params, count_params,
+                                   flops_per_token as lm_flops_per_token)
 
 GB = 1024 ** 3
 BATCH_FIELDS = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "segment_ids": jnp.int32,
@@ -245,7 +246,7 @@ def dry_run(config: ml_collections.ConfigDict, *, hbm_gb: float = 0.0, devices=N
     hbm_gb = hbm_gb or sl.chip.hbm_bytes / GB
     if estimate:
       tokens = config.batch_size * config.data.seq_len
-      flops_per_token = metrics_lib.lm_flops_per_token(
+      flops_per_token = lm_flops_per_token(
           n_params_nonembed=count_nonembedding_params(abstract_state.params), n_layers=model_cfg.n_layers,
           d_model=model_cfg.d_model, seq_len=config.data.seq_len, vocab_size=model_cfg.vocab_size,
           n_heads=model_cfg.n_heads, head_dim=model_cfg.resolved_head_dim)

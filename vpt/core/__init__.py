@@ -9,6 +9,17 @@ sentence that know nothing about tokens or pixels:
                as one JVP, its double-backward reference, the random-feedback direction, Adam geometry.
   meta       — the meta schedule, the designer's state and optimizer, the meta-or-skip dispatch and
                the cos(g_down, g_pre) bookkeeping every step does.
+  step       — THE step: meta update on meta steps, then the learner step (a task supplies both).
+  loop       — THE loop: steps, logs, evals, checkpoints, preemption, stop_after, the summary.
+  tasks      — config.task → the task module (vpt.language.train, vpt.vision.train, or any module path).
+
+and what every task's run shares: config (the optimizer / mesh / checkpoint blocks, ConfigError),
+checkpoint (orbax), run_dir (a run directory's files), sharding, optim, metrics (logs, MFU), lora,
+paths (local or gs://), tpu (the chip table).
+
+Where the algorithm is: step.py for its order, meta.py for its schedule, alignment.py for its value.
+A modality is a package beside this one (vpt/language, vpt/vision) that supplies a StepTask and the
+entry points of vpt.core.tasks.
 
 Invariant: nothing under vpt.core imports a modality (vpt.language, vpt.vision).
 """

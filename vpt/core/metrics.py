@@ -3,8 +3,9 @@
 * `MetricWriter`: scalars to TensorBoard (tensorboardX, no TensorFlow needed) and to an
   append-only `metrics.jsonl`, which is the durable record (flushed on every write).
 * `ProgressBar`: a tqdm bar on a terminal, a compact periodic line in CI logs.
-* `lm_flops_per_token`, `device_peak_flops` and `Throughput`: tokens/s, TFLOP/s per
-  device and MFU, with a peak table for TPUs/GPUs and a measured, cached peak on CPU.
+* `device_peak_flops` and `throughput_stats`: tokens (or images)/s, TFLOP/s per device and MFU, with a
+  peak table for TPUs/GPUs and a measured, cached peak on CPU. A task counts its model's FLOPs
+  (vpt.language.models.lm.flops_per_token, vpt.vision.dino.flops_per_image).
 """
 
 from __future__ import annotations
@@ -276,65 +277,6 @@ class ProgressBar:
       self._bar.close()
       self._bar = None
     self.enabled = False
-
-
-# --------------------------------------------------------------------------------------
-# Model FLOPs
-# --------------------------------------------------------------------------------------
-
-
-def lm_flops_per_token(*, n_params_nonembed: int, n_layers: int, d_model: int, seq_len: int,
-                       vocab_size: int, n_heads: int, head_dim: int, training: bool = True,
-                       causal: bool = True) -> float:
-  """Model FLOPs per token of a decoder-only transformer (PaLM appendix B accounting).
-
-  Forward, per token (a multiply-add = 2 FLOPs):
-    2 * n_params_nonembed            every weight matrix of the blocks (q, k, v, o,
-                                     MLP), applied once to the token; GQA is already
-                                     reflected in the k/v parameter counts
-    + 2 * d_model * vocab_size       the LM head, counted even when tied to the
-                                     embedding (the lookup itself is a gather, 0 FLOPs)
-    + 4 * L * T * n_heads * head_dim   attention: q.k scores (2*T*hd per head) and the
-                                     probability-weighted sum of values (2*T*hd), T=seq_len
-  With `causal=True` (default) the attention term is halved, since a token attends to
-  T/2 keys on average; this matches MaxText and does not credit work a dense mask
-  wastes. `causal=False` gives PaLM's full 4*L*T*H*hd (training 12*L*H*hd*T).
-  Training = 3 * forward (the backward pass is 2x: gradients w.r.t. activations and
-  weights). Rematerialisation is not counted: MFU counts model FLOPs, not hardware ones.
-  Norms, softmax, activations and biases are ignored (O(d) per token, not O(d^2)).
-  `n_params_nonembed` excludes the embedding and the LM head; the few norm/bias
-  parameters may be left in, they are negligible.
-  """
-  attention = 4.0 * n_layers * seq_len * n_heads * head_dim
-  if causal:
-    attention /= 2
-  forward = 2.0 * n_params_nonembed + 2.0 * d_model * vocab_size + attention
-  return 3.0 * forward if training else forward
-
-
-def vit_forward_flops(*, n_params_blocks: int, n_layers: int, d_model: int, n_tokens: int, n_patches: int,
-                      patch_params: int, head_params: int = 0) -> float:
-  """Model FLOPs of one ViT forward on one crop of `n_tokens` tokens (cls + registers + `n_patches`).
-
-    2 * n_params_blocks * n_tokens     every weight matrix of the blocks, once per token
-    + 2 * patch_params * n_patches     the patch embedding (a matmul per patch)
-    + 4 * L * n_tokens² * d_model      attention: scores and the weighted sum (every token attends
-                                       to every token: not causal)
-    + 2 * head_params                  a head on the class token (DINO's MLP)
-  Norms, softmax, GELU and position-embedding interpolation are ignored (O(d) per token).
-  """
-  return (2.0 * n_params_blocks * n_tokens + 2.0 * patch_params * n_patches
-          + 4.0 * n_layers * n_tokens ** 2 * d_model + 2.0 * head_params)
-
-
-def dino_flops_per_image(*, crops: list[tuple[int, int]], n_teacher_crops: int, **vit) -> float:
-  """Model FLOPs of one DINO training image: the student trains on every crop (forward + backward =
-  3 forwards) and the EMA teacher runs forward on the first `n_teacher_crops` (the global crops).
-  `crops`: [(n_tokens, n_patches)] of each crop, global crops first; `vit`: vit_forward_flops's sizes.
-  The designer's views, the iBOT patch head, the EMA update and the meta step are not counted: MFU
-  counts the learner's model FLOPs, as the language side's does."""
-  forward = [vit_forward_flops(n_tokens=t, n_patches=p, **vit) for t, p in crops]
-  return 3.0 * sum(forward) + sum(forward[:n_teacher_crops])
 
 
 # --------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from vpt.language.data.tokenizer import load_or_train_tokenizer
 from vpt.language.evals.downstream import make_downstream_eval
 from vpt.language.interop import hf as hf_interop
 from vpt.language.models.designer import DesignerConfig, TaskDesigner
+from vpt.language.models import lm
 from vpt.language.models.lm import LMConfig, Transformer, count_nonembedding_params, count_params
 from vpt.language.steps import init_train_state, make_eval_step, make_train_step
 
@@ -277,7 +278,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
 
   n_params = count_params(abstract_state.params)
   n_nonembed = count_nonembedding_params(abstract_state.params)
-  flops_per_token = metrics_lib.lm_flops_per_token(
+  flops_per_token = lm.flops_per_token(
       n_params_nonembed=n_nonembed, n_layers=model_cfg.n_layers, d_model=model_cfg.d_model,
       seq_len=config.data.seq_len, vocab_size=model_cfg.vocab_size, n_heads=model_cfg.n_heads,
       head_dim=model_cfg.resolved_head_dim)

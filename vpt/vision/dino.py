@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vpt.vision.models.vit import ViT, ViTConfig
+from vpt.vision.models.vit import ViT, ViTConfig, forward_flops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,3 +169,13 @@ def dino_objective(apply_fn, student_params, teacher_params, center, global_view
   student = multicrop_apply(apply_fn, student_params, global_views, local_views)
   teacher = jax.lax.stop_gradient(multicrop_apply(apply_fn, teacher_params, global_views))
   return dino_loss(student, teacher, center, t_s, t_t, global_views.shape[0]), teacher
+
+
+def flops_per_image(*, crops: list[tuple[int, int]], n_teacher_crops: int, **vit) -> float:
+  """Model FLOPs of one DINO training image: the student trains on every crop (forward + backward =
+  3 forwards) and the EMA teacher runs forward on the first `n_teacher_crops` (the global crops).
+  `crops`: [(n_tokens, n_patches)] of each crop, global crops first; `vit`: vit.forward_flops's sizes.
+  The designer's views, the iBOT patch head, the EMA update and the meta step are not counted: MFU
+  counts the learner's model FLOPs, as the language side's does."""
+  forward = [forward_flops(n_tokens=t, n_patches=p, **vit) for t, p in crops]
+  return 3.0 * sum(forward) + sum(forward[:n_teacher_crops])

@@ -34,7 +34,7 @@ from absl import app, flags, logging
 
 from vpt.core import (checkpoint as ckpt_lib, config as core_config, loop as loop_lib, meta as meta_lib,
                       metrics as metrics_lib, paths, run_dir as run_dir_lib, sharding)
-from vpt.vision import config as vision_config, evals as vision_evals, step as vision_step
+from vpt.vision import config as vision_config, dino, evals as vision_evals, step as vision_step
 from vpt.vision.data import images as images_lib
 from vpt.vision.models.vit import ViT, ViTConfig, count_params
 from vpt.vision.step import VisionSetup
@@ -319,13 +319,13 @@ def eval_backbone(state):
 
 
 def flops_per_image(setup: VisionSetup, student) -> float:
-  """The learner's model FLOPs per training image (metrics.dino_flops_per_image) from the student's
+  """The learner's model FLOPs per training image (vpt.vision.dino.flops_per_image) from the student's
   parameter tree (abstract or concrete) and the multi-crop sizes."""
   backbone, cfg, crops = student["backbone"], setup.vit_cfg, setup.crops
   blocks = count_params({k: v for k, v in backbone.items() if k.startswith("layers_")})
   crop = lambda side: (1 + cfg.n_registers + (side // cfg.patch_size) ** 2, (side // cfg.patch_size) ** 2)
   sides = [crops.global_size] * crops.n_global + [crops.local_size] * crops.n_local
-  return metrics_lib.dino_flops_per_image(
+  return dino.flops_per_image(
       crops=[crop(s) for s in sides], n_teacher_crops=crops.n_global, n_params_blocks=blocks,
       n_layers=cfg.n_layers, d_model=cfg.d_model, patch_params=count_params(backbone["patch_embeddings"]),
       head_params=count_params(student["head"]))

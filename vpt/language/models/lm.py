@@ -299,3 +299,32 @@ def count_params(params: Any) -> int:
 def count_nonembedding_params(params: Any) -> int:
   """Parameters excluding the token embedding table (the LM head is counted when untied)."""
   return count_params(params) - int(params["embed_tokens"]["embedding"].size)
+
+
+def flops_per_token(*, n_params_nonembed: int, n_layers: int, d_model: int, seq_len: int,
+                    vocab_size: int, n_heads: int, head_dim: int, training: bool = True,
+                    causal: bool = True) -> float:
+  """Model FLOPs per token of a decoder-only transformer (PaLM appendix B accounting).
+
+  Forward, per token (a multiply-add = 2 FLOPs):
+    2 * n_params_nonembed            every weight matrix of the blocks (q, k, v, o,
+                                     MLP), applied once to the token; GQA is already
+                                     reflected in the k/v parameter counts
+    + 2 * d_model * vocab_size       the LM head, counted even when tied to the
+                                     embedding (the lookup itself is a gather, 0 FLOPs)
+    + 4 * L * T * n_heads * head_dim   attention: q.k scores (2*T*hd per head) and the
+                                     probability-weighted sum of values (2*T*hd), T=seq_len
+  With `causal=True` (default) the attention term is halved, since a token attends to
+  T/2 keys on average; this matches MaxText and does not credit work a dense mask
+  wastes. `causal=False` gives PaLM's full 4*L*T*H*hd (training 12*L*H*hd*T).
+  Training = 3 * forward (the backward pass is 2x: gradients w.r.t. activations and
+  weights). Rematerialisation is not counted: MFU counts model FLOPs, not hardware ones.
+  Norms, softmax, activations and biases are ignored (O(d) per token, not O(d^2)).
+  `n_params_nonembed` excludes the embedding and the LM head; the few norm/bias
+  parameters may be left in, they are negligible.
+  """
+  attention = 4.0 * n_layers * seq_len * n_heads * head_dim
+  if causal:
+    attention /= 2
+  forward = 2.0 * n_params_nonembed + 2.0 * d_model * vocab_size + attention
+  return 3.0 * forward if training else forward

@@ -417,3 +417,18 @@ class ViT(nn.Module):
 
 def count_params(params: Any) -> int:
   return sum(int(p.size) for p in jax.tree.leaves(params))
+
+
+def forward_flops(*, n_params_blocks: int, n_layers: int, d_model: int, n_tokens: int, n_patches: int,
+                  patch_params: int, head_params: int = 0) -> float:
+  """Model FLOPs of one ViT forward on one crop of `n_tokens` tokens (cls + registers + `n_patches`).
+
+    2 * n_params_blocks * n_tokens     every weight matrix of the blocks, once per token
+    + 2 * patch_params * n_patches     the patch embedding (a matmul per patch)
+    + 4 * L * n_tokens² * d_model      attention: scores and the weighted sum (every token attends
+                                       to every token: not causal)
+    + 2 * head_params                  a head on the class token (DINO's MLP)
+  Norms, softmax, GELU and position-embedding interpolation are ignored (O(d) per token).
+  """
+  return (2.0 * n_params_blocks * n_tokens + 2.0 * patch_params * n_patches
+          + 4.0 * n_layers * n_tokens ** 2 * d_model + 2.0 * head_params)
