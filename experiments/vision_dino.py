@@ -19,6 +19,7 @@ Variants (config.vpt.mode):
     unet             V-Pretraining: a tiny U-Net predicts soft masks μ on the global crops
     candidates       V-Pretraining: M candidate augmentations scored by their value, soft-weighted
     random_feedback  control: the U-Net designer with g_down replaced by a random direction of equal norm
+                     (any designer: --config.vpt.feedback_direction=random)
 
 Objective (config.dino). Every size trains the paper's objective by default: DINO's class-token loss
 alone, with DINO's centring (dino.ibot_weight = dino.koleo_weight = 0, dino.centering='centering').

@@ -37,6 +37,48 @@ def test_golden_first_step(tmp_path):
   np.testing.assert_allclose(first["train/grad_norm"], GOLDEN_FIRST_STEP["grad_norm"], rtol=1e-4)
 
 
+def test_eval_only_scores_a_finished_run_from_the_command_line(tmp_path):
+  """`python -m vpt.main --eval_only --workdir RUN`: the run's own config and newest checkpoint, greedy
+  Pass@1 on its held-out problems, the same scores `train.evaluate_run` gives in process."""
+  workdir = str(tmp_path / "run")
+  train.run(nano_config(num_steps=2, **{"eval_generation.num_items": 4, "eval_generation.max_new_tokens": 8}),
+            workdir)
+  here = train.evaluate_run(workdir, "validation")
+  assert here["step"] == 2 and here["n_items"] == 4 and 0 <= here["strict_pass@1"] <= 1
+  out = subprocess.run([sys.executable, "-m", "vpt.main", "--eval_only", f"--workdir={workdir}",
+                        "--eval_split=validation"], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert json.loads(out.stdout[out.stdout.rfind("\n{") + 1:]) == json.loads(json.dumps(here))
+  with open(os.path.join(workdir, "eval_validation.json")) as f:
+    assert json.load(f)["strict_pass@1"] == here["strict_pass@1"]
+  bad = subprocess.run([sys.executable, "-m", "vpt.main", "--eval_only", f"--workdir={tmp_path / 'none'}"],
+                       capture_output=True, text=True, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+  assert bad.returncode == 1 and "Eval failed:" in bad.stderr and "config.json: no such file" in bad.stderr
+
+
+def test_main_run_validates_its_config_once(tmp_path, monkeypatch):
+  """`python -m vpt.main`'s language run validates the user's config once (it was validated again by
+  `run`, and its base's config twice); the base run's own config, built from the schema, once; the NTP
+  baseline's, derived from the validated config by one field, not again."""
+  from vpt.language import config_lib  # noqa: PLC0415
+  calls, trained = [], []
+  real = config_lib.validate
+  monkeypatch.setattr(config_lib, "validate", lambda c: calls.append((c.vpt.mode, c.num_steps)) or real(c))
+  monkeypatch.setattr(train, "_train", lambda c, w, stop_after=None: trained.append((c.vpt.mode, w)) or {
+      "preempted": False, "step": c.num_steps, "eval": {}})
+  monkeypatch.setattr(train, "summary_table", lambda summaries: "")
+  monkeypatch.setattr(train, "verdict", lambda a, b: "")
+  config = nano_config(**{"vpt.mode": "value", "compare_with_baseline": True, "base.num_steps": 2,
+                          "base.cache_dir": str(tmp_path / "base")})
+  train.main_run(config, str(tmp_path / "run"))
+  assert calls == [("value", config.num_steps), ("ntp", 2)]  # the user's config, the base's
+  assert [mode for mode, _ in trained] == ["ntp", "value", "ntp"]  # the base, the run, its baseline
+  assert trained[2][1] == str(tmp_path / "run" / "baseline_ntp")
+  with pytest.raises(core_config.ConfigError, match="config.batch_size=0"):
+    train.main_run(nano_config(batch_size=0), str(tmp_path / "bad"))
+
+
 @pytest.mark.slow
 def test_loss_falls_on_embedded_default(tmp_path):
   summary = train.run(nano_config(num_steps=60), str(tmp_path))

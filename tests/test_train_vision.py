@@ -51,11 +51,18 @@ def test_nano_runs_end_to_end_with_evals_and_checkpoints(tmp_path):
   assert [r["eval/miou"] for r in records if "eval/miou" in r] == [ev["miou"]]
   # The standalone evaluator reads the final student back from the checkpoint: same backbone, same probes
   # (given a relative workdir, as from a shell).
-  again = train_vision.evaluate_checkpoint(os.path.relpath(tmp_path), "val")
+  again = train_vision.evaluate_run(os.path.relpath(tmp_path), "val")
   assert again["step"] == 4
   for k, v in ev.items():
     np.testing.assert_allclose(again[k], v, rtol=1e-5, err_msg=k)
   assert os.path.isfile(tmp_path / "eval_val.json")
+  # ... and so does the one eval-only command of every task.
+  out = subprocess.run([sys.executable, "-m", "vpt.main", "--eval_only", f"--workdir={tmp_path}", "--eval_split=val"],
+                       capture_output=True, text=True, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  cli = json.loads(out.stdout[out.stdout.rfind("\n{") + 1:])
+  for k, v in again.items():
+    np.testing.assert_allclose(cli[k], v, rtol=1e-5, err_msg=k)
   # Throughput as the language loop reports it: images/s, and MFU from the DINO FLOPs model.
   tp, setup = summary["throughput"], vision_step.VisionSetup.from_config(nano_config())
   image_flops = train_vision.flops_per_image(setup, jax.device_get(summary["state"].student))

@@ -434,6 +434,27 @@ def test_sharded_step_matches_single_device(unet_run):
 # ----------------------------------------------------------------------------- candidates and errors
 
 
+@pytest.mark.slow  # two candidate meta programs compiled
+def test_random_feedback_is_a_control_of_either_designer():
+  """vpt.feedback_direction='random' with the candidate designer (the older mode 'random_feedback' knew
+  the U-Net only): the meta step aligns with a random direction of g_down's norm, so the candidates'
+  values and the designer's weights move differently; the U-Net spelling is the older mode's setup."""
+  unet_random = vs.VisionSetup.from_config(vision_config("unet", **{"vpt.feedback_direction": "random"}))
+  old_name = vs.VisionSetup.from_config(vision_config("random_feedback"))
+  assert unet_random.random_feedback and old_name.random_feedback and unet_random.unet_cfg == old_name.unet_cfg
+  results = {}
+  for direction in ("feedback", "random"):
+    cfg = vision_config("candidates", **{"vpt.feedback_direction": direction, "dino.n_local_crops": 0})
+    state, metrics = fast_jit(vs.make_vision_train_step(cfg, meta=True))(_init(cfg), *_batches(0))
+    results[direction] = jax.device_get((state.designer.params, metrics))
+  (phi_true, m_true), (phi_random, m_random) = results["feedback"], results["random"]
+  np.testing.assert_allclose(m_random["meta/g_down_norm"], m_true["meta/g_down_norm"], rtol=1e-6)
+  assert not np.array_equal(phi_true["logits"], phi_random["logits"])
+  with pytest.raises(ValueError, match="config.vpt.feedback_direction='random': expected 'feedback' with "
+                                       "vpt.mode='dino'"):
+    vision_config_lib.validate_vision(vision_config("dino", **{"vpt.feedback_direction": "random"}))
+
+
 def test_candidate_views_follow_their_definitions_and_weights_and_sampling():
   cfg = cand_lib.CandidateConfig(kinds=("identity", "blur_all", "center", "border", "blocks", "zoom"),
                                  center_frac=0.5, temperature=0.5)

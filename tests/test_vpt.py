@@ -37,9 +37,9 @@ def _batch(seed, b=8):
           "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (b, SEQ)).copy()}
 
 
-def _step_setup(designer_lr=1e-2, mode="value", mesh_sizes=(1, 1, 1)):
+def _step_setup(designer_lr=1e-2, mode="value", mesh_sizes=(1, 1, 1), feedback_direction="feedback"):
   vcfg = config_lib.vpt_config()
-  vcfg.mode, vcfg.top_k, vcfg.meta_every = mode, K, 2
+  vcfg.mode, vcfg.top_k, vcfg.meta_every, vcfg.feedback_direction = mode, K, 2, feedback_direction
   vcfg.designer.d_model, vcfg.designer.n_layers, vcfg.designer.n_heads, vcfg.designer.d_ff = 16, 1, 2, 32
   vcfg.designer.learning_rate = designer_lr
   model = Transformer(LMConfig(vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64))
@@ -114,6 +114,26 @@ def test_learner_gradient_is_not_a_function_of_the_downstream_loss():
   _, vjp = jax.vjp(fn, fb["loss_mask"])
   (cotangent_mask,) = vjp(jax.tree.map(jnp.ones_like, state.params))
   np.testing.assert_array_equal(np.asarray(cotangent_mask), 0.0)
+
+
+@pytest.mark.slow  # three step programs compiled
+def test_random_feedback_is_a_control_of_the_designer_not_a_mode_of_its_own():
+  """vpt.feedback_direction='random' with the designer ('value') is the older mode 'random_feedback',
+  bit for bit; it replaces g_down (the value changes, g_down's norm stays) and nothing else."""
+  runs = {}
+  for name, mode, direction in [("feedback", "value", "feedback"), ("random", "value", "random"),
+                                ("old_name", "random_feedback", "feedback")]:
+    state, step, put = _step_setup(mode=mode, feedback_direction=direction)
+    state, metrics = step(state, put(_batch(0)), put(_batch(100)))  # step 0: a meta step
+    runs[name] = jax.device_get((state, metrics))
+  for a, b in zip(jax.tree.leaves(runs["random"]), jax.tree.leaves(runs["old_name"])):
+    np.testing.assert_array_equal(a, b)
+  true_m, random_m = runs["feedback"][1], runs["random"][1]  # the same θ, g_down replaced
+  np.testing.assert_allclose(random_m["meta/g_down_norm"], true_m["meta/g_down_norm"], rtol=1e-6)
+  assert float(random_m["meta/value"]) != float(true_m["meta/value"])
+  with pytest.raises(core_config.ConfigError, match="config.vpt.feedback_direction='random': expected 'feedback' "
+                                                    "with vpt.mode='ntp'"):
+    config_lib.validate(vpt_config("nano,value", **{"vpt.mode": "ntp", "vpt.feedback_direction": "random"}))
 
 
 @pytest.mark.parametrize("mesh_sizes", [(2, 2, 2), (4, 2, 1)])

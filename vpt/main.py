@@ -3,10 +3,15 @@
 `--dry_run` compiles the train step for the config without allocating weights or reading data and
 prints the per-device memory (vpt/aot.py); `--dry_run_devices N` simulates N host devices for it, and
 `--dry_run_topology v5e-16` compiles the real TPU program for that slice (libtpu, no TPU needed).
+
+`python -m vpt.main --eval_only --workdir RUN [--eval_split test] [--eval_step N]` evaluates a run's
+newest (or step N's) checkpoint with its task's evaluators, whatever the task (the config is the run's
+own config.json): held-out Pass@1 for language, frozen-feature probes for vision.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -35,7 +40,13 @@ _DRY_RUN_SLICES = flags.DEFINE_integer("dry_run_slices", 1, "With --dry_run_topo
 _DRY_RUN_ESTIMATE = flags.DEFINE_bool("dry_run_estimate", True, "With --dry_run_topology: also compile the "
                                       "programs of the throughput estimate (forced meta / plain steps and the "
                                       "baseline: up to 4 compiles); false: the memory verdict only (1–2 compiles).")
-flags.mark_flags_as_required(["config"])
+_EVAL_ONLY = flags.DEFINE_bool("eval_only", False, "Evaluate the run in --workdir (its newest checkpoint, with "
+                               "its own config.json; no --config) and write WORKDIR/eval_<split>.json.")
+_EVAL_SPLIT = flags.DEFINE_string("eval_split", "test", "With --eval_only: the held-out split (language: "
+                                  "validation | test; vision: val | test).")
+_EVAL_STEP = flags.DEFINE_integer("eval_step", -1, "With --eval_only: the checkpoint step (-1: the newest).")
+flags.register_validator("config", lambda v: v is not None or flags.FLAGS["eval_only"].value,
+                         message="--config is required (except with --eval_only, which reads the run's own)")
 flags.register_validator("workdir", lambda v: bool(v) or flags.FLAGS["dry_run"].value,
                          message="--workdir is required (except with --dry_run)")
 
@@ -103,6 +114,8 @@ def _parse_flags(argv: list[str]):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _EVAL_ONLY.value:
+    return _eval_only()
   config = _CONFIG.value
   try:
     task = tasks.task_name(config)
@@ -121,6 +134,24 @@ def main(argv):
   logging.info("%s run done at step %d", task, summary["step"])
   if summary["preempted"]:
     sys.exit(PREEMPTED_EXIT_CODE)  # non-zero, so launchers (launch/tpu.sh) know to re-run.
+
+
+def _eval_only():
+  from vpt.core import run_dir  # pylint: disable=g-import-not-at-top (no JAX before the platforms are picked)
+  if _CONFIG.value is not None:
+    sys.exit("--eval_only evaluates with the run's own config (WORKDIR/config.json): drop --config")
+  try:
+    config = run_dir.read_config(_WORKDIR.value)
+    _pick_platforms()
+    module = tasks.task_module(config)
+    if not callable(getattr(module, "evaluate_run", None)):
+      sys.exit(f"--eval_only: task {tasks.task_name(config)!r} ({module.__name__}) has no evaluate_run")
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
+    results = module.evaluate_run(_WORKDIR.value, _EVAL_SPLIT.value, _EVAL_STEP.value if _EVAL_STEP.value >= 0 else None)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"Eval failed: {e}")
+  print(json.dumps(results, indent=2, default=float))
 
 
 def _jax_backends_started() -> bool:

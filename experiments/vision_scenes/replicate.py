@@ -110,7 +110,7 @@ def gate_verdict(random_init, base, margin):
 
 def probe_on_test(workdir, config):
   """The frozen-feature probes of the run's last checkpoint on the held-out test split."""
-  return train_vision.evaluate_checkpoint(workdir, "test", overrides={"eval.num_train": config.eval.num_train})
+  return train_vision.evaluate_run(workdir, "test", overrides={"eval.num_train": config.eval.num_train})
 
 
 def _final(summary, test, step_time):
@@ -173,7 +173,7 @@ def main():
   probes = {"eval.num_train": experiment.eval.num_train}  # base_config has it off
   gate = {"split": "val", "margin": args.gate_margin,
           "random_init": probe_random_init(core_config.with_overrides(base_config(args), probes), "val"),
-          "base": train_vision.evaluate_checkpoint(base_dir, "val", overrides=probes)}
+          "base": train_vision.evaluate_run(base_dir, "val", overrides=probes)}
   gate["passed"], gate["reasons"] = gate_verdict(gate["random_init"], gate["base"], args.gate_margin)
   log(f"gate on val: {'passed' if gate['passed'] else 'FAILED: ' + '; '.join(gate['reasons'])}")
   if not gate["passed"] and not args.ignore_gate:

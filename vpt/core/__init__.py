@@ -26,3 +26,6 @@ Invariant: nothing under vpt.core imports a modality (vpt.language, vpt.vision).
 
 # How a step takes its meta step (vpt.core.meta); here, so that config schemas validate it without JAX.
 DISPATCHES = ("cond", "host")
+# Where the designer's alignment direction comes from (config `vpt.feedback_direction`): the labeled
+# feedback's g_down, or the random-feedback control (a random direction of g_down's norm, drawn per meta step).
+FEEDBACK_DIRECTIONS = ("feedback", "random")

@@ -108,6 +108,13 @@ def validate_mesh_and_checkpoint(config: ml_collections.ConfigDict) -> None:
        "'error' or 'restart'")  # (get: a config.json written before the field existed)
 
 
+def random_feedback(vpt_cfg: ml_collections.ConfigDict) -> bool:
+  """Whether the meta step aligns with a random direction of g_down's norm instead of g_down (the
+  control): `vpt.feedback_direction='random'` with any designer, or the older spelling
+  `vpt.mode='random_feedback'` (the task's default designer)."""
+  return vpt_cfg.mode == "random_feedback" or vpt_cfg.get("feedback_direction", "feedback") == "random"
+
+
 def get_field(config, dotted):
   node = config
   for part in dotted.split("."):

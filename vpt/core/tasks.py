@@ -9,7 +9,10 @@ A task module supplies
                                          (core_config.ConfigError naming the field), trains through
                                          vpt.core.loop, returns a summary with "step" and "preempted";
   run(config, workdir, stop_after=None)  the same loop for code (tests, notebooks, drivers);
-and `vpt.aot.dry_run` compiles its step programs (dispatched on the same name).
+  evaluate_run(workdir, split, step)     what `python -m vpt.main --eval_only --workdir RUN` runs: the
+                                         run's evaluators on its newest (or `step`'s) checkpoint;
+and `vpt.aot.dry_run` compiles its step programs (dispatched on the same name). Its step is built by
+vpt.core.step from the task's StepTask, and its loop is vpt.core.loop.run_loop.
 """
 
 from __future__ import annotations

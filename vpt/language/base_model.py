@@ -78,9 +78,10 @@ def cache_key(base: ml_collections.ConfigDict) -> str:
   return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def base_dir(config: ml_collections.ConfigDict) -> str:
-  """Where the base of `config` is (or will be) cached."""
-  return os.path.join(paths.norm(config.base.cache_dir or default_cache_dir()), cache_key(base_run_config(config)))
+def base_dir(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict | None = None) -> str:
+  """Where the base of `config` (its `base_run_config`, if already built) is, or will be, cached."""
+  base = base_run_config(config) if base is None else base
+  return os.path.join(paths.norm(config.base.cache_dir or default_cache_dir()), cache_key(base))
 
 
 def is_built(run_dir: str) -> bool:
@@ -91,7 +92,7 @@ def ensure_base(config: ml_collections.ConfigDict, train_run: Callable[..., dict
   """The base run directory of `config`, training it with `train_run` (vpt.language.train.run) first unless the
   cache already has it."""
   base = base_run_config(config)
-  run_dir = base_dir(config)
+  run_dir = base_dir(config, base)
   if is_built(run_dir):
     print(f"Base model: reusing {run_dir}", flush=True)
     return run_dir

@@ -13,7 +13,7 @@ import re
 
 import ml_collections
 
-from vpt.core import DISPATCHES, config as core_config
+from vpt.core import DISPATCHES, FEEDBACK_DIRECTIONS, config as core_config
 from vpt.language.data.synthetic_math import StreamStyle
 
 # The projections LoRA can adapt (Hugging Face / PEFT module names); all of them by default, as in the
@@ -129,9 +129,13 @@ def feedback_config() -> ml_collections.ConfigDict:
 def vpt_config() -> ml_collections.ConfigDict:
   """V-Pretraining: the task designer, the value and the meta step. mode='ntp' is the baseline."""
   c = ml_collections.ConfigDict()
-  # 'ntp' (baseline: one-hot targets, no designer) | 'value' (V-Pretraining) | 'random_feedback'
-  # | 'uniform_topk' (r uniform, fixed α) | 'self_distill' (r = learner's renormalised top-K).
+  # The method: 'ntp' (baseline: one-hot targets, no designer) | 'value' (V-Pretraining: the designer)
+  # | the fixed-target controls 'uniform_topk' (r uniform, fixed α) and 'self_distill' (r = the learner's
+  # renormalised top-K). 'random_feedback' is the older name of value + feedback_direction='random'.
   c.mode = "ntp"
+  # The designer's alignment direction: 'feedback' (g_down of the labeled feedback set) | 'random' (the
+  # random-feedback control: a random direction of g_down's norm; vpt.core.config.random_feedback).
+  c.feedback_direction = "feedback"
   c.top_k = 64  # candidates per position: the true token ∪ the learner's top-(K−1).
   c.alpha_max = 0.5
   c.fixed_alpha = 0.25  # α for the uniform_topk / self_distill controls (and value with learn_alpha=False).
@@ -305,6 +309,10 @@ def _validate(config: ml_collections.ConfigDict) -> None:
   v = config.vpt
   need(v.mode in ("ntp", "value", "random_feedback", "uniform_topk", "self_distill"), "vpt.mode",
        "one of 'ntp', 'value', 'random_feedback', 'uniform_topk', 'self_distill'")
+  direction = v.get("feedback_direction", "feedback")  # (get: a config.json written before the field)
+  need(direction in FEEDBACK_DIRECTIONS, "vpt.feedback_direction", " or ".join(map(repr, FEEDBACK_DIRECTIONS)))
+  need(direction == "feedback" or v.mode in ("value", "random_feedback"), "vpt.feedback_direction",
+       f"'feedback' with vpt.mode={v.mode!r} (the random-feedback control replaces a designer's g_down)")
   need(v.align in ("dot", "cosine", "cosine_cheap"), "vpt.align", "one of 'dot', 'cosine', 'cosine_cheap'")
   need(v.geometry in ("raw", "adam"), "vpt.geometry", "'raw' or 'adam'")
   need(v.alignment in ALIGNMENTS, "vpt.alignment", " or ".join(map(repr, ALIGNMENTS)))

@@ -25,8 +25,8 @@ from vpt.language.data.sources import has_eval_split
 from vpt.language.data.tokenizer import load_or_train_tokenizer
 from vpt.language.evals.downstream import make_downstream_eval
 from vpt.language.interop import hf as hf_interop
-from vpt.language.models.designer import DesignerConfig, TaskDesigner
 from vpt.language.models import lm
+from vpt.language.models.designer import DesignerConfig, TaskDesigner
 from vpt.language.models.lm import LMConfig, Transformer, count_nonembedding_params, count_params
 from vpt.language.steps import init_train_state, make_eval_step, make_train_step
 
@@ -111,7 +111,7 @@ class _FeedbackFeed:
     return self.current
 
 
-def _generation_eval(config, model, tokenizer):
+def _generation_eval(config, model, tokenizer, mesh=None):
   """Greedy generation on held-out problems (vpt/language/evals/math_skills.py: strict and format-agnostic
   Pass@1, `####` rate, facts right, lines per solution), or None when switched off."""
   gen = config.eval_generation
@@ -126,7 +126,33 @@ def _generation_eval(config, model, tokenizer):
   if not records:
     raise ValueError("config.eval_generation.num_items > 0 needs held-out problems: feedback.source='synthetic' "
                      "or feedback.eval_path")
-  return math_skills.make_generation_evaluator(model, tokenizer, records, max_new_tokens=gen.max_new_tokens)
+  return math_skills.make_generation_evaluator(model, tokenizer, records, max_new_tokens=gen.max_new_tokens,
+                                               mesh=mesh)
+
+
+EVAL_SPLITS = ("validation", "test")  # the held-out problems' halves (config.eval_generation.split)
+EVAL_ONLY_ITEMS = 256  # eval-only on a run trained without the generation eval (eval_generation.num_items = 0)
+
+
+def evaluate_run(workdir: str, split: str = "test", step: int | None = None) -> dict[str, Any]:
+  """Eval-only (`python -m vpt.main --eval_only --workdir RUN`): greedy generation on the run's held-out
+  problems (its config.eval_generation, on `split`) by the newest checkpoint's learner (or `step`'s);
+  written to workdir/eval_<split>.json and metrics.jsonl (prefix eval_<split>/)."""
+  from vpt.language.evals import gsm8k  # pylint: disable=g-import-not-at-top (generation: eval-only)
+  if split not in EVAL_SPLITS:
+    raise ValueError(f"split={split!r}: expected one of {EVAL_SPLITS}")
+  config = run_dir_lib.read_config(workdir, config_lib.base_config())
+  with config.unlocked():
+    config.eval_generation.split = split
+    config.eval_generation.num_items = config.eval_generation.num_items or EVAL_ONLY_ITEMS
+  mesh = gsm8k.eval_mesh(workdir)
+  model, params, tokenizer, step = learner_source.load_learner(workdir, step, mesh=mesh)
+  results = {"step": step, **_generation_eval(config, model, tokenizer, mesh=mesh)(params)}
+  if jax.process_index() == 0:
+    paths.write_atomic(paths.path(workdir) / f"eval_{split}.json", json.dumps(results, indent=2, default=float))
+    with metrics_lib.MetricWriter(workdir) as writer:
+      writer.write_scalars(step, {k: v for k, v in results.items() if k != "step"}, prefix=f"eval_{split}")
+  return results
 
 
 def _evaluate(config, tokenizer, eval_step, params, mesh) -> dict[str, float]:
@@ -199,6 +225,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   metrics, throughput, whether the run stopped early) with the final state under "state".
   """
   config_lib.validate(config)
+  return _train(config, workdir, stop_after=stop_after)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
+  """`run` on a validated config."""
   sharding.maybe_initialize_distributed(config.multihost)
   workdir = paths.norm(workdir)  # local paths absolute; gs:// and other URLs through etils.epath
   paths.makedirs(workdir)
@@ -392,24 +423,25 @@ def verdict(vpt: dict[str, Any], ntp: dict[str, Any]) -> str:
 
 
 def main_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """What `python -m vpt.main` runs for a language config (vpt.core.tasks): validate it, build or reuse
-  its base model (config.base), then train — with the NTP baseline beside it if asked."""
+  """What `python -m vpt.main` runs for a language config (vpt.core.tasks): validate it (the one
+  validation: the base's config and the baseline's are derived from it), build or reuse its base model
+  (config.base), then train — with the NTP baseline beside it if asked."""
   config_lib.validate(config)
-  config = base_model.with_base(config, run)  # config.base: train (or reuse) the base, continue from it
-  return (run_with_baseline if config.compare_with_baseline else run)(config, workdir)
+  config = base_model.with_base(config, _train)  # config.base: train (or reuse) the base, continue from it
+  return (_run_with_baseline if config.compare_with_baseline else _train)(config, workdir)
 
 
-def run_with_baseline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def _run_with_baseline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs `config` and then the NTP baseline (same data, steps, optimizer) in workdir/baseline_ntp,
   and prints both side by side. The baseline is skipped if `config` is itself NTP."""
-  summary = run(config, workdir)
+  summary = _train(config, workdir)
   if config.vpt.mode == "ntp" or summary["preempted"]:
     return summary
   baseline = copy.deepcopy(config)
   with baseline.unlocked():
     baseline.vpt.mode = "ntp"
   print("\nNTP baseline (same data, steps and optimizer):", flush=True)
-  base_summary = run(baseline, os.path.join(workdir, "baseline_ntp"))
+  base_summary = _train(baseline, os.path.join(workdir, "baseline_ntp"))
   if jax.process_index() == 0:
     print(f"\nV-Pretraining ({config.vpt.mode}, align={config.vpt.align}) vs the NTP baseline:")
     print(summary_table({"V-Pretraining": summary, "NTP baseline": base_summary}), flush=True)

@@ -10,8 +10,8 @@ Isolation: the feedback batch only ever reaches `g_down`, which only enters the 
 objective. The learner's loss reads the designer's targets through `stop_gradient`, so no
 ∇θ L_down exists anywhere in the learner's update.
 
-Modes (config.vpt.mode): 'value' (V-Pretraining), 'random_feedback' (g_down replaced by a random
-direction of equal norm), 'uniform_topk' (r uniform over C_t, α fixed), 'self_distill' (r = the
+Modes (config.vpt.mode): 'value' (V-Pretraining; with vpt.feedback_direction='random' — or the older
+mode name 'random_feedback' — g_down is replaced by a random direction of equal norm, the control), 'uniform_topk' (r uniform over C_t, α fixed), 'self_distill' (r = the
 learner's renormalised top-K, α fixed). 'ntp' is `steps.make_train_step`, untouched.
 
 Multitask feedback (the paper's v2; `FeedbackPlan`, built from the config by `feedback_plan`). With
@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vpt.core import alignment, meta as meta_lib, step as core_step
+from vpt.core import alignment, config as core_config, meta as meta_lib, step as core_step
 from vpt.core.meta import DesignerState
 from vpt.language import config_lib, value as value_lib
 from vpt.language.losses import downstream_nll
@@ -250,7 +250,7 @@ def meta_objective(params, learner_opt_state, designer_params, batch: dict, fb_b
     set_grads = None
   else:
     set_grads, g_down, split_cos = feedback_grads(model, params, fb_batch, n_last, plan.sets)
-  if vpt_cfg.mode == "random_feedback":
+  if core_config.random_feedback(vpt_cfg):
     if plan.domains:  # every set's direction replaced, each keeping its norm
       set_grads = {name: alignment.random_like(jax.random.fold_in(rng, j), g, alignment.tree_norm(g))
                    for j, (name, g) in enumerate(set_grads.items())}

@@ -19,7 +19,7 @@ import math
 
 import ml_collections
 
-from vpt.core import DISPATCHES, config as core_config
+from vpt.core import DISPATCHES, FEEDBACK_DIRECTIONS, config as core_config
 from vpt.vision.candidates import CandidateConfig, KINDS, LEARNER_MODES
 from vpt.vision.data import scenes
 from vpt.vision.data.images import ADE20K_NUM_CLASSES, image_data_config
@@ -92,10 +92,13 @@ def feedback_config() -> ml_collections.ConfigDict:
 
 def vpt_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  # 'dino' (baseline: fixed views, μ ≡ 1, no meta step) | 'unet' (learned soft masks) | 'candidates'
-  # (discrete candidate augmentations weighted by their value) | 'random_feedback' (U-Net designer, g_down
-  # replaced by a random direction of equal norm).
+  # The method: 'dino' (baseline: fixed views, μ ≡ 1, no meta step) | the designer: 'unet' (learned soft
+  # masks) or 'candidates' (discrete candidate augmentations weighted by their value). 'random_feedback' is
+  # the older name of unet + feedback_direction='random'.
   c.mode = "dino"
+  # The designer's alignment direction: 'feedback' (g_down of the labeled feedback) | 'random' (the
+  # random-feedback control, with either designer: a random direction of g_down's norm).
+  c.feedback_direction = "feedback"
   c.align = "dot"  # 'dot' | 'cosine' (exact, double backward) | 'cosine_cheap' (‖g_pre‖ held constant)
   c.meta_every = 4  # r
   c.burn_in_steps = 0
@@ -309,6 +312,10 @@ def validate_vision(config: ml_collections.ConfigDict) -> None:
 
   v = config.vpt
   need(v.mode in VPT_MODES, "vpt.mode", f"one of {VPT_MODES}")
+  need(v.feedback_direction in FEEDBACK_DIRECTIONS, "vpt.feedback_direction",
+       " or ".join(map(repr, FEEDBACK_DIRECTIONS)))
+  need(v.feedback_direction == "feedback" or v.mode in DESIGNER_MODES, "vpt.feedback_direction",
+       f"'feedback' with vpt.mode={v.mode!r} (the random-feedback control replaces a designer's g_down)")
   need(v.align in ALIGNS, "vpt.align", f"one of {ALIGNS}")
   need(v.meta_every >= 1, "vpt.meta_every", ">= 1")
   need(v.burn_in_steps >= 0, "vpt.burn_in_steps", ">= 0")

@@ -38,7 +38,8 @@ stop_gradient. With φ fixed the learner update is a function of batch_u alone.
 
 Modes (config.vpt.mode): "dino" (baseline: μ ≡ 1, no designer, no heads, no meta step; the labeled
 and meta batches are ignored and may be None), "unet", "candidates" (vision_candidates), and
-"random_feedback" (U-Net designer, g_down replaced by a random direction of the same norm).
+"random_feedback" (U-Net designer, g_down replaced by a random direction of the same norm; the same
+control for either designer is vpt.feedback_direction='random').
 
 Objective (config.dino). By default DINO's class-token loss alone (the paper's), on the original
 code path. DINOv2's terms are switches (vpt.vision.dinov2_terms): L = L_DINO + w_iBOT·L_iBOT +
@@ -67,7 +68,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vpt.core import alignment, meta as meta_lib, optim, sharding, step as core_step
+from vpt.core import alignment, config as core_config, meta as meta_lib, optim, sharding, step as core_step
 from vpt.core.meta import DesignerState
 from vpt.vision import candidates as cand_lib, config as vision_config, dino, dinov2_terms as terms
 from vpt.vision.models import dense_heads
@@ -141,6 +142,7 @@ class VisionSetup:
   defaults are the schema's (vision_config.with_defaults), so no value here can drift from it."""
 
   mode: str
+  random_feedback: bool  # the control: g_down replaced by a random direction of its norm (either designer)
   vit_cfg: ViTConfig
   head_cfg: dino.DINOHeadConfig
   crops: MultiCropConfig
@@ -209,7 +211,7 @@ class VisionSetup:
     if ibot_weight > 0:  # the student's masked patches need a mask token
       vit_cfg = dataclasses.replace(vit_cfg, mask_token=True)
     return cls(
-        mode=mode, vit_cfg=vit_cfg, head_cfg=head_cfg, crops=multicrop_config(d), unet_cfg=unet_cfg,
+        mode=mode, random_feedback=core_config.random_feedback(v), vit_cfg=vit_cfg, head_cfg=head_cfg, crops=multicrop_config(d), unet_cfg=unet_cfg,
         cand_cfg=cand_cfg, num_steps=int(config.num_steps), n_last=int(v.align_last_n_layers), align=v.align,
         meta_every=int(v.meta_every), burn_in_steps=int(v.burn_in_steps), t_s=float(d.t_s), t_t=float(d.t_t),
         t_t_warmup=float(d.t_t_warmup), t_t_warmup_steps=int(d.t_t_warmup_steps),
@@ -776,7 +778,7 @@ def meta_update(setup: VisionSetup, head_opt, designer_opt, state: VisionState, 
   heads, head_metrics = head_update(setup, head_opt, state.student["backbone"], state.heads, batch_labeled_train)
   g_down, down_loss = downstream_grad(setup, state.student, heads, batch_labeled_meta)
   g_down = jax.lax.stop_gradient(g_down)  # the only place the labels are read
-  if setup.mode == "random_feedback":
+  if setup.random_feedback:
     g_down = alignment.random_like(jax.random.fold_in(key, 1), g_down, alignment.tree_norm(g_down))
   problem, global_views, subset = meta_problem(setup, state, batch_meta_u, jax.random.fold_in(key, 0))
   dstate = state.designer

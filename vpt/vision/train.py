@@ -1,7 +1,7 @@
 """The vision training loop: DINO continued SSL ± V-Pretraining, with frozen-feature evaluations.
 
     python -m vpt.main --config experiments/vision_dino.py:tiny,unet --workdir DIR
-    python -m vpt.vision.train --eval_only --workdir DIR [--split test]
+    python -m vpt.main --eval_only --workdir DIR [--eval_split test]
 
 Mirrors vpt/language/train.py: init or restore (state + every data iterator), one jitted step with explicit
 shardings and the state donated, SIGTERM → save and exit, metrics to metrics.jsonl / TensorBoard.
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 
 from vpt.core import (checkpoint as ckpt_lib, config as core_config, loop as loop_lib, meta as meta_lib,
                       metrics as metrics_lib, paths, run_dir as run_dir_lib, sharding)
@@ -498,8 +498,8 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   return vision_config.with_defaults(config)  # head_steps (and any newer field): the schema's default
 
 
-def evaluate_checkpoint(workdir: str, split: str = "test", step: int | None = None,
-                        overrides: dict | None = None) -> dict[str, float]:
+def evaluate_run(workdir: str, split: str = "test", step: int | None = None,
+                 overrides: dict | None = None) -> dict[str, float]:
   """Frozen-feature evals of a finished (or running) vision run's newest checkpoint (or `step`) on
   `split`; written to workdir/eval_<split>.json and metrics.jsonl (prefix eval_<split>/).
 
@@ -521,24 +521,3 @@ def evaluate_checkpoint(workdir: str, split: str = "test", step: int | None = No
     with metrics_lib.MetricWriter(workdir) as writer:
       writer.write_scalars(step, results, prefix=f"eval_{split}")
   return {"step": step, **results}
-
-
-def _main(argv):
-  del argv
-  f = flags.FLAGS
-  if not f.eval_only:
-    raise app.UsageError("train with `python -m vpt.main --config experiments/vision_dino.py:... --workdir DIR`; "
-                         "this entry point only evaluates (--eval_only)")
-  if not f["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax's INFO lines would drown the result.
-  results = evaluate_checkpoint(f.workdir, f.split, f.step if f.step >= 0 else None)
-  print(json.dumps(results, indent=2))
-
-
-if __name__ == "__main__":
-  flags.DEFINE_bool("eval_only", False, "Evaluate the newest checkpoint of --workdir on frozen features.")
-  flags.DEFINE_string("workdir", None, "A vision run directory.")
-  flags.DEFINE_enum("split", "test", list(EVAL_SPLITS), "Evaluation split.")
-  flags.DEFINE_integer("step", -1, "Checkpoint step (-1: the newest).")
-  flags.mark_flag_as_required("workdir")
-  app.run(_main)

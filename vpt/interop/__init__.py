@@ -1,0 +1,1 @@
+"""Old command names (`python -m vpt.interop.hf`): the interop code lives in vpt/language/interop and vpt/vision/interop."""
