@@ -29,3 +29,5 @@ DISPATCHES = ("cond", "host")
 # Where the designer's alignment direction comes from (config `vpt.feedback_direction`): the labeled
 # feedback's g_down, or the random-feedback control (a random direction of g_down's norm, drawn per meta step).
 FEEDBACK_DIRECTIONS = ("feedback", "random")
+# How the designer's objective aligns g_down with g_pre (config `vpt.align`; vpt.core.alignment.align_from_value).
+ALIGNS = ("dot", "cosine", "cosine_cheap")

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from vpt.core import ALIGNS
 from vpt.core.lora import is_lora_path
 
 Params = Any
@@ -72,6 +73,17 @@ def tree_norm(a: dict) -> jax.Array:
 def cosine(a: dict, b: dict) -> jax.Array:
   """⟨a, b⟩ / (‖a‖‖b‖), 0 when either is 0."""
   return tree_vdot(a, b) / jnp.maximum(tree_norm(a) * tree_norm(b), 1e-30)
+
+
+def align_from_value(value: jax.Array, align: str, g_down_norm: jax.Array, g_pre_norm) -> jax.Array:
+  """Align(g_down, g_pre) from V = ⟨g_down, g_pre⟩: V itself ('dot', the paper's), or the cosine
+  V / (‖g_down‖‖g_pre‖). 'cosine' passes the ‖g_pre(φ)‖ it differentiates (exact); 'cosine_cheap' passes
+  ‖g_pre‖ at the current φ, held constant (the gradient of V, rescaled); the modality computes it."""
+  if align == "dot":
+    return value
+  if align not in ALIGNS:
+    raise ValueError(f"align={align!r}; expected one of {ALIGNS}")
+  return value / jnp.maximum(g_down_norm * g_pre_norm, 1e-30)
 
 
 def random_like(rng: jax.Array, tree: dict, norm: jax.Array) -> dict:

@@ -13,7 +13,7 @@ import re
 
 import ml_collections
 
-from vpt.core import DISPATCHES, FEEDBACK_DIRECTIONS, config as core_config
+from vpt.core import ALIGNS, DISPATCHES, FEEDBACK_DIRECTIONS, config as core_config
 from vpt.language.data.synthetic_math import StreamStyle
 
 # The projections LoRA can adapt (Hugging Face / PEFT module names); all of them by default, as in the
@@ -313,7 +313,7 @@ def _validate(config: ml_collections.ConfigDict) -> None:
   need(direction in FEEDBACK_DIRECTIONS, "vpt.feedback_direction", " or ".join(map(repr, FEEDBACK_DIRECTIONS)))
   need(direction == "feedback" or v.mode in ("value", "random_feedback"), "vpt.feedback_direction",
        f"'feedback' with vpt.mode={v.mode!r} (the random-feedback control replaces a designer's g_down)")
-  need(v.align in ("dot", "cosine", "cosine_cheap"), "vpt.align", "one of 'dot', 'cosine', 'cosine_cheap'")
+  need(v.align in ALIGNS, "vpt.align", "one of " + ", ".join(map(repr, ALIGNS)))
   need(v.geometry in ("raw", "adam"), "vpt.geometry", "'raw' or 'adam'")
   need(v.alignment in ALIGNMENTS, "vpt.alignment", " or ".join(map(repr, ALIGNMENTS)))
   if v.alignment == "domain_matched":

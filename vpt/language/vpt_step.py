@@ -177,11 +177,6 @@ def _downstream_halves(model, params, fb_batch: dict, n_last: int) -> tuple[list
   return grads, counts
 
 
-def _split_cos(halves: list[dict]) -> jax.Array:
-  return alignment.tree_vdot(halves[0], halves[1]) / jnp.maximum(
-      alignment.tree_norm(halves[0]) * alignment.tree_norm(halves[1]), 1e-30)
-
-
 def downstream_grad(model, params, fb_batch: dict, n_last: int) -> tuple[dict, jax.Array]:
   """(g_down, split-half cosine). g_down = sg ∇_S L_down(θ; B_fb) — the only place the feedback labels
   are read — assembled from the even and the odd rows of the batch: L_down is a mean over the examples
@@ -195,7 +190,7 @@ def downstream_grad(model, params, fb_batch: dict, n_last: int) -> tuple[dict, j
   grads, counts = _downstream_halves(model, params, fb_batch, n_last)
   total = jnp.maximum(counts[0] + counts[1], 1.0)
   g_down = {k: (counts[0] * grads[0][k] + counts[1] * grads[1][k]) / total for k in grads[0]}
-  return jax.lax.stop_gradient(g_down), jax.lax.stop_gradient(_split_cos(grads))
+  return jax.lax.stop_gradient(g_down), jax.lax.stop_gradient(alignment.cosine(*grads))
 
 
 def feedback_grads(model, params, fb_batch: dict, n_last: int,
@@ -221,7 +216,7 @@ def feedback_grads(model, params, fb_batch: dict, n_last: int,
   pooled = None
   for g in weighted.values():
     pooled = add(pooled, g)
-  return weighted, pooled, jax.lax.stop_gradient(_split_cos(halves))
+  return weighted, pooled, jax.lax.stop_gradient(alignment.cosine(*halves))
 
 
 def meta_objective(params, learner_opt_state, designer_params, batch: dict, fb_batch: dict, rng: jax.Array, *,
@@ -320,14 +315,13 @@ def meta_objective(params, learner_opt_state, designer_params, batch: dict, fb_b
   def term_align(q, t):
     """(V, Align) of one term: its tangent against g_pre(q) on its tokens."""
     v = value_lib.value_from_tangents(q, t["s"], t["mask"])
-    if vpt_cfg.align == "dot":
-      return v, v
-    if vpt_cfg.align == "cosine_cheap":
-      return v, v / jnp.maximum(t["tangent_norm"] * t["g_pre_norm"], 1e-30)
-    # Exact cosine. ‖g_pre(q)‖² is quadratic in q; its first-order expansion around q_now has the
-    # exact value and φ-gradient at the current φ: ∇_q ‖g_pre‖² = −(2/N)·m·(J g_pre) on C_t.
-    norm_sq = t["g_pre_norm"] ** 2 - 2.0 / t["n_tokens"] * jnp.sum(t["mask"][..., None] * (q - q_now) * t["u_cand"])
-    return v, v / jnp.maximum(t["tangent_norm"] * jnp.sqrt(jnp.maximum(norm_sq, 1e-30)), 1e-30)
+    g_pre_norm = t.get("g_pre_norm")
+    if vpt_cfg.align == "cosine":
+      # Exact cosine. ‖g_pre(q)‖² is quadratic in q; its first-order expansion around q_now has the
+      # exact value and φ-gradient at the current φ: ∇_q ‖g_pre‖² = −(2/N)·m·(J g_pre) on C_t.
+      norm_sq = t["g_pre_norm"] ** 2 - 2.0 / t["n_tokens"] * jnp.sum(t["mask"][..., None] * (q - q_now) * t["u_cand"])
+      g_pre_norm = jnp.sqrt(jnp.maximum(norm_sq, 1e-30))
+    return v, alignment.align_from_value(v, vpt_cfg.align, t["tangent_norm"], g_pre_norm)
 
   def objective(dparams):
     alpha, r, q = targets_of(dparams)

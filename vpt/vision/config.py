@@ -19,7 +19,7 @@ import math
 
 import ml_collections
 
-from vpt.core import DISPATCHES, FEEDBACK_DIRECTIONS, config as core_config
+from vpt.core import ALIGNS, DISPATCHES, FEEDBACK_DIRECTIONS, config as core_config
 from vpt.vision.candidates import CandidateConfig, KINDS, LEARNER_MODES
 from vpt.vision.data import scenes
 from vpt.vision.data.images import ADE20K_NUM_CLASSES, image_data_config
@@ -29,7 +29,6 @@ from vpt.vision.views import MultiCropConfig
 
 VPT_MODES = ("dino", "unet", "candidates", "random_feedback")
 DESIGNER_MODES = ("unet", "candidates", "random_feedback")  # modes with a designer and a meta step
-ALIGNS = ("dot", "cosine", "cosine_cheap")
 IMAGE_SOURCES = ("scenes", "fashion_mnist", "imagenet", "ade20k", "nyuv2")
 LABELED_SOURCES = ("", "scenes", "ade20k", "nyuv2")
 # MultiCropConfig fields kept under config.dino with the same names (n_local is `n_local_crops`).

@@ -79,7 +79,6 @@ from vpt.vision.views import MultiCropConfig, as_float, blend_views, gaussian_bl
 Params = Any
 MODES = vision_config.VPT_MODES
 UNET_MODES = ("unet", "random_feedback")
-ALIGNS = vision_config.ALIGNS
 HEAD_METRICS = ("head_seg_loss", "head_depth_l1")  # the heads' training losses at their last refresh
 UNET_META_METRICS = ("value", "align", "ssl_loss", "down_loss", "g_down_norm", "g_pre_norm", "cosine",
                      "designer_loss", "designer_grad_norm", "keep_ratio", "sparsity", "tv") + HEAD_METRICS
@@ -752,10 +751,10 @@ def unet_meta_objective(setup: VisionSetup, problem: SSLProblem, global_views: j
       loss_fn = problem.loss_fn(views)
       ssl_loss, g_pre = jax.value_and_grad(loss_fn)(subset)
       v = alignment.tree_vdot(g_down, g_pre)
-      align = v / jnp.maximum(g_down_norm * alignment.tree_norm(g_pre), 1e-30)
+      align = alignment.align_from_value(v, "cosine", g_down_norm, alignment.tree_norm(g_pre))
     else:
       ssl_loss, v = alignment.value_jvp(problem.loss_fn(views), subset, g_down)
-      align = v if setup.align == "dot" else v / jnp.maximum(g_down_norm * g_pre_norm_now, 1e-30)
+      align = alignment.align_from_value(v, setup.align, g_down_norm, g_pre_norm_now)
     sparsity, tv = keep_ratio_penalty(mu, setup.keep_ratio), total_variation(mu)
     loss = -align + setup.lambda_sparsity * sparsity + setup.lambda_tv * tv
     return loss, {"value": v, "align": align, "ssl_loss": ssl_loss, "keep_ratio": jnp.mean(mu), "sparsity": sparsity, "tv": tv}
