@@ -19,7 +19,7 @@ from vpt.language import analysis, config_lib, value as value_lib
 from vpt.language.losses import downstream_nll
 from vpt.language.models.designer import DesignerConfig, TaskDesigner
 from vpt.language.models.lm import LMConfig, Transformer
-from vpt.language.steps import init_train_state
+from vpt.language.steps import init_train_state, state_shardings
 from vpt.language.vpt_step import init_designer_state, make_designer_optimizer
 
 VOCAB, SEQ, LAYERS, K = 40, 9, 3, 5
@@ -171,7 +171,7 @@ def test_load_run_restores_a_saved_state(tmp_path):
   mesh_cfg = config_lib.base_config().mesh
   mesh_cfg.data, mesh_cfg.fsdp = 1, 8
   mesh = sharding.make_mesh(mesh_cfg)
-  state = jax.jit(init, out_shardings=sharding.state_shardings(jax.eval_shape(init), mesh, optimizer))()
+  state = jax.jit(init, out_shardings=state_shardings(jax.eval_shape(init), mesh, optimizer))()
   assert any(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(state.params))
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=2, async_save=False, iterator_names=())
   checkpointer.save(7, state, {}, force=True)

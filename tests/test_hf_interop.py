@@ -21,7 +21,7 @@ from vpt.core import checkpoint as ckpt_lib, config as core_config, lora as lora
 from vpt.language import config_lib, generate as gen, train
 from vpt.language.data import tokenizer as tok_lib
 from vpt.language.interop import hf
-from vpt.language.models.lm import LMConfig, Transformer
+from vpt.language.models.lm import SHARDING_RULES, LMConfig, Transformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -158,7 +158,7 @@ def test_sharded_import_on_8_devices_matches_single_device(hf_dirs):
       "mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2}).mesh)
   sharded, cfg = hf.import_params(path, mesh=mesh)
   single, _ = hf.import_params(path)
-  expected = sharding.param_shardings(sharded, mesh)
+  expected = sharding.param_shardings(sharded, mesh, SHARDING_RULES)
   for x, s in zip(jax.tree.leaves(sharded), jax.tree.leaves(expected)):
     assert x.sharding == s
   q = sharded["layers_0"]["self_attn"]["q_proj"]["kernel"]

@@ -14,7 +14,7 @@ from vpt.language import config_lib, generate as gen, value as value_lib
 from vpt.language.losses import downstream_nll
 from vpt.language.models.designer import DesignerConfig, TaskDesigner
 from vpt.language.models.lm import LMConfig, Transformer
-from vpt.language.steps import init_train_state
+from vpt.language.steps import init_train_state, state_shardings
 from vpt.language.vpt_step import init_designer_state, make_designer_optimizer, make_vpt_train_step, meta_objective
 
 VOCAB, SEQ, LAYERS, K = 48, 12, 2, 6
@@ -165,7 +165,7 @@ def test_lora_v_pretraining_steps_update_only_the_adapters():
   mesh_cfg = config_lib.base_config().mesh
   mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor = 1, 4, 2
   mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:8])
-  shards = sharding.state_shardings(jax.eval_shape(lambda: initial), mesh, optimizer)
+  shards = state_shardings(jax.eval_shape(lambda: initial), mesh, optimizer)
   assert shards.params["layers_0"]["mlp"]["gate_proj"]["kernel"].spec == P("fsdp", "tensor")
   assert all(s.is_fully_replicated for s in jax.tree.leaves(shards.opt_state))  # adapter moments: replicated like them
   # Dropout is on in the learner step, keyed by (state.rng, state.step): the same state and batch give

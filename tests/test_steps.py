@@ -8,7 +8,7 @@ from vpt.core import sharding
 from vpt.core.optim import make_optimizer
 from vpt.language import config_lib
 from vpt.language.models.lm import LMConfig, Transformer
-from vpt.language.steps import init_train_state, make_train_step
+from vpt.language.steps import init_train_state, make_train_step, state_shardings
 
 SEQ = 16
 
@@ -39,7 +39,7 @@ def _run(mesh_sizes, steps=3, accum=1):
   n = int(np.prod(mesh_sizes))
   mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:n])
   init_fn = lambda: init_train_state(model, optimizer, SEQ, seed=0)
-  shards = sharding.state_shardings(jax.eval_shape(init_fn), mesh, optimizer)
+  shards = state_shardings(jax.eval_shape(init_fn), mesh, optimizer)
   state = jax.jit(init_fn, out_shardings=shards)()
   step = jax.jit(make_train_step(model, optimizer, schedule, accum), in_shardings=(shards, sharding.batch_sharding(mesh)),
                  out_shardings=(shards, sharding.replicated(mesh)), donate_argnums=(0,))

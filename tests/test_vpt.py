@@ -15,7 +15,7 @@ from vpt.core.optim import make_optimizer
 from vpt.language import config_lib, train
 from vpt.language.models.designer import DesignerConfig, TaskDesigner
 from vpt.language.models.lm import LMConfig, Transformer
-from vpt.language.steps import init_train_state
+from vpt.language.steps import init_train_state, state_shardings
 from vpt.language.vpt_step import init_designer_state, make_designer_optimizer, make_vpt_train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +55,7 @@ def _step_setup(designer_lr=1e-2, mode="value", mesh_sizes=(1, 1, 1), feedback_d
     return state.replace(designer=init_designer_state(designer, make_designer_optimizer(vcfg), state.params, SEQ,
                                                       K, seed=0))
 
-  shards = sharding.state_shardings(jax.eval_shape(init_fn), mesh, optimizer)
+  shards = state_shardings(jax.eval_shape(init_fn), mesh, optimizer)
   state = jax.jit(init_fn, out_shardings=shards)()
   bsh = sharding.batch_sharding(mesh)
   step = jax.jit(make_vpt_train_step(model, optimizer, schedule, vcfg, opt_cfg), in_shardings=(shards, bsh, bsh),

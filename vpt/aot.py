@@ -59,6 +59,7 @@ from vpt.core import lora as lora_lib, meta as meta_lib, sharding, tpu
 from vpt.language import config_lib, train, vpt_step
 from vpt.language.models.lm import (LMConfig, Transformer, count_nonembedding_params, count_params,
                                    flops_per_token as lm_flops_per_token)
+from vpt.language.steps import state_shardings
 
 GB = 1024 ** 3
 BATCH_FIELDS = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "segment_ids": jnp.int32,
@@ -171,7 +172,7 @@ def _lm_compile(config, model_cfg, devices, *, variants: bool) -> dict[str, Any]
                      f"(mesh.data × mesh.fsdp)")
   optimizer, schedule = train.make_learner_optimizer(config, model_cfg)
   abstract_state = jax.eval_shape(train.make_init_fn(config, model, optimizer))
-  shardings = sharding.state_shardings(abstract_state, mesh, optimizer)
+  shardings = state_shardings(abstract_state, mesh, optimizer)
 
   state_in = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
   batch = abstract_batch(config.batch_size, config.data.seq_len, mesh, LM_BATCH_FIELDS)

@@ -54,6 +54,7 @@ from vpt.language.data.feedback import make_feedback_iterator  # noqa: E402
 from vpt.language.data.pipeline import make_lm_iterator  # noqa: E402
 from vpt.language.evals import math_skills  # noqa: E402
 from vpt.language.models.lm import LMConfig, Transformer  # noqa: E402
+from vpt.language.steps import state_shardings
 
 ARMS = {
     "ntp": {"vpt.mode": "ntp"},
@@ -114,7 +115,7 @@ def interleaved_step_times(args, arms, tokenizer, rounds: int = 5) -> dict[str, 
     optimizer, schedule = train.make_learner_optimizer(config, model_cfg)
     init_fn = train.make_init_fn(config, model, optimizer)
     mesh = sharding.make_mesh(config.mesh)
-    shardings = sharding.state_shardings(jax.eval_shape(init_fn), mesh, optimizer)
+    shardings = state_shardings(jax.eval_shape(init_fn), mesh, optimizer)
     state = jax.jit(init_fn, out_shardings=shardings)()
     step = train.jit_train_step(config, model, optimizer, schedule, shardings, mesh)
     vpt_cfg = config.vpt

@@ -341,14 +341,14 @@ def restore_state_fields(run_dir: str, abstract: dict, step: int | None = None, 
 
 
 def restore_learner_params(run_dir: str, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None,
-                           what: str = "") -> tuple[Any, int]:
+                           rules: sharding_lib.Rules = (), what: str = "") -> tuple[Any, int]:
   """(params, step) of a run's checkpoint, whatever its tree (LoRA leaves included), reading nothing
-  else: sharded over `mesh` by vpt.core.sharding's rules, or on this process's first device."""
+  else: sharded over `mesh` by the task's sharding `rules`, or on this process's first device."""
   path, step = run_dir_lib.state_path(run_dir, step, what=what)
   stored = stored_params_metadata(path, what=what)
   abstract = traverse_util.unflatten_dict({k: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype) for k, m in stored.items()})
   if mesh is not None:
-    shardings = sharding_lib.param_shardings(abstract, mesh)
+    shardings = sharding_lib.param_shardings(abstract, mesh, rules)
   else:
     shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), abstract)
   restored, step = restore_state_fields(run_dir, {"params": abstract_like(abstract, shardings)}, step, what=what)

@@ -2,11 +2,11 @@
 
 The mesh has three axes: `data` (pure data parallel), `fsdp` (data parallel with parameters
 and optimizer state sharded, gathered per layer by XLA) and `tensor` (Megatron-style tensor
-parallelism on attention heads, the MLP hidden dimension and the vocabulary). The batch is
-split over `data` and `fsdp`.
+parallelism). The batch is split over `data` and `fsdp`.
 
-Parameter shardings come from rules on parameter paths, so parameters stay plain pytrees
-(no boxed metadata) — which keeps JVPs over parameter subsets (V-Pretraining) simple.
+Parameter shardings come from a task's rules on parameter paths (which dimension of which parameter
+goes over which axis: vpt.language.models.lm.SHARDING_RULES, vpt.vision.step.VIT_RULES), so parameters
+stay plain pytrees (no boxed metadata) — which keeps JVPs over parameter subsets (V-Pretraining) simple.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -25,18 +24,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# (regex on the '/'-joined parameter path, mesh axis per dimension). First match wins.
-# Kernels are [in, out]: column-parallel layers split `out` over tensor, row-parallel `in`.
-LM_RULES: tuple[tuple[str, tuple], ...] = (
-    (r"embed_tokens/embedding$", ("tensor", "fsdp")),
-    (r"self_attn/(q_proj|k_proj|v_proj)/kernel$", ("fsdp", "tensor")),
-    (r"self_attn/(q_proj|k_proj|v_proj)/bias$", ("tensor",)),
-    (r"self_attn/o_proj/kernel$", ("tensor", "fsdp")),
-    (r"mlp/(gate_proj|up_proj)/kernel$", ("fsdp", "tensor")),
-    (r"mlp/down_proj/kernel$", ("tensor", "fsdp")),
-    (r"lm_head/kernel$", ("fsdp", "tensor")),
-    (r".*", ()),  # norms and anything else: replicated.
-)
+# A task's sharding rules: ((regex on the '/'-joined parameter path, mesh axis per dimension), ...); the first
+# match wins (vpt.language.models.lm.SHARDING_RULES, vpt.vision.step.VIT_RULES).
+Rules = tuple[tuple[str, tuple], ...]
 
 
 def maybe_initialize_distributed(enabled: bool) -> None:
@@ -97,7 +87,7 @@ def _path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, rules=LM_RULES) -> P:
+def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, rules: Rules) -> P:
   """PartitionSpec for one parameter; a dimension that the axis size does not divide is replicated."""
   for pattern, axes in rules:
     if re.search(pattern, path):
@@ -106,7 +96,7 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, rules=LM_RULES) -> P
   return P()
 
 
-def param_shardings(params: Any, mesh: Mesh, rules=LM_RULES) -> Any:
+def param_shardings(params: Any, mesh: Mesh, rules: Rules) -> Any:
   """A pytree of NamedShardings matching `params` (arrays or ShapeDtypeStructs)."""
   return jax.tree_util.tree_map_with_path(
       lambda path, x: NamedSharding(mesh, spec_for(_path_str(path), tuple(x.shape), mesh, rules)), params)
@@ -124,20 +114,3 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   """Assembles per-host batches (each host holds its own rows) into global, sharded arrays."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
-
-
-def state_shardings(abstract_state: Any, mesh: Mesh, optimizer: optax.GradientTransformation) -> Any:
-  """Shardings for a TrainState: optimizer moments follow their parameters, the rest is replicated."""
-  params = param_shardings(abstract_state.params, mesh)
-  repl = replicated(mesh)
-  is_masked = lambda x: isinstance(x, optax.MaskedNode)
-  if any(map(is_masked, jax.tree.leaves(abstract_state.opt_state, is_leaf=is_masked))):
-    # Moments for a subset of the parameters (optax.multi_transform, e.g. LoRA's frozen base) are not
-    # params-shaped, which tree_map_params needs: the rules find each moment's parameter by the
-    # path suffix (…/mu/layers_0/mlp/gate_proj/kernel); counts and other scalars are replicated.
-    opt_state = param_shardings(abstract_state.opt_state, mesh)
-  else:
-    opt_state = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state, params,
-                                      transform_non_params=lambda _: repl)
-  return abstract_state.replace(step=repl, params=params, opt_state=opt_state, rng=repl,
-                                designer=jax.tree.map(lambda _: repl, abstract_state.designer))

@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vpt.core import sharding as sharding_lib
 from vpt.core.lora import merge_lora
-from vpt.language.models.lm import LMConfig, Transformer, grouped_query_attention, rope
+from vpt.language.models.lm import SHARDING_RULES, LMConfig, Transformer, grouped_query_attention, rope
 
 DEFAULT_STOP = ("\n\n", "Question:")
 # Decode steps per device call when stop strings are checked on the host (without stop strings the
@@ -258,7 +258,7 @@ def _place(x, sharding):
 def shard_params(params, mesh: Mesh):
   """The params laid out on `mesh` by vpt.core.sharding's rules (arrays already so placed are kept)."""
   params = _unwrap(params)
-  return jax.tree.map(_place, params, sharding_lib.param_shardings(params, mesh))
+  return jax.tree.map(_place, params, sharding_lib.param_shardings(params, mesh, SHARDING_RULES))
 
 
 def generate_tokens(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,

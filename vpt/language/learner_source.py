@@ -20,7 +20,7 @@ from vpt.core import checkpoint as ckpt_lib, run_dir as run_dir_lib
 from vpt.language import config_lib
 from vpt.language.data.tokenizer import HFTokenizer, run_tokenizer
 from vpt.language.interop import hf
-from vpt.language.models.lm import LMConfig, Transformer
+from vpt.language.models.lm import SHARDING_RULES, LMConfig, Transformer
 
 
 def is_hf(source: str) -> bool:
@@ -60,5 +60,5 @@ def load_learner(source: str, step: int | None = None, *, mesh: jax.sharding.Mes
   config = run_dir_lib.read_config(source, config_lib.base_config())  # new fields keep their defaults
   tokenizer = run_tokenizer(source, config.data)
   model = Transformer(LMConfig.from_config(config.model, tokenizer.vocab_size))
-  params, step = ckpt_lib.restore_learner_params(source, step, mesh=mesh, what=what)
+  params, step = ckpt_lib.restore_learner_params(source, step, mesh=mesh, rules=SHARDING_RULES, what=what)
   return model, params, tokenizer, step

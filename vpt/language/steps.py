@@ -22,8 +22,9 @@ import optax
 
 from flax import traverse_util
 
-from vpt.core import lora as lora_lib
+from vpt.core import lora as lora_lib, sharding as sharding_lib
 from vpt.language.losses import next_token_nll_sum
+from vpt.language.models.lm import SHARDING_RULES
 
 
 @flax.struct.dataclass
@@ -177,3 +178,21 @@ def make_eval_step(model: nn.Module) -> Callable:
     return {"loss_sum": loss_sum, "loss_tokens": aux["count"]}
 
   return eval_step
+
+
+def state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh, optimizer: optax.GradientTransformation):
+  """Shardings for a TrainState (the LM's rules, vpt.language.models.lm.SHARDING_RULES): optimizer moments
+  follow their parameters, the rest is replicated."""
+  params = sharding_lib.param_shardings(abstract_state.params, mesh, SHARDING_RULES)
+  repl = sharding_lib.replicated(mesh)
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  if any(map(is_masked, jax.tree.leaves(abstract_state.opt_state, is_leaf=is_masked))):
+    # Moments for a subset of the parameters (optax.multi_transform, e.g. LoRA's frozen base) are not
+    # params-shaped, which tree_map_params needs: the rules find each moment's parameter by the
+    # path suffix (…/mu/layers_0/mlp/gate_proj/kernel); counts and other scalars are replicated.
+    opt_state = sharding_lib.param_shardings(abstract_state.opt_state, mesh, SHARDING_RULES)
+  else:
+    opt_state = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state, params,
+                                      transform_non_params=lambda _: repl)
+  return abstract_state.replace(step=repl, params=params, opt_state=opt_state, rng=repl,
+                                designer=jax.tree.map(lambda _: repl, abstract_state.designer))

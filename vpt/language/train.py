@@ -28,7 +28,7 @@ from vpt.language.interop import hf as hf_interop
 from vpt.language.models import lm
 from vpt.language.models.designer import DesignerConfig, TaskDesigner
 from vpt.language.models.lm import LMConfig, Transformer, count_nonembedding_params, count_params
-from vpt.language.steps import init_train_state, make_eval_step, make_train_step
+from vpt.language.steps import init_train_state, make_eval_step, make_train_step, state_shardings
 
 
 FEEDBACK_FIELDS = {"inputs": np.int32, "targets": np.int32, "loss_mask": np.float32, "segment_ids": np.int32,
@@ -288,7 +288,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int |
   init_fn = make_init_fn(config, model, optimizer)
 
   abstract_state = jax.eval_shape(init_fn)
-  shardings = sharding.state_shardings(abstract_state, mesh, optimizer)
+  shardings = state_shardings(abstract_state, mesh, optimizer)
 
   checkpointer = ckpt_lib.Checkpointer(run_dir_lib.checkpoint_dir(workdir), keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save, iterator_names=tuple(iterators))

@@ -52,7 +52,7 @@ from vpt.core import checkpoint as ckpt_lib, paths, run_dir as run_dir_lib, shar
 from vpt.core.lora import LORA_LEAVES
 from vpt.language import config_lib
 from vpt.language.data.tokenizer import HFTokenizer
-from vpt.language.models.lm import LMConfig, Transformer
+from vpt.language.models.lm import SHARDING_RULES, LMConfig, Transformer
 
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
 INDEX_NAME = "model.safetensors.index.json"
@@ -509,7 +509,7 @@ def import_params(hf_dir: str, *, mesh: jax.sharding.Mesh | None = None, dtype: 
   cfg = lm_config_from_hf(hf, source)
   abstract = abstract_params(cfg)
   if mesh is not None:
-    shardings = sharding_lib.param_shardings(abstract, mesh)
+    shardings = sharding_lib.param_shardings(abstract, mesh, SHARDING_RULES)
   else:
     shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype), sharding=s), abstract, shardings)

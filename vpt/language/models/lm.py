@@ -328,3 +328,18 @@ def flops_per_token(*, n_params_nonembed: int, n_layers: int, d_model: int, seq_
     attention /= 2
   forward = 2.0 * n_params_nonembed + 2.0 * d_model * vocab_size + attention
   return 3.0 * forward if training else forward
+
+
+# How vpt.core.sharding shards this model's parameters over the mesh (data, fsdp, tensor).
+# (regex on the '/'-joined parameter path, mesh axis per dimension). First match wins.
+# Kernels are [in, out]: column-parallel layers split `out` over tensor, row-parallel `in`.
+SHARDING_RULES = (
+    (r"embed_tokens/embedding$", ("tensor", "fsdp")),
+    (r"self_attn/(q_proj|k_proj|v_proj)/kernel$", ("fsdp", "tensor")),
+    (r"self_attn/(q_proj|k_proj|v_proj)/bias$", ("tensor",)),
+    (r"self_attn/o_proj/kernel$", ("tensor", "fsdp")),
+    (r"mlp/(gate_proj|up_proj)/kernel$", ("fsdp", "tensor")),
+    (r"mlp/down_proj/kernel$", ("tensor", "fsdp")),
+    (r"lm_head/kernel$", ("fsdp", "tensor")),
+    (r".*", ()),  # norms and anything else: replicated.
+)
