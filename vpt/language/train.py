@@ -1,4 +1,6 @@
-"""The training loop: init or restore, jitted steps, periodic evals, checkpoints and metrics."""
+"""The language task (vpt.core.tasks' entry points: main_run, run, evaluate_run): config, init or restore,
+feeds, the jitted step programs (vpt_step, built by vpt.core.step), evaluators, the NTP baseline comparison;
+vpt.core.loop runs the steps, evals, checkpoints and preemption."""
 
 from __future__ import annotations
 
