@@ -296,13 +296,7 @@ def vision_dry_run(config: ml_collections.ConfigDict, *, hbm_gb: float = 0.0, de
     mesh = sharding.make_mesh(cfg.mesh, devices)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     uses = vision_config.uses_designer(cfg)
-    sizes = {"batch_size": cfg.batch_size}
-    if uses:
-      sizes.update({"feedback.batch_size": cfg.feedback.batch_size, "vpt.meta_batch_size": cfg.vpt.meta_batch_size})
-    for field, size in sizes.items():
-      if size % dp:
-        raise ValueError(f"config.{field}={size} is not divisible by the data-parallel size {dp} "
-                         f"(mesh.data × mesh.fsdp)")
+    vision_config.check_batches_divide(cfg, dp)
     size, lsize = cfg.data.image_size, cfg.data.labeled.image_size or cfg.data.image_size
     bsh = sharding.batch_sharding(mesh)
     img = lambda n, s: jax.ShapeDtypeStruct((n, s, s, 3), jnp.float32, sharding=bsh)

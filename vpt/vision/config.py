@@ -186,6 +186,19 @@ def vision_base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def check_batches_divide(config: ml_collections.ConfigDict, dp: int, process_count: int | None = None) -> None:
+  """The batches a run splits (the stream's; with a designer the feedback's and the meta-SSL batch) divide
+  evenly over the `dp` data-parallel devices (and the hosts, when `process_count` is given)."""
+  sizes = {"batch_size": config.batch_size}
+  if uses_designer(config):
+    sizes.update({"feedback.batch_size": config.feedback.batch_size, "vpt.meta_batch_size": config.vpt.meta_batch_size})
+  hosts = f" and the process count {process_count}" if process_count is not None else ""
+  for field, size in sizes.items():
+    if size % dp or (process_count is not None and size % process_count):
+      raise ValueError(f"config.{field}={size} is not divisible by the data-parallel size {dp} (mesh.data × "
+                       f"mesh.fsdp){hosts}")
+
+
 def uses_designer(config) -> bool:
   return config.vpt.mode in DESIGNER_MODES
 

@@ -378,13 +378,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | No
   mesh = sharding.make_mesh(config.mesh)
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   uses_designer = vision_config.uses_designer(config)
-  batches = {"batch_size": config.batch_size}
-  if uses_designer:
-    batches.update({"feedback.batch_size": config.feedback.batch_size, "vpt.meta_batch_size": config.vpt.meta_batch_size})
-  for field, size in batches.items():
-    if size % dp or size % jax.process_count():
-      raise ValueError(f"config.{field}={size} is not divisible by the data-parallel size {dp} (mesh.data × "
-                       f"mesh.fsdp) and the process count {jax.process_count()}")
+  vision_config.check_batches_divide(config, dp, jax.process_count())
   iterators = _make_iterators(config, uses_designer)
   train_iter = iterators["data"]
   first_batch = _images_only(next(train_iter))  # surfaces data errors now.
